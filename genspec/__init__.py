@@ -1,0 +1,69 @@
+"""genspec: compile declarative generative-model specs into PyTorch training runs.
+
+    spec = genspec.load("specs/quickstart.yaml")   # resolved, validated, graph-linted
+    nets = genspec.build(spec)                      # {"enc": nn.Module, "dec": nn.Module}
+    run = genspec.load_run("reports/quickstart")    # trained networks of a finished run
+
+Importing genspec does not import torch; `build` and `load_run` do.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import RunError, SpecError
+
+__version__ = "0.1.0"
+
+
+def load(path, overrides: list[str] | None = None):
+    """The resolved, validated spec at `path` (with `--set`-style overrides). Raises SpecError."""
+    from .pipeline import load_spec
+
+    return load_spec(path, overrides)
+
+
+def build(spec, device="cpu") -> dict:
+    """The spec's networks as nn.Modules by name, initialised as the spec says."""
+    from .compile import build as _build
+
+    return _build(spec, device)
+
+
+class FinishedRun:
+    """A finished run: its spec, trained networks (eval mode), and final metrics."""
+
+    def __init__(self, folder: Path, spec, networks: dict, metrics: dict, epoch: int):
+        self.folder, self.spec, self.networks, self.metrics, self.epoch = folder, spec, networks, metrics, epoch
+
+    def __repr__(self) -> str:
+        return f"FinishedRun({str(self.folder)!r}, networks={list(self.networks)}, epoch={self.epoch})"
+
+
+def load_run(folder, device="cpu") -> FinishedRun:
+    """Load the trained networks of a run folder from its checkpoint (weights_only)."""
+    import json
+
+    import torch
+
+    from .graph import build_graph
+    from .loader import load_file
+    from .train import CHECKPOINT, RESOLVED
+    from .validate import validate
+
+    folder = Path(folder)
+    if not (folder / CHECKPOINT).exists():
+        raise RunError(f"{folder} has no {CHECKPOINT}: not a finished genspec run")
+    spec = validate(load_file(folder / RESOLVED))
+    spec.graph_nx = build_graph(spec)
+    networks = build(spec, device)
+    state = torch.load(folder / CHECKPOINT, map_location=device, weights_only=True)
+    torch.nn.ModuleDict(networks).load_state_dict(state["model"]["networks"])
+    for module in networks.values():
+        module.eval()
+    metrics_path = folder / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    return FinishedRun(folder, spec, networks, metrics, int(state["epoch"]))
+
+
+__all__ = ["load", "build", "load_run", "SpecError", "RunError", "FinishedRun"]

@@ -1,0 +1,121 @@
+"""The command line: parses arguments and calls the pipeline stages; nothing else.
+
+Spec problems print as `FILE:LINE:COL: key.path: message` and exit with status 2; run
+problems (missing data, diverged loss, refused resume) print one message and exit 1.
+`validate`, `show` and `graph` never import torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from .errors import RunError, SpecError
+
+
+def cmd_validate(args) -> int:
+    from .pipeline import load_spec
+
+    failed = []
+    for path in args.specs:
+        try:
+            spec = load_spec(path, args.set)
+        except SpecError as exc:
+            failed.append(exc)
+            continue
+        nets = ", ".join(f"{n} {net.info.trainable + net.info.frozen:,}" for n, net in spec.networks.items())
+        print(f"{path}: ok ({spec.name}: {nets} parameters)")
+    if failed:
+        raise SpecError([p for exc in failed for p in exc.problems])
+    return 0
+
+
+def cmd_show(args) -> int:
+    from .pipeline import load_spec
+    from .report import layer_tables, optimiser_table, show_json
+
+    spec = load_spec(args.spec, args.set)
+    if args.json:
+        print(json.dumps(show_json(spec), indent=2))
+    else:
+        print(layer_tables(spec) + "\n\n" + optimiser_table(spec))
+    return 0
+
+
+def cmd_graph(args) -> int:
+    from . import graph
+    from .pipeline import load_spec
+
+    spec = load_spec(args.spec, args.set)
+    g = spec.graph_nx
+    if args.format == "dot":
+        print(graph.to_dot(g))
+    elif args.format == "json":
+        print(json.dumps(graph.to_json(g), indent=2))
+    else:
+        print(graph.to_text(g))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .pipeline import load_spec
+
+    spec = load_spec(args.spec, args.set)  # every spec problem surfaces before anything is written
+    from .train import run
+
+    metrics = run(spec, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    out = args.out or f"reports/{spec.name}"
+    summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics["test"].items())
+    print(f"{spec.name}: done; test {summary}; report in {out}/report.md")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="genspec", description="Compile model specs (papers' tables as YAML) into training runs.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_set(cmd):
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                         help="override a spec value, e.g. --set train.epochs=2 (repeatable)")
+        return cmd
+
+    v = with_set(sub.add_parser("validate", help="check specs without running them"))
+    v.add_argument("specs", nargs="+")
+    v.set_defaults(func=cmd_validate)
+    s = with_set(sub.add_parser("show", help="print each network's layer table with shapes and parameter counts"))
+    s.add_argument("spec")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_show)
+    g = with_set(sub.add_parser("graph", help="print the dependency graph"))
+    g.add_argument("spec")
+    g.add_argument("--format", choices=("text", "dot", "json"), default="text")
+    g.set_defaults(func=cmd_graph)
+    r = with_set(sub.add_parser("run", help="train and evaluate a spec, writing a report"))
+    r.add_argument("spec")
+    r.add_argument("--out", help="output folder (default reports/<name>/)")
+    r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
+    r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except SpecError as exc:
+        for problem in exc.problems:
+            print(problem, file=sys.stderr)
+        return 2
+    except RunError as exc:
+        print(f"genspec: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("genspec: interrupted (the last checkpoint is kept; --resume continues)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

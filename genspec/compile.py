@@ -1,0 +1,207 @@
+"""Stage 5: compile a validated spec into nn.Modules, optimisers and per-phase step plans.
+
+Expressions become small Python closures over an environment of computed tensors (no eval).
+A phase's plan computes only the graph nodes its objectives need (networkx ancestors); the
+step then back-propagates each objective into its own networks' parameters only
+(`backward(inputs=...)`), and steps every optimiser after all gradients exist, so one
+forward pass serves several updates (VAE-GAN's Algorithm 1) and no objective moves another
+network.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from . import expr as E
+from .graph import plan
+from .layers import Gaussian, build_network
+from .ops import TENSOR_OPS, kl_normal, sample_prior
+from .spec import Spec
+
+
+class Env(dict):
+    """Values computed in one step: inputs, tensors and losses by node id, plus network caches."""
+
+    def __init__(self, x, y=None):
+        super().__init__()
+        self["input:x"] = x
+        if y is not None:
+            self["input:y"] = y
+        self.batch = x.shape[0]
+        self.device = x.device
+        self.net_cache: dict = {}
+
+
+class Compiler:
+    """Turns expression ASTs into closures `fn(env) -> value`."""
+
+    def __init__(self, spec: Spec, networks: nn.ModuleDict):
+        self.spec = spec
+        self.networks = networks
+
+    def node_fn(self, kind: str, node):
+        return self._compile(node, kind)
+
+    def _compile(self, node, kind: str):
+        if isinstance(node, E.Num):
+            value = node.value
+            return lambda env: value
+        if isinstance(node, E.Name):
+            return self._name(node.id, kind)
+        if isinstance(node, E.Neg):
+            inner = self._compile(node.operand, kind)
+            return lambda env: -inner(env)
+        if isinstance(node, E.BinOp):
+            a, b = self._compile(node.left, kind), self._compile(node.right, kind)
+            return {"+": lambda env: a(env) + b(env), "-": lambda env: a(env) - b(env),
+                    "*": lambda env: a(env) * b(env), "/": lambda env: a(env) / b(env)}[node.op]
+        return self._call(node, kind)
+
+    def _name(self, name: str, kind: str):
+        spec = self.spec
+        if name == "x":
+            return lambda env: env["input:x"]
+        if name == "y":
+            return lambda env: env["input:y"]
+        if name in spec.graph:
+            key = f"tensor:{name}"
+            return lambda env: env[key]
+        if name in spec.params:
+            value = float(spec.params[name])
+            return lambda env: value
+        key = f"loss:{name}"
+        return lambda env: env[key]
+
+    def _call(self, node: E.Call, kind: str):
+        net_name, _, tap = node.func.partition(".")
+        if net_name in self.spec.networks:
+            return self._network_call(net_name, tap or None, self._compile(node.args[0], kind))
+        if node.func == "sample":
+            latent = self.spec.latents[node.args[0].id]
+            return lambda env: sample_prior(latent, env.batch, env.device)
+        if node.func == "kl":
+            q = self._compile(node.args[0], kind)
+            return lambda env: kl_normal(q(env))
+        fn = TENSOR_OPS[node.func]
+        args = [self._compile(a, kind) for a in node.args]
+        if len(args) == 1:
+            a0 = args[0]
+            return lambda env: fn(a0(env))
+        a0, a1 = args
+        return lambda env: fn(a0(env), a1(env))
+
+    def _network_call(self, name: str, tap: str | None, arg):
+        module = self.networks[name]
+
+        def call(env):
+            inp = arg(env)
+            key = (name, id(inp))
+            if key not in env.net_cache:
+                # One pass gives the final output and every tap: `dis(x)` and `dis.features(x)`
+                # share it. The input is kept with the outputs so its id stays unique in the step.
+                env.net_cache[key] = (module.forward_taps(inp), inp)
+            return env.net_cache[key][0][tap]
+
+        return call
+
+
+@dataclass
+class ObjectiveRun:
+    name: str
+    params: list
+    loss: object  # closure
+    optimizer: torch.optim.Optimizer
+
+
+@dataclass
+class PhasePlan:
+    objectives: list[str]
+    nodes: list[tuple[str, object]]  # (node id, closure) in computation order
+    loss_names: list[str] = field(default_factory=list)
+
+
+class Model:
+    """Everything a run needs: networks, optimisers and the compiled step of each phase."""
+
+    def __init__(self, spec: Spec, device: torch.device):
+        self.spec = spec
+        self.device = device
+        self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
+        compiler = Compiler(spec, self.networks)
+        self.node_fns = {}
+        for node_id, attrs in spec.graph_nx.nodes(data=True):
+            if attrs["kind"] in ("tensor", "loss"):
+                self.node_fns[node_id] = compiler.node_fn(attrs["kind"], attrs["expr"])
+        self.objectives = {}
+        for name, obj in spec.objectives.items():
+            params = [p for net in obj.networks for p in self.networks[net].parameters() if p.requires_grad]
+            self.objectives[name] = ObjectiveRun(name, params, compiler.node_fn("objective", obj.minimize),
+                                                 make_optimizer(obj.optimizer, obj.optimizer_args, params))
+        self.phases = [self._phase_plan(phase.update) for phase in spec.phases]
+
+    def _phase_plan(self, objective_names: list[str]) -> PhasePlan:
+        order = plan(self.spec.graph_nx, objective_names)
+        nodes = [(n, self.node_fns[n]) for n in order]
+        return PhasePlan(objective_names, nodes, [n.split(":", 1)[1] for n in order if n.startswith("loss:")])
+
+    def compute(self, env: Env, nodes: list[tuple[str, object]]) -> Env:
+        for node_id, fn in nodes:
+            env[node_id] = fn(env)
+        return env
+
+    def step(self, phase: PhasePlan, x, y=None) -> dict[str, torch.Tensor]:
+        """One update of the phase's objectives on a batch. Returns the losses it computed (detached)."""
+        env = self.compute(Env(x, y), phase.nodes)
+        values = {name: self.objectives[name].loss(env) for name in phase.objectives}
+        runs = [self.objectives[name] for name in phase.objectives]
+        for run in runs:
+            run.optimizer.zero_grad(set_to_none=True)
+        for i, run in enumerate(runs):
+            loss = values[run.name]
+            if torch.is_tensor(loss) and loss.requires_grad:
+                # Gradients flow into this objective's own parameters only.
+                loss.backward(inputs=run.params, retain_graph=i < len(runs) - 1)
+        for run in runs:
+            run.optimizer.step()
+        out = {name: env[f"loss:{name}"].detach() for name in phase.loss_names}
+        out.update({f"objective/{k}": v.detach() for k, v in values.items() if torch.is_tensor(v)})
+        return out
+
+    def train(self, mode: bool = True) -> None:
+        self.networks.train(mode)
+
+    def state_dict(self) -> dict:
+        return {"networks": self.networks.state_dict(),
+                "optimizers": {name: run.optimizer.state_dict() for name, run in self.objectives.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.networks.load_state_dict(state["networks"])
+        for name, run in self.objectives.items():
+            run.optimizer.load_state_dict(state["optimizers"][name])
+
+
+def make_optimizer(name: str, args: dict, params: list) -> torch.optim.Optimizer:
+    kwargs = dict(args)
+    if "betas" in kwargs:
+        kwargs["betas"] = tuple(kwargs["betas"])
+    if "nesterov" in kwargs:
+        kwargs["nesterov"] = bool(kwargs["nesterov"])
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "rmsprop": torch.optim.RMSprop, "sgd": torch.optim.SGD}[name]
+    return cls(params, **kwargs)
+
+
+def build(spec: Spec, device: torch.device | str = "cpu") -> dict[str, nn.Module]:
+    """The spec's networks as nn.Modules, by name (initialised, frozen rows frozen)."""
+    return {name: build_network(net).to(device) for name, net in spec.networks.items()}
+
+
+def choose_device(setting: str = "auto") -> torch.device:
+    if setting == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(setting)
+
+
+__all__ = ["Model", "Env", "Gaussian", "build", "choose_device", "make_optimizer"]

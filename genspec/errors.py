@@ -1,0 +1,81 @@
+"""Located spec errors.
+
+Every stage reports problems as `Problem`s that carry the file, line and column of the
+offending key, so the CLI can print `FILE:LINE:COL: key.path: message` for each of them
+and exit with status 2 instead of a traceback.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Location:
+    """Where a key or value came from: a file position, or a command-line override."""
+
+    file: str
+    line: int = 0  # 1-based; 0 when unknown (e.g. a --set override)
+    column: int = 0  # 1-based
+
+    def __str__(self) -> str:
+        if self.line:
+            return f"{self.file}:{self.line}:{self.column}"
+        return self.file
+
+
+def format_path(path: tuple) -> str:
+    """`("networks", "enc", "layers", 3)` -> `networks.enc.layers[3]`."""
+    out = ""
+    for part in path:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+@dataclass(frozen=True)
+class Problem:
+    location: Location
+    path: tuple
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.location}: {format_path(self.path)}: {self.message}"
+
+
+@dataclass
+class SpecError(Exception):
+    """One or more located problems with a spec. The only exception spec stages raise."""
+
+    problems: list[Problem] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return "\n".join(str(p) for p in self.problems)
+
+
+class RunError(Exception):
+    """A run that cannot go on (missing data, diverged loss, refused resume): a clear message, no traceback."""
+
+
+class Collector:
+    """Gathers problems of one stage so they can be reported together."""
+
+    def __init__(self, where) -> None:
+        self.where = where  # callable: path -> Location
+        self.problems: list[Problem] = []
+
+    def add(self, path: tuple, message: str) -> None:
+        self.problems.append(Problem(self.where(tuple(path)), tuple(path), message))
+
+    def raise_if_any(self) -> None:
+        if self.problems:
+            raise SpecError(sorted(self.problems, key=_problem_order))
+
+
+def _problem_order(p: Problem):
+    return (p.location.file, p.location.line, p.location.column, format_path(p.path))

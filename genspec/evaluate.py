@@ -1,0 +1,195 @@
+"""Stage 7: test-set averages of the losses, and the image grids (samples, reconstructions,
+interpolations).
+
+Evaluation draws its randomness from a fixed seed inside `torch.random.fork_rng`, so it
+never shifts the training stream (resume stays exact) and epochs are compared on the same
+draws.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import networkx as nx
+import torch
+
+from . import expr as E
+from .compile import Env, Model
+from .data import Split, Splits, batches
+from .errors import RunError
+from .graph import plan
+from .ops import sample_prior
+from .spec import Spec
+
+EVAL_SEED = 12345
+
+
+def _forked(model: Model):
+    devices = [model.device] if model.device.type == "cuda" else []
+    return torch.random.fork_rng(devices=devices)
+
+
+def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
+    """Mean of each evaluated loss over a split, in eval mode."""
+    names = spec.evaluate.get("losses", list(spec.losses))
+    if not names or len(split) == 0:
+        return {}
+    order = plan_losses(spec, names)
+    nodes = [(n, model.node_fns[n]) for n in order]
+    sums = {name: 0.0 for name in names}
+    count = 0
+    model.train(False)
+    with _forked(model), torch.no_grad():
+        torch.manual_seed(EVAL_SEED)
+        for x, y in batches(split, spec.evaluate["batch_size"], None):
+            env = model.compute(Env(x, y), nodes)
+            for name in names:
+                sums[name] += float(env[f"loss:{name}"]) * len(x)
+            count += len(x)
+    model.train(True)
+    return {name: total / count for name, total in sums.items()}
+
+
+def plan_losses(spec: Spec, names: list[str]) -> list[str]:
+    g = spec.graph_nx
+    data = g.edge_subgraph([(u, v) for u, v, rel in g.edges(data="rel") if rel == "data"])
+    needed = set()
+    for name in names:
+        node = f"loss:{name}"
+        needed |= (nx.ancestors(data, node) if node in data else set()) | {node}
+    return [n for n in plan_order(g, needed)]
+
+
+def plan_order(g: nx.DiGraph, needed: set) -> list[str]:
+    sub = g.subgraph(needed)
+    sub = sub.edge_subgraph([(u, v) for u, v, rel in sub.edges(data="rel") if rel == "data"]).copy()
+    sub.add_nodes_from(needed)
+    return [n for n in nx.topological_sort(sub) if g.nodes[n]["kind"] in ("tensor", "loss")]
+
+
+# ---------------------------------------------------------------- grids
+
+def generator_of(spec: Spec) -> tuple[str, str] | None:
+    """(network, latent) that turns a latent draw into an image of the data's shape."""
+    for net_name, net in spec.networks.items():
+        if tuple(net.info.output) != tuple(spec.data_shape) or net.info.kind != "tensor":
+            continue
+        for latent_name, latent in spec.latents.items():
+            if tuple(latent.shape) == tuple(net.input):
+                return net_name, latent_name
+    return None
+
+
+def reconstruction_of(spec: Spec, generator: str | None) -> str | None:
+    """A graph tensor of the data's shape computed by the generator from the input x."""
+    g = spec.graph_nx
+    for name in spec.graph:
+        node = f"tensor:{name}"
+        value = g.nodes[node].get("value")
+        if value is None or value.kind != "tensor" or tuple(value.shape) != tuple(spec.data_shape):
+            continue
+        ancestors = nx.ancestors(g, node)
+        if "input:x" in ancestors and (generator is None or f"net:{generator}" in ancestors):
+            if isinstance(spec.graph[name], E.Call) and spec.graph[name].func == generator:
+                return name
+    return None
+
+
+def grid_sources(spec: Spec) -> dict:
+    """What each requested grid shows. Raises RunError when a grid has no source."""
+    grids = spec.evaluate.get("grids", [])
+    explicit = grids if isinstance(grids, dict) else {}
+    wanted = list(grids) if not isinstance(grids, dict) else list(grids.keys())
+    generator = generator_of(spec)
+    out = {}
+    for kind in wanted:
+        if kind in explicit:
+            out[kind] = ("tensor", explicit[kind])
+        elif kind in ("samples", "interpolations"):
+            if generator is None:
+                raise RunError(f"evaluate.grids: no network maps a latent to the data shape, so there are no {kind}; "
+                               "name the tensor: grids: {samples: TENSOR}")
+            out[kind] = ("generator",) + generator
+        elif kind == "reconstructions":
+            source = reconstruction_of(spec, generator[0] if generator else None)
+            if source is None:
+                raise RunError("evaluate.grids: no graph tensor reconstructs x; name it: grids: {reconstructions: TENSOR}")
+            out[kind] = ("tensor", source)
+    return out
+
+
+def to_unit(x: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """Images in the spec's range -> [0, 1] for saving."""
+    if list(spec.data.get("range", [0, 1])) == [-1, 1]:
+        x = (x + 1) / 2
+    return x.clamp(0, 1)
+
+
+def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, str]:
+    from torchvision.utils import save_image
+
+    side = spec.evaluate["grid_size"]
+    written = {}
+    model.train(False)
+    with _forked(model), torch.no_grad():
+        torch.manual_seed(EVAL_SEED)
+        for kind, source in grid_sources(spec).items():
+            images, nrow = _grid_images(spec, model, test, kind, source, side)
+            path = out / f"{kind}.png"
+            save_image(to_unit(images.float().cpu(), spec), path, nrow=nrow, padding=2, pad_value=0.5)
+            written[kind] = path.name
+    model.train(True)
+    return written
+
+
+def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple, side: int):
+    device = model.device
+    if source[0] == "generator":
+        net, latent_name = source[1], source[2]
+        latent = spec.latents[latent_name]
+        module = model.networks[net]
+        if kind == "samples":
+            return module(sample_prior(latent, side * side, device)), side
+        steps = spec.evaluate["interpolation_steps"]
+        ends = sample_prior(latent, 2 * side, device).view(side, 2, *latent.shape)
+        t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(latent.shape))
+        z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
+        return module(z.reshape(side * steps, *latent.shape)), steps
+    name = source[1]
+    n = min(side * side // 2 if kind == "reconstructions" else side * side, len(test))
+    x = test.x[:n]
+    y = None if test.y is None else test.y[:n]
+    order = plan_order(spec.graph_nx, nx.ancestors(spec.graph_nx, f"tensor:{name}") | {f"tensor:{name}"})
+    env = model.compute(Env(x, y), [(n_, model.node_fns[n_]) for n_ in order])
+    images = env[f"tensor:{name}"]
+    if kind == "reconstructions":
+        # originals and reconstructions in alternating columns
+        pairs = torch.stack([x, images], dim=1).reshape(2 * n, *x.shape[1:])
+        return pairs, side
+    return images, side
+
+
+def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list) -> dict:
+    import json
+
+    began = time.perf_counter()
+    metrics = {
+        "name": spec.name,
+        "epochs": spec.train["epochs"],
+        "seed": spec.train["seed"],
+        "device": str(model.device),
+        "test": evaluate_losses(spec, model, splits.test),
+        "train_last_epoch": history[-1]["train"] if history else {},
+        "time_per_epoch_s": sum(h["time_s"] for h in history) / len(history) if history else None,
+        "params": {name: {"trainable": net.info.trainable, "frozen": net.info.frozen} for name, net in spec.networks.items()},
+        "data": {"dataset": spec.data["dataset"], "train": len(splits.train), "test": len(splits.test),
+                 "val": len(splits.val) if splits.val else 0, "notes": splits.notes},
+    }
+    metrics["grids"] = make_grids(spec, model, splits.test, out)
+    metrics["eval_time_s"] = round(time.perf_counter() - began, 3)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    return metrics
+
+
+__all__ = ["evaluate_losses", "final_evaluation", "grid_sources", "plan", "RunError"]

@@ -1,0 +1,377 @@
+"""Stage 4: the dependency graph (networkx) of inputs, latents, networks, tensors, losses and
+objectives, with a lint pass: undefined names, cycles, type and shape checks of every
+expression, and objectives whose loss does not reach the networks they train.
+
+Node ids are `kind:name` (`input:x`, `latent:z`, `net:enc`, `tensor:q`, `loss:kl`,
+`objective:enc`); each node's attributes hold its kind, name, expression text and the
+inferred value type. Edges are data dependencies (`rel="data"`) except objective -> network
+edges (`rel="updates"`), which close the training loop and are left out of cycle checks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import networkx as nx
+
+from . import expr as E
+from .errors import Collector
+from .registry import EXPRESSION_OPS
+from .shapes import fmt
+from .spec import Spec
+
+
+@dataclass(frozen=True)
+class Value:
+    """What an expression yields: its kind, shape, and the network row that produced it."""
+
+    kind: str  # tensor | dist | scalar | number | labels
+    shape: tuple = ()
+    producer: tuple | None = None  # (network name, row index)
+
+
+class _Unknown(Exception):
+    """Raised inside inference once a problem has been reported, to stop that expression."""
+
+
+def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
+    """Build and lint the graph. Raises SpecError with every problem found."""
+    own = problems is None
+    problems = problems or Collector(spec.doc.where)
+    g = nx.DiGraph()
+    g.add_node("input:x", kind="input", name="x", value=Value("tensor", tuple(spec.data_shape)))
+    if spec.data.get("labels"):
+        g.add_node("input:y", kind="input", name="y", value=Value("labels", ()))
+    for name, latent in spec.latents.items():
+        g.add_node(f"latent:{name}", kind="latent", name=name, prior=latent.prior)
+    for name in spec.networks:
+        g.add_node(f"net:{name}", kind="network", name=name)
+    for name in spec.params:
+        g.add_node(f"param:{name}", kind="param", name=name)
+    sections = (("graph", "tensor", spec.graph), ("losses", "loss", spec.losses))
+    for section, kind, entries in sections:
+        for name, node in entries.items():
+            g.add_node(f"{kind}:{name}", kind=kind, name=name, section=section, expr=node, text=E.to_text(node))
+    for name, objective in spec.objectives.items():
+        g.add_node(f"objective:{name}", kind="objective", name=name, section="objectives", expr=objective.minimize,
+                   text=E.to_text(objective.minimize))
+    for node_id, attrs in list(g.nodes(data=True)):
+        if "expr" in attrs:
+            _add_edges(g, spec, node_id, attrs, problems)
+    for name, objective in spec.objectives.items():
+        for net in objective.networks:
+            if net in spec.networks:
+                g.add_edge(f"objective:{name}", f"net:{net}", rel="updates")
+    if not _report_cycles(g, problems):
+        _infer_types(g, spec, problems)
+        _check_objectives_reach_networks(g, spec, problems)
+    if own:
+        problems.raise_if_any()
+    return g
+
+
+def _data_graph(g: nx.DiGraph) -> nx.DiGraph:
+    return g.edge_subgraph([(u, v) for u, v, rel in g.edges(data="rel") if rel == "data"]).copy()
+
+
+def _add_edges(g: nx.DiGraph, spec: Spec, node_id: str, attrs: dict, problems: Collector) -> None:
+    path = (attrs["section"], attrs["name"])
+    for dep in _dependencies(attrs["expr"], spec, attrs["kind"], path, problems):
+        g.add_edge(dep, node_id, rel="data")
+
+
+def _dependencies(node, spec: Spec, kind: str, path: tuple, problems: Collector, latent_arg: bool = False) -> list[str]:
+    """Node ids an expression reads; reports names that resolve to nothing."""
+    if isinstance(node, E.Name):
+        dep = _resolve_name(node.id, spec, kind, path, problems, latent_arg)
+        return [dep] if dep else []
+    deps: list[str] = []
+    if isinstance(node, E.Call):
+        func = node.func
+        net = func.split(".")[0]
+        if net in spec.networks or net in spec.raw.get("networks", {}):
+            deps.append(f"net:{net}")
+            if net not in spec.networks:
+                return deps  # its table has errors, reported by validate
+        elif func in EXPRESSION_OPS:
+            kinds = EXPRESSION_OPS[func]["args"]
+            for i, arg in enumerate(node.args):
+                is_latent = i < len(kinds) and kinds[i] == "latent"
+                deps += _dependencies(arg, spec, kind, path, problems, latent_arg=is_latent)
+            return [d for d in deps if d]
+        else:
+            known = sorted(EXPRESSION_OPS) + sorted(spec.networks)
+            problems.add(path, f"unknown op or network {func!r}; known: {', '.join(known)}")
+        for arg in node.args:
+            deps += _dependencies(arg, spec, kind, path, problems)
+        return [d for d in deps if d]
+    for child in _children(node):
+        deps += _dependencies(child, spec, kind, path, problems)
+    return [d for d in deps if d]
+
+
+def _children(node) -> tuple:
+    if isinstance(node, E.BinOp):
+        return (node.left, node.right)
+    if isinstance(node, E.Neg):
+        return (node.operand,)
+    if isinstance(node, E.ListExpr):
+        return node.items
+    return ()
+
+
+def _resolve_name(name: str, spec: Spec, kind: str, path: tuple, problems: Collector | None, latent_arg: bool = False) -> str | None:
+    if latent_arg and name in spec.latents:
+        return f"latent:{name}"
+    if name == "x":
+        return "input:x"
+    if name == "y" and spec.data.get("labels"):
+        return "input:y"
+    if name in spec.graph:
+        return f"tensor:{name}"
+    if name in spec.params:
+        return f"param:{name}"
+    if name in spec.losses and kind in ("loss", "objective"):
+        return f"loss:{name}"
+    if problems is not None:
+        if name in spec.latents:
+            problems.add(path, f"{name!r} is a latent (a distribution): draw from it with sample({name})")
+        elif name in spec.losses:
+            problems.add(path, f"loss {name!r} cannot feed the graph; only losses and objectives read losses")
+        elif name in spec.networks:
+            problems.add(path, f"{name!r} is a network: call it, e.g. {name}(x)")
+        elif name == "y":
+            problems.add(path, "labels y are not available: set data.labels: true")
+        else:
+            problems.add(path, f"undefined name {name!r}")
+    return None
+
+
+def _report_cycles(g: nx.DiGraph, problems: Collector) -> bool:
+    data = _data_graph(g)
+    found = False
+    for cycle in nx.simple_cycles(data):
+        found = True
+        first = min(cycle)
+        i = cycle.index(first)
+        cycle = cycle[i:] + cycle[:i]
+        attrs = g.nodes[first]
+        names = [g.nodes[n]["name"] for n in cycle] + [attrs["name"]]
+        problems.add((attrs.get("section", ""), attrs["name"]), "cycle: " + " -> ".join(names))
+    return found
+
+
+# ---------------------------------------------------------------- type and shape inference
+
+def _infer_types(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
+    data = _data_graph(g)
+    data.add_nodes_from(g.nodes)
+    for node_id in nx.topological_sort(data):
+        attrs = g.nodes[node_id]
+        if "expr" not in attrs:
+            continue
+        path = (attrs["section"], attrs["name"])
+        try:
+            value = _Infer(spec, g, problems, path).value(attrs["expr"])
+        except _Unknown:
+            continue
+        if attrs["kind"] in ("loss", "objective") and value.kind not in ("scalar", "number"):
+            problems.add(path + (("minimize",) if attrs["kind"] == "objective" else ()),
+                         f"a loss must be a scalar, but this is a {value.kind} of shape {fmt(value.shape)}; reduce it with mean(...) or sum(...)")
+            continue
+        attrs["value"] = value
+
+
+_SECTION_KIND = {"graph": "tensor", "losses": "loss", "objectives": "objective"}
+
+
+class _Infer:
+    def __init__(self, spec: Spec, g: nx.DiGraph, problems: Collector, path: tuple):
+        self.spec, self.g, self.problems, self.path = spec, g, problems, path
+
+    def fail(self, message: str, path: tuple | None = None):
+        self.problems.add(path or self.path, message)
+        raise _Unknown
+
+    def value(self, node) -> Value:
+        if isinstance(node, E.Num):
+            return Value("number")
+        if isinstance(node, E.Name):
+            return self.name(node.id)
+        if isinstance(node, E.Neg):
+            return self.value(node.operand)
+        if isinstance(node, E.BinOp):
+            return self.binop(node)
+        if isinstance(node, E.ListExpr):
+            self.fail("a list is not a value here")
+        return self.call(node)
+
+    def name(self, name: str) -> Value:
+        node_id = _resolve_name(name, self.spec, _SECTION_KIND[self.path[0]], self.path, None)
+        if node_id is None or node_id.startswith("param:"):
+            return Value("number")
+        value = self.g.nodes[node_id].get("value")
+        if value is None:
+            raise _Unknown  # its own problem has been reported
+        return value
+
+    def binop(self, node: E.BinOp) -> Value:
+        a, b = self.value(node.left), self.value(node.right)
+        kinds = {a.kind, b.kind}
+        if "dist" in kinds or "labels" in kinds:
+            self.fail(f"cannot apply {node.op!r} to a {'distribution' if 'dist' in kinds else 'label'}; use rsample(...) or mean_of(...)")
+        if kinds == {"number"}:
+            return Value("number")
+        if "tensor" in kinds:
+            if a.kind == b.kind == "tensor" and a.shape != b.shape:
+                self.fail(f"{node.op!r} of tensors of shapes {fmt(a.shape)} and {fmt(b.shape)}")
+            return a if a.kind == "tensor" else b
+        return Value("scalar")
+
+    def call(self, node: E.Call) -> Value:
+        net_name, _, tap = node.func.partition(".")
+        if net_name in self.spec.networks:
+            return self.network_call(node, net_name, tap)
+        op = EXPRESSION_OPS[node.func]
+        kinds = op["args"]
+        if len(node.args) != len(kinds) or node.kwargs:
+            self.fail(f"{node.func} takes {len(kinds)} argument(s) ({', '.join(kinds)}), got {len(node.args) + len(node.kwargs)}")
+        values = [self.argument(arg, kind, node.func, i) for i, (arg, kind) in enumerate(zip(node.args, kinds))]
+        if node.func in ("sqerr", "mse", "l1") or (node.func == "bce" and values[1].kind == "tensor"):
+            self.same_shape(node.func, values[0], values[1])
+        result = op["result"]
+        if result == "same":
+            return values[0]
+        if result == "tensor":
+            if node.func == "sample":
+                return Value("tensor", self.spec.latents[node.args[0].id].shape)
+            return Value("tensor", values[0].shape)
+        if node.func == "kl":
+            self.kl_fits(values[0], node.args[1].id)
+        return Value("scalar")
+
+    def argument(self, arg, kind: str, func: str, i: int) -> Value | None:
+        if kind == "latent":
+            if not isinstance(arg, E.Name) or arg.id not in self.spec.latents:
+                known = ", ".join(self.spec.latents) or "none declared"
+                self.fail(f"{func}: argument {i + 1} must name a latent (latents: {known})")
+            return Value("latent", self.spec.latents[arg.id].shape)
+        value = self.value(arg)
+        allowed = {"dist": ("dist",), "tensor": ("tensor",), "target": ("tensor", "number"), "labels": ("labels",),
+                   "any": ("tensor", "scalar", "number")}[kind]
+        if value.kind not in allowed:
+            hint = "; draw from it with rsample(...)" if value.kind == "dist" else ""
+            self.fail(f"{func}: argument {i + 1} must be a {' or '.join(allowed)}, got a {value.kind}{hint}")
+        return value
+
+    def network_call(self, node: E.Call, net_name: str, tap: str) -> Value:
+        net = self.spec.networks[net_name]
+        if len(node.args) != 1 or node.kwargs:
+            self.fail(f"network {net_name} takes one input, got {len(node.args) + len(node.kwargs)}")
+        arg = self.value(node.args[0])
+        if arg.kind != "tensor":
+            self.fail(f"{net_name}: its input must be a tensor, got a {arg.kind}" + ("; draw from it with rsample(...)" if arg.kind == "dist" else ""))
+        if arg.shape != net.input:
+            if arg.producer:
+                producer, row = arg.producer
+                self.fail(f"output {fmt(arg.shape)} does not fit {net_name}'s input {fmt(net.input)} ({'.'.join(self.path)})",
+                          ("networks", producer, "layers", row))
+            self.fail(f"{net_name} expects input {fmt(net.input)}, got {fmt(arg.shape)}")
+        info = net.info
+        if tap:
+            if tap not in info.taps:
+                self.fail(f"network {net_name} has no tap {tap!r}" + (f"; its taps: {', '.join(info.taps)}" if info.taps else
+                                                                       "; name a row with 'as NAME'"))
+            row = info.taps[tap]
+            return Value("dist" if info.rows[row].row["op"] == "gaussian" else "tensor", info.rows[row].out_shape, (net_name, row))
+        return Value(info.kind, info.output, (net_name, len(info.rows) - 1))
+
+    def same_shape(self, func: str, a: Value, b: Value) -> None:
+        if a.shape == b.shape:
+            return
+        for mine, other in ((a, b), (b, a)):
+            if mine.producer and not other.producer:
+                producer, row = mine.producer
+                self.fail(f"output {fmt(mine.shape)} does not match {fmt(other.shape)} in {func} ({'.'.join(self.path)})",
+                          ("networks", producer, "layers", row))
+        self.fail(f"{func} of tensors of shapes {fmt(a.shape)} and {fmt(b.shape)}")
+
+    def kl_fits(self, q: Value, latent: str) -> None:
+        shape = self.spec.latents[latent].shape
+        if q.shape != shape:
+            self.fail(f"kl: the posterior has shape {fmt(q.shape)} but latent {latent!r} has {fmt(shape)}")
+        if self.spec.latents[latent].prior != "normal":
+            self.fail(f"kl: analytic KL needs a normal prior; latent {latent!r} is {self.spec.latents[latent].prior}")
+
+
+def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
+    data = _data_graph(g)
+    for name, objective in spec.objectives.items():
+        node = f"objective:{name}"
+        reached = nx.ancestors(data, node) if node in data else set()
+        for net in objective.networks:
+            if net in spec.networks and f"net:{net}" not in reached:
+                problems.add(("objectives", name, "minimize"),
+                             f"the loss does not depend on network {net!r}, so this objective cannot train it")
+
+
+# ---------------------------------------------------------------- plans and renderings
+
+def plan(g: nx.DiGraph, objective_names: list[str]) -> list[str]:
+    """Tensor and loss node ids an update of these objectives needs, in the order to compute them."""
+    data = _data_graph(g)
+    needed: set[str] = set()
+    for name in objective_names:
+        node = f"objective:{name}"
+        needed |= nx.ancestors(data, node) if node in data else set()
+    sub = data.subgraph(needed)
+    return [n for n in nx.topological_sort(sub) if g.nodes[n]["kind"] in ("tensor", "loss")]
+
+
+def to_text(g: nx.DiGraph) -> str:
+    lines = []
+    for node_id in nx.topological_sort(_with_all_nodes(g)):
+        attrs = g.nodes[node_id]
+        reads = sorted(u for u, _, rel in g.in_edges(node_id, data="rel") if rel == "data")
+        value = attrs.get("value")
+        typ = f"  [{value.kind} {fmt(value.shape)}]" if value and value.kind != "number" else ""
+        detail = f" = {attrs['text']}" if "text" in attrs else ""
+        updates = [v for _, v, rel in g.out_edges(node_id, data="rel") if rel == "updates"]
+        lines.append(f"{node_id}{detail}{typ}" + (f"  -> updates {', '.join(updates)}" if updates else "")
+                     + (f"  <- {', '.join(reads)}" if reads and not detail else ""))
+    return "\n".join(lines)
+
+
+def _with_all_nodes(g: nx.DiGraph) -> nx.DiGraph:
+    data = _data_graph(g)
+    data.add_nodes_from(g.nodes)
+    return data
+
+
+def to_dot(g: nx.DiGraph) -> str:
+    shapes = {"input": "box", "latent": "ellipse", "network": "box3d", "tensor": "oval", "loss": "diamond",
+              "objective": "hexagon", "param": "plaintext"}
+    lines = ["digraph genspec {", "  rankdir=LR;"]
+    for node_id, attrs in g.nodes(data=True):
+        label = attrs["name"] + (f"\\n{attrs['text']}" if "text" in attrs else "")
+        label = label.replace('"', "'")
+        lines.append(f'  "{node_id}" [label="{label}", shape={shapes.get(attrs["kind"], "oval")}];')
+    for u, v, rel in g.edges(data="rel"):
+        style = ' [style=dashed, label="updates"]' if rel == "updates" else ""
+        lines.append(f'  "{u}" -> "{v}"{style};')
+    lines.append("}")
+    return "\n".join(lines)
+
+
+def to_json(g: nx.DiGraph) -> dict:
+    nodes = []
+    for node_id, attrs in g.nodes(data=True):
+        entry = {"id": node_id, "kind": attrs["kind"], "name": attrs["name"]}
+        if "text" in attrs:
+            entry["expr"] = attrs["text"]
+        value = attrs.get("value")
+        if value is not None:
+            entry["value"] = {"kind": value.kind, "shape": list(value.shape)}
+        nodes.append(entry)
+    edges = [{"from": u, "to": v, "rel": rel} for u, v, rel in g.edges(data="rel")]
+    return {"nodes": nodes, "edges": edges}

@@ -1,0 +1,215 @@
+"""Layer tables to nn.Modules: one `TableNet` per network, one small block per row."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from .shapes import conv_padding, deconv_padding
+from .spec import Network
+
+
+@dataclass
+class Gaussian:
+    """A diagonal Gaussian from a `gaussian` head (log-variance fixed for `var=`)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    def rsample(self) -> torch.Tensor:
+        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean)
+
+    def detach(self) -> "Gaussian":
+        return Gaussian(self.mean.detach(), self.logvar.detach())
+
+
+class GaussianHead(nn.Module):
+    def __init__(self, n_in: int, out_shape: tuple, var: float | None, bias: bool = True):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        n = math.prod(out_shape)
+        self.fixed_logvar = None if var is None else math.log(var)
+        self.linear = nn.Linear(n_in, n if var is not None else 2 * n, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> Gaussian:
+        h = self.linear(x.flatten(1))
+        if self.fixed_logvar is not None:
+            mean = h.view(-1, *self.out_shape)
+            return Gaussian(mean, torch.full_like(mean, self.fixed_logvar))
+        mean, logvar = h.chunk(2, dim=1)
+        return Gaussian(mean.reshape(-1, *self.out_shape), logvar.reshape(-1, *self.out_shape))
+
+
+class Reshape(nn.Module):
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return "x".join(map(str, self.shape))
+
+
+class Crop(nn.Module):
+    def __init__(self, p: int):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x[..., self.p:-self.p, self.p:-self.p]
+
+
+class Dense(nn.Module):
+    """A fully connected row: flattens its input and reshapes its output (`fc 8x8x256` -> 256x8x8).
+
+    Norm and activation act on the flat features, as in the papers' implementations.
+    """
+
+    def __init__(self, n_in: int, out_shape: tuple, bias: bool, post: list[nn.Module]):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.linear = nn.Linear(n_in, math.prod(out_shape), bias=bias)
+        self.post = nn.Sequential(*post)
+
+    def forward(self, x):
+        return self.post(self.linear(x.flatten(1))).reshape(x.shape[0], *self.out_shape)
+
+
+def _activation(name: str, slope: float = 0.01) -> nn.Module:
+    return {
+        "relu": lambda: nn.ReLU(),
+        "lrelu": lambda: nn.LeakyReLU(slope),
+        "tanh": lambda: nn.Tanh(),
+        "sigmoid": lambda: nn.Sigmoid(),
+        "elu": lambda: nn.ELU(),
+        "gelu": lambda: nn.GELU(),
+        "silu": lambda: nn.SiLU(),
+        "softplus": lambda: nn.Softplus(),
+        "softmax": lambda: nn.Softmax(dim=1),
+        "log_softmax": lambda: nn.LogSoftmax(dim=1),
+    }[name]()
+
+
+def _norm(name: str, shape: tuple) -> nn.Module:
+    if name == "bn":
+        return nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0])
+    return nn.LayerNorm(list(shape))
+
+
+def _post(row: dict, shape: tuple) -> list[nn.Module]:
+    post: list[nn.Module] = []
+    if row.get("norm"):
+        post.append(_norm(row["norm"], shape))
+    if row.get("act"):
+        post.append(_activation(row["act"], row.get("slope", 0.01)))
+    if row.get("dropout"):
+        post.append(nn.Dropout(row["dropout"]))
+    return post
+
+
+def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
+    op = row["op"]
+    bias = row.get("bias", True)
+    if op == "fc":
+        return Dense(math.prod(in_shape), out_shape, bias, _post(row, (math.prod(out_shape),)))
+    if op == "gaussian":
+        return GaussianHead(math.prod(in_shape), out_shape, row.get("var"), bias)
+    if op == "conv":
+        main = nn.Conv2d(in_shape[0], row["out"], row["kernel"], row["stride"], conv_padding(row), bias=bias)
+    elif op == "deconv":
+        p, extra = deconv_padding(row)
+        main = nn.ConvTranspose2d(in_shape[0], row["out"], row["kernel"], row["stride"], p, extra, bias=bias)
+    elif op == "maxpool":
+        main = nn.MaxPool2d(row["kernel"], row["stride"])
+    elif op == "avgpool":
+        main = nn.AvgPool2d(row["kernel"], row["stride"])
+    elif op == "upsample":
+        main = nn.Upsample(scale_factor=row["scale"], mode=row.get("mode", "nearest"))
+    elif op == "dropout":
+        main = nn.Dropout(row["p"])
+    elif op == "flatten":
+        main = nn.Flatten()
+    elif op == "reshape":
+        main = Reshape(row["shape"])
+    elif op == "crop":
+        main = Crop(row["p"])
+    elif op in ("bn", "ln"):
+        main = _norm(op, in_shape)
+    elif op == "identity":
+        main = nn.Identity()
+    else:
+        main = _activation(op, row.get("slope", 0.01))
+    post = _post(row, out_shape)
+    return nn.Sequential(main, *post) if post else main
+
+
+class TableNet(nn.Module):
+    """A network built from a layer table. `forward(x)` gives the last row's output;
+    `forward_taps(x)` also gives every named tap, from one pass."""
+
+    def __init__(self, net: Network):
+        super().__init__()
+        self.rows = nn.ModuleList(build_row(r.row, r.in_shape, r.out_shape) for r in net.info.rows)
+        self.taps = dict(net.info.taps)
+        self._tap_at = {i: name for name, i in self.taps.items()}
+
+    def forward(self, x):
+        for row in self.rows:
+            x = row(x)
+        return x
+
+    def forward_taps(self, x) -> dict:
+        """Outputs of every named tap, and the final output under the key None."""
+        out = {}
+        for i, row in enumerate(self.rows):
+            x = row(x)
+            if i in self._tap_at:
+                out[self._tap_at[i]] = x
+        out[None] = x
+        return out
+
+
+def initialise(module: TableNet, net: Network) -> None:
+    """Apply the network's `init` to conv, transposed-conv, linear (and, for normal, norm) weights."""
+    if net.init == "default":
+        return
+    for m in module.modules():
+        is_weighted = isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+        is_norm = isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm))
+        if not (is_weighted or (is_norm and net.init == "normal")) or getattr(m, "weight", None) is None:
+            continue
+        with torch.no_grad():
+            if net.init == "normal":
+                nn.init.normal_(m.weight, *net.init_args)
+            elif net.init == "xavier_uniform":
+                nn.init.xavier_uniform_(m.weight)
+            elif net.init == "xavier_normal":
+                nn.init.xavier_normal_(m.weight)
+            elif net.init == "kaiming_normal":
+                nn.init.kaiming_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def freeze(module: TableNet, net: Network) -> None:
+    """Frozen rows keep their initial weights: no gradient, no optimiser."""
+    for row_module, info in zip(module.rows, net.info.rows):
+        if info.frozen:
+            for p in row_module.parameters():
+                p.requires_grad_(False)
+
+
+def build_network(net: Network) -> TableNet:
+    module = TableNet(net)
+    initialise(module, net)
+    freeze(module, net)
+    return module
+
+
+__all__ = ["Gaussian", "TableNet", "build_network", "F"]

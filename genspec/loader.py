@@ -1,0 +1,122 @@
+"""Stage 1: read a YAML spec into plain data, remembering where every key came from.
+
+PyYAML's safe composer gives a node tree with line/column marks; we build plain dicts,
+lists and scalars from it ourselves and keep a side table `path -> Location`, so later
+stages can point at `specs/x.yaml:12:7` for any key they complain about.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from .errors import Location, Problem, SpecError
+
+# YAML 1.1 reads `1e-3` as a string (it wants `1.0e-3`); hyper-parameters are written
+# that way in every paper, so plain scalars of this shape are read as floats.
+_BARE_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
+_MAX_DEPTH = 64
+
+
+@dataclass
+class Document:
+    """Plain data of a spec and the location of each key path in it."""
+
+    data: object
+    locations: dict[tuple, Location] = field(default_factory=dict)
+    file: str = "<string>"
+
+    def where(self, path: tuple) -> Location:
+        """The location of `path`, or of its nearest ancestor that has one."""
+        path = tuple(path)
+        while path:
+            if path in self.locations:
+                return self.locations[path]
+            path = path[:-1]
+        return self.locations.get((), Location(self.file, 1, 1))
+
+
+def load_text(text: str, file: str = "<string>") -> Document:
+    """Parse YAML text. Raises SpecError (never a YAML exception) on bad input."""
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
+        message = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        raise SpecError([Problem(Location(file, line, col), (), f"YAML syntax error: {message}")]) from None
+    except (yaml.YAMLError, RecursionError, ValueError) as exc:
+        raise SpecError([Problem(Location(file, 1, 1), (), f"YAML error: {exc}")]) from None
+    doc = Document(data=None, file=file)
+    if node is None:
+        doc.data = {}
+        doc.locations[()] = Location(file, 1, 1)
+        return doc
+    doc.locations[()] = _location(file, node)
+    doc.data = _build(node, (), doc, file, 0)
+    return doc
+
+
+def load_file(path: str | Path) -> Document:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError([Problem(Location(str(path)), (), "no such file")]) from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([Problem(Location(str(path)), (), f"cannot read: {exc}")]) from None
+    return load_text(text, str(path))
+
+
+def _location(file: str, node: yaml.Node) -> Location:
+    return Location(file, node.start_mark.line + 1, node.start_mark.column + 1)
+
+
+def _build(node: yaml.Node, path: tuple, doc: Document, file: str, depth: int):
+    if depth > _MAX_DEPTH:
+        raise SpecError([Problem(_location(file, node), path, f"nesting deeper than {_MAX_DEPTH} levels")])
+    if isinstance(node, yaml.MappingNode):
+        return _build_mapping(node, path, doc, file, depth)
+    if isinstance(node, yaml.SequenceNode):
+        out = []
+        for i, item in enumerate(node.value):
+            doc.locations[path + (i,)] = _location(file, item)
+            out.append(_build(item, path + (i,), doc, file, depth + 1))
+        return out
+    return _scalar(node, path, file)
+
+
+def _build_mapping(node: yaml.MappingNode, path: tuple, doc: Document, file: str, depth: int) -> dict:
+    out: dict = {}
+    for key_node, value_node in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            raise SpecError([Problem(_location(file, key_node), path, "YAML merge keys (<<) are not supported; use `extends`")])
+        if not isinstance(key_node, yaml.ScalarNode):
+            raise SpecError([Problem(_location(file, key_node), path, "mapping keys must be plain names")])
+        key = _scalar(key_node, path, file)
+        if not isinstance(key, (str, int)) or isinstance(key, bool):
+            key = str(key_node.value)
+        if key in out:
+            raise SpecError([Problem(_location(file, key_node), path + (key,), "duplicate key")])
+        doc.locations[path + (key,)] = _location(file, key_node)
+        out[key] = _build(value_node, path + (key,), doc, file, depth + 1)
+    return out
+
+
+_constructor = yaml.SafeLoader("")
+
+
+def _scalar(node: yaml.ScalarNode, path: tuple, file: str):
+    if node.style is None and node.tag == "tag:yaml.org,2002:str" and _BARE_EXPONENT.match(node.value):
+        return float(node.value)
+    try:
+        value = _constructor.construct_object(node, deep=True)
+    except (yaml.YAMLError, ValueError, TypeError, OverflowError) as exc:
+        raise SpecError([Problem(_location(file, node), path, f"bad scalar {node.value!r}: {exc}")]) from None
+    if not isinstance(value, (str, int, float, bool, type(None))):
+        # timestamps, binary and the like have no meaning in a spec: keep the text
+        return str(node.value)
+    return value

@@ -1,0 +1,48 @@
+"""Torch implementations of the expression ops listed in registry.EXPRESSION_OPS."""
+
+from __future__ import annotations
+
+import torch
+from torch.nn import functional as F
+
+from .layers import Gaussian
+from .spec import Latent
+
+
+def sample_prior(latent: Latent, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
+    shape = (n, *latent.shape)
+    if latent.prior == "uniform":
+        low, high = latent.prior_args
+        return torch.rand(shape, device=device, generator=generator) * (high - low) + low
+    return torch.randn(shape, device=device, generator=generator)
+
+
+def kl_normal(q: Gaussian) -> torch.Tensor:
+    """KL(q || N(0, I)), summed over latent dims, averaged over the batch."""
+    kl = 0.5 * (q.logvar.exp() + q.mean.pow(2) - 1.0 - q.logvar)
+    return kl.flatten(1).sum(1).mean()
+
+
+def sqerr(a, b):
+    return (a - b).pow(2).flatten(1).sum(1).mean()
+
+
+def bce(p, target):
+    if not torch.is_tensor(target):
+        target = torch.full_like(p, float(target))
+    return F.binary_cross_entropy(p, target.to(p.dtype))
+
+
+TENSOR_OPS = {
+    "rsample": lambda q: q.rsample(),
+    "mean_of": lambda q: q.mean,
+    "sqerr": sqerr,
+    "mse": lambda a, b: F.mse_loss(a, b),
+    "l1": lambda a, b: F.l1_loss(a, b),
+    "bce": bce,
+    "nll": lambda logp, y: F.nll_loss(logp, y),
+    "mean": lambda a: a.mean() if torch.is_tensor(a) else a,
+    "sum": lambda a: a.sum() if torch.is_tensor(a) else a,
+    "abs": lambda a: a.abs() if torch.is_tensor(a) else abs(a),
+    "detach": lambda a: a.detach() if hasattr(a, "detach") else a,
+}

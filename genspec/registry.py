@@ -1,0 +1,84 @@
+"""The closed vocabulary of the spec language, as plain data (importable without torch).
+
+The JSON Schema's enums are tested against these tables, so the two never drift, and a
+spec can only name what is listed here: it can never import or run arbitrary code.
+"""
+
+from __future__ import annotations
+
+FORMAT_VERSION = 1
+
+TOP_LEVEL_KEYS = (
+    "genspec", "name", "source", "extends", "params", "data", "latent", "networks",
+    "graph", "losses", "objectives", "train", "evaluate",
+)
+
+# Activations that may stand as a row of their own or close a row (`conv ..., relu`).
+ACTIVATIONS = ("relu", "lrelu", "tanh", "sigmoid", "elu", "gelu", "silu", "softplus", "softmax", "log_softmax")
+NORMS = ("bn", "ln")
+
+# Layer ops that may open a row. Activations and norms may also stand alone.
+LAYER_OPS = (
+    "conv", "deconv", "fc", "gaussian", "maxpool", "avgpool", "upsample", "dropout",
+    "flatten", "reshape", "crop", "identity",
+) + NORMS + ACTIVATIONS
+
+# Keys of a canonical row mapping (what every compact row expands to).
+ROW_KEYS = (
+    "op", "out", "kernel", "stride", "padding", "scale", "mode", "p", "shape", "slope", "var",
+    "bias", "norm", "act", "dropout", "frozen", "name",
+)
+
+UPSAMPLE_MODES = ("nearest", "bilinear")
+
+# Ops callable in graph / loss / objective expressions: argument kinds and result kind.
+#   tensor: a batch of values; dist: a Gaussian from a `gaussian` head; latent: a name in
+#   `latent`; scalar: a 0-d loss value; number: a literal or a param; any: tensor or scalar.
+EXPRESSION_OPS: dict[str, dict] = {
+    "rsample": {"args": ("dist",), "result": "tensor", "doc": "reparameterised draw from a Gaussian head"},
+    "sample": {"args": ("latent",), "result": "tensor", "doc": "a batch of draws from a latent's prior"},
+    "mean_of": {"args": ("dist",), "result": "tensor", "doc": "the mean of a Gaussian head"},
+    "kl": {"args": ("dist", "latent"), "result": "scalar", "doc": "KL(q || prior), summed over latent dims, mean over the batch"},
+    "sqerr": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "squared error summed per example, mean over the batch"},
+    "mse": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "mean squared error over all elements"},
+    "l1": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "mean absolute error over all elements"},
+    "bce": {"args": ("tensor", "target"), "result": "scalar", "doc": "binary cross-entropy of probabilities against a target (a number or a tensor), mean"},
+    "nll": {"args": ("tensor", "labels"), "result": "scalar", "doc": "negative log-likelihood of class labels under log-probabilities, mean"},
+    "mean": {"args": ("any",), "result": "scalar", "doc": "mean of all elements"},
+    "sum": {"args": ("any",), "result": "scalar", "doc": "sum of all elements"},
+    "abs": {"args": ("any",), "result": "same", "doc": "absolute value"},
+    "detach": {"args": ("any",), "result": "same", "doc": "stop gradients (also written x.detach())"},
+}
+
+# Optimisers: name -> keyword arguments they accept (the first positional is lr).
+OPTIMIZERS: dict[str, tuple] = {
+    "adam": ("lr", "betas", "eps", "weight_decay"),
+    "adamw": ("lr", "betas", "eps", "weight_decay"),
+    "rmsprop": ("lr", "alpha", "eps", "momentum", "weight_decay"),
+    "sgd": ("lr", "momentum", "weight_decay", "nesterov"),
+}
+
+# Weight initialisations: name -> positional parameters.
+INITS: dict[str, tuple] = {
+    "default": (),
+    "normal": ("mean", "std"),
+    "xavier_uniform": (),
+    "xavier_normal": (),
+    "kaiming_normal": (),
+}
+
+# Latent priors: name -> positional parameters.
+PRIORS: dict[str, tuple] = {
+    "normal": (),
+    "uniform": ("low", "high"),
+}
+
+DATASETS = ("digits", "mnist", "fashion_mnist", "image_folder")
+
+# Native image shape (channels, height, width) of each built-in dataset.
+DATASET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10}
+
+FREEZE_MODES = ("all_but_last",)
+
+GRIDS = ("samples", "reconstructions", "interpolations")

@@ -1,0 +1,165 @@
+"""Stage 8: what a person reads: layer tables, loss curves, the graph picture, report.md.
+
+Table rendering is torch-free (used by `genspec show`); plots use matplotlib's Agg backend.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .rows import format_row
+from .shapes import fmt
+from .spec import Spec
+
+
+def network_rows(spec: Spec, name: str) -> list[dict]:
+    net = spec.networks[name]
+    return [{"index": r.index, "row": format_row(r.row), "canonical": r.row, "output": list(r.out_shape),
+             "params": r.params, "trainable": 0 if r.frozen else r.params, "frozen": r.params if r.frozen else 0}
+            for r in net.info.rows]
+
+
+def show_json(spec: Spec) -> dict:
+    return {
+        "name": spec.name,
+        "file": spec.file,
+        "networks": {name: {"input": list(net.input), "output": list(net.info.output), "trainable": net.info.trainable,
+                            "frozen": net.info.frozen, "init": net.init, "rows": network_rows(spec, name)}
+                     for name, net in spec.networks.items()},
+        "latent": {name: {"shape": list(l.shape), "prior": l.prior} for name, l in spec.latents.items()},
+        "objectives": {name: {"networks": o.networks, "optimizer": o.optimizer, **o.optimizer_args}
+                       for name, o in spec.objectives.items()},
+    }
+
+
+def layer_tables(spec: Spec, markdown: bool = False) -> str:
+    """Each network's table as a paper prints it, with output shapes and parameter counts."""
+    blocks = []
+    for name, net in spec.networks.items():
+        rows = network_rows(spec, name)
+        header = ["#", "layer", "output", "trainable", "frozen"]
+        body = [[str(r["index"]), r["row"], fmt(r["output"]), f"{r['trainable']:,}", f"{r['frozen']:,}"] for r in rows]
+        body.append(["", "total", fmt(net.info.output), f"{net.info.trainable:,}", f"{net.info.frozen:,}"])
+        title = f"{name}  (input {fmt(net.input)}, init {net.init})"
+        blocks.append(_table(title, header, body, markdown, numeric={0, 3, 4}, total=True))
+    return "\n\n".join(blocks)
+
+
+def optimiser_table(spec: Spec, markdown: bool = False) -> str:
+    """Which optimiser trains which parameters: the routing, as plain data."""
+    header = ["objective", "minimises", "networks", "optimiser", "trainable"]
+    from .expr import to_text
+
+    body = [[name, to_text(o.minimize), ", ".join(o.networks),
+             f"{o.optimizer}(" + ", ".join(f"{k}={v}" for k, v in o.optimizer_args.items()) + ")",
+             f"{sum(spec.networks[n].info.trainable for n in o.networks if n in spec.networks):,}"]
+            for name, o in spec.objectives.items()]
+    return _table("optimisers", header, body, markdown, numeric={4})
+
+
+def _table(title: str, header: list[str], body: list[list[str]], markdown: bool, numeric: set = frozenset(),
+           total: bool = False) -> str:
+    if markdown:
+        lines = [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        lines += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in body]
+        return "\n".join(lines)
+    widths = [max(len(h), *(len(r[i]) for r in body)) for i, h in enumerate(header)]
+
+    def line(cells):
+        return "  ".join(c.rjust(w) if i in numeric else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+    rule = "  ".join("-" * w for w in widths)
+    if total:
+        return "\n".join([title, line(header), rule] + [line(r) for r in body[:-1]] + [rule, line(body[-1])])
+    return "\n".join([title, line(header), rule] + [line(r) for r in body])
+
+
+def write_layer_tables(spec: Spec, out: Path) -> None:
+    (out / "layers.md").write_text(layer_tables(spec, markdown=True) + "\n\n" + optimiser_table(spec, markdown=True) + "\n")
+
+
+def plot_losses(history: list, path: Path) -> bool:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = sorted({k for h in history for k in h.get("train", {}) if "/" not in k})
+    if not history or not names:
+        return False
+    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names), 2.8), squeeze=False)
+    epochs = [h["epoch"] for h in history]
+    for ax, name in zip(axes[0], names):
+        ax.plot(epochs, [h["train"].get(name, float("nan")) for h in history], label="train", marker=".")
+        if any(name in h.get("test", {}) for h in history):
+            ax.plot(epochs, [h["test"].get(name, float("nan")) for h in history], label="test", marker=".")
+        ax.set_title(name)
+        ax.set_xlabel("epoch")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_graph(spec: Spec, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import networkx as nx
+
+    g = spec.graph_nx
+    shown = g.subgraph([n for n, kind in g.nodes(data="kind") if kind != "param"])
+    data = nx.DiGraph([(u, v) for u, v, rel in shown.edges(data="rel") if rel == "data"])
+    data.add_nodes_from(shown.nodes)
+    # columns follow the data flow: inputs left, objectives right
+    layer = {node: depth for depth, nodes in enumerate(nx.topological_generations(data)) for node in nodes}
+    pos = nx.multipartite_layout(shown.copy(), subset_key={d: [n for n in layer if layer[n] == d] for d in set(layer.values())})
+    colours = {"input": "#9ecae1", "latent": "#c6dbef", "network": "#fdae6b", "tensor": "#e5f5e0", "loss": "#fcbba1",
+               "objective": "#bcbddc"}
+    fig, ax = plt.subplots(figsize=(10, 6))
+    data_edges = [(u, v) for u, v, rel in shown.edges(data="rel") if rel == "data"]
+    update_edges = [(u, v) for u, v, rel in shown.edges(data="rel") if rel == "updates"]
+    nx.draw_networkx_edges(shown, pos, edgelist=data_edges, ax=ax, arrows=True, edge_color="#777777")
+    nx.draw_networkx_edges(shown, pos, edgelist=update_edges, ax=ax, arrows=True, style="dashed", edge_color="#756bb1")
+    nx.draw_networkx_nodes(shown, pos, ax=ax, node_size=1400,
+                           node_color=[colours.get(g.nodes[n]["kind"], "#dddddd") for n in shown.nodes])
+    nx.draw_networkx_labels(shown, pos, labels={n: g.nodes[n]["name"] for n in shown.nodes}, ax=ax, font_size=8)
+    ax.set_title(f"{spec.name}: data flow (solid) and updates (dashed)")
+    ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
+    has_curves = plot_losses(history, out / "losses.png")
+    plot_graph(spec, out / "graph.png")
+    source = spec.source
+    source_text = source if isinstance(source, str) else (source or {}).get("paper", "")
+    lines = [f"# {spec.name}", ""]
+    if source_text:
+        lines += [f"Source: {source_text}" + (f", {source['table']}" if isinstance(source, dict) and source.get("table") else ""), ""]
+    lines += [f"Spec: `{spec.file}`; resolved copy: [spec.resolved.yaml](spec.resolved.yaml). "
+              f"Device {metrics['device']}, seed {metrics['seed']}, {metrics['epochs']} epochs, "
+              f"{metrics['time_per_epoch_s'] or 0:.2f} s per epoch; data {metrics['data']['dataset']} "
+              f"({metrics['data']['train']} train / {metrics['data']['test']} test).", ""]
+    for note in metrics["data"].get("notes", []):
+        lines += [f"> Note: {note}", ""]
+    lines += ["## Test-set losses", "", "| loss | test | train (last epoch) |", "|---|---|---|"]
+    for name, value in metrics["test"].items():
+        train = metrics["train_last_epoch"].get(name)
+        lines.append(f"| {name} | {value:.5g} | {'' if train is None else f'{train:.5g}'} |")
+    lines.append("")
+    for kind, file in metrics.get("grids", {}).items():
+        lines += [f"## {kind.capitalize()}", "", f"![{kind}]({file})", ""]
+    if has_curves:
+        lines += ["## Loss curves", "", "![losses](losses.png)", ""]
+    lines += ["## Networks", "", layer_tables(spec, markdown=True), "", optimiser_table(spec, markdown=True), "",
+              "## Dependency graph", "", "![graph](graph.png)", "",
+              "Per-epoch metrics: [metrics.jsonl](metrics.jsonl); final: [metrics.json](metrics.json).", ""]
+    (out / "report.md").write_text("\n".join(lines))
+
+
+__all__ = ["layer_tables", "show_json", "write_report", "write_layer_tables", "json"]

@@ -1,0 +1,112 @@
+"""Stage 2: resolve `extends` chains and `--set KEY=VALUE` overrides into one document.
+
+Mappings merge deeply (the child's keys win); lists and scalars are replaced whole, so a
+variant that changes one layer table restates that table. Locations follow the data: a key
+that came from the base file still points into the base file.
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+
+from .errors import Location, Problem, SpecError
+from .loader import Document, load_file, load_text
+
+_INDEX = re.compile(r"^(.*?)\[(\d+)\]$")
+
+
+def resolve(path: str | Path, overrides: list[str] | None = None) -> Document:
+    """Load `path`, follow its `extends` chain and apply `--set` overrides."""
+    doc = _load_with_bases(Path(path), seen=())
+    for text in overrides or []:
+        _apply_override(doc, text)
+    return doc
+
+
+def _load_with_bases(path: Path, seen: tuple) -> Document:
+    doc = load_file(path)
+    if not isinstance(doc.data, dict) or "extends" not in doc.data:
+        return doc
+    base_name = doc.data["extends"]
+    if not isinstance(base_name, str):
+        raise SpecError([Problem(doc.where(("extends",)), ("extends",), "must be a path to a base spec")])
+    base_path = (path.parent / base_name).resolve()
+    if base_path in seen or base_path == path.resolve():
+        raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"extends itself through {base_name}")])
+    if not base_path.exists():
+        raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"base spec {base_name} not found")])
+    base = _load_with_bases(base_path, seen + (path.resolve(),))
+    child = dict(doc.data)
+    del child["extends"]
+    return merge(base, Document(child, doc.locations, doc.file))
+
+
+def merge(base: Document, child: Document) -> Document:
+    """Deep-merge `child` over `base` (both documents), keeping locations."""
+    if not isinstance(base.data, dict):
+        return child
+    locations = dict(base.locations)
+    locations.update(child.locations)
+    data = _merge_data(copy.deepcopy(base.data), child.data)
+    return Document(data, locations, child.file)
+
+
+def _merge_data(base, child):
+    if isinstance(base, dict) and isinstance(child, dict):
+        for key, value in child.items():
+            base[key] = _merge_data(base[key], value) if key in base else copy.deepcopy(value)
+        return base
+    return copy.deepcopy(child)
+
+
+def split_key(text: str) -> tuple:
+    """`networks.enc.layers[2]` or `networks.enc.layers.2` -> ("networks", "enc", "layers", 2)."""
+    parts: list = []
+    for piece in text.split("."):
+        indices = []
+        while (m := _INDEX.match(piece)):
+            piece, index = m.group(1), int(m.group(2))
+            indices.insert(0, index)
+        if piece:
+            parts.append(int(piece) if piece.isdigit() else piece)
+        parts.extend(indices)
+    return tuple(parts)
+
+
+def _apply_override(doc: Document, text: str) -> None:
+    where = Location(f"--set {text}")
+    if "=" not in text:
+        raise SpecError([Problem(where, (), "an override is KEY=VALUE, for example train.epochs=2")])
+    key, raw = text.split("=", 1)
+    path = split_key(key.strip())
+    if not path:
+        raise SpecError([Problem(where, (), "empty key")])
+    value = load_text(raw, where.file).data if raw.strip() else ""
+    target = doc.data
+    for i, part in enumerate(path[:-1]):
+        target = _step_into(target, part, path[: i + 1], where)
+    last = path[-1]
+    if isinstance(target, list):
+        if not isinstance(last, int) or not -len(target) <= last < len(target):
+            raise SpecError([Problem(where, path, f"no item {last} here (the list has {len(target)})")])
+    elif not isinstance(target, dict):
+        raise SpecError([Problem(where, path, "cannot set a key inside a plain value")])
+    target[last] = value
+    # everything at and below the override now comes from the command line
+    for known in [p for p in doc.locations if p[: len(path)] == path]:
+        del doc.locations[known]
+    doc.locations[path] = where
+
+
+def _step_into(target, part, path: tuple, where: Location):
+    if isinstance(target, dict):
+        if part not in target or not isinstance(target[part], (dict, list)):
+            target[part] = {}
+        return target[part]
+    if isinstance(target, list) and isinstance(part, int) and -len(target) <= part < len(target):
+        if not isinstance(target[part], (dict, list)):
+            target[part] = {}
+        return target[part]
+    raise SpecError([Problem(where, path, "no such list item or mapping here")])

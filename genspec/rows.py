@@ -1,0 +1,269 @@
+"""Layer-table rows: compact strings (as papers print them) to canonical mappings.
+
+    conv 64 5x5 /2, bn, relu         -> {op: conv, out: 64, kernel: 5, stride: 2, norm: bn, act: relu}
+    deconv 32 5x5 x2, bn, relu       -> {op: deconv, out: 32, kernel: 5, stride: 2, norm: bn, act: relu}
+    fc 8x8x256, bn, relu             -> {op: fc, out: [256, 8, 8], norm: bn, act: relu}   (paper HxWxC, torch CxHxW)
+    lrelu 0.2                        -> {op: lrelu, slope: 0.2}
+    gaussian 16 var=1e-6             -> {op: gaussian, out: 16, var: 1.0e-06}
+    conv 256 5x5 /2, relu  as feats  -> {..., name: feats}
+
+A row may also be written as the canonical mapping itself. Every problem raises RowError
+with a message that says what was expected.
+"""
+
+from __future__ import annotations
+
+import re
+
+from .registry import ACTIVATIONS, LAYER_OPS, NORMS, ROW_KEYS, UPSAMPLE_MODES
+
+
+class RowError(ValueError):
+    pass
+
+
+_INT = re.compile(r"^\d+$")
+_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
+_DIMS = re.compile(r"^\d+(x\d+)+$")
+_STRIDE = re.compile(r"^/(\d+)$")
+_SCALE = re.compile(r"^x(\d+)$")
+_OPTION = re.compile(r"^([a-z_]+)=(\S+)$")
+_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_TAP = re.compile(r"\s+as\s+(\S+)\s*$")
+
+# Post-ops that close a row, in the order they apply.
+_POST_ORDER = {"norm": 0, "act": 1, "dropout": 2}
+
+
+def parse_row(row) -> dict:
+    """A row (string or mapping) -> its canonical mapping."""
+    if isinstance(row, dict):
+        return _check_mapping(row)
+    if not isinstance(row, str):
+        raise RowError(f"a row is a string like 'conv 64 5x5 /2, bn, relu' or a mapping, not {type(row).__name__}")
+    text = row.strip()
+    if not text:
+        raise RowError("empty row")
+    out: dict = {}
+    tap = _TAP.search(text)
+    if tap:
+        if not _NAME.match(tap.group(1)):
+            raise RowError(f"tap name {tap.group(1)!r} must be a plain name")
+        out["name"] = tap.group(1)
+        text = text[: tap.start()]
+    parts = [p.strip() for p in text.split(",")]
+    if any(not p for p in parts):
+        raise RowError("empty part between commas")
+    out.update(_parse_main(parts[0].split()))
+    last = -1
+    for part in parts[1:]:
+        key, value = _parse_post(part.split())
+        if key == "frozen":
+            out["frozen"] = True
+            continue
+        if key in out:
+            raise RowError(f"{part!r}: this row already has a {key}")
+        if _POST_ORDER[key] < last:
+            raise RowError(f"{part!r} comes too late: write norm, then activation, then dropout (or split the row)")
+        last = _POST_ORDER[key]
+        out.update(value)
+    return out
+
+
+def _parse_main(words: list[str]) -> dict:
+    op, args = words[0], words[1:]
+    if op not in LAYER_OPS:
+        raise RowError(f"unknown layer {op!r}; known: {', '.join(LAYER_OPS)}")
+    if op in ("conv", "deconv"):
+        return _parse_conv(op, args)
+    if op in ("fc", "gaussian"):
+        return _parse_dense(op, args)
+    if op in ("maxpool", "avgpool"):
+        size = _one_int(op, args, "a window, e.g. 'maxpool 2'")
+        return {"op": op, "kernel": size, "stride": size}
+    if op == "upsample":
+        return _parse_upsample(args)
+    if op == "dropout":
+        return {"op": op, "p": _probability(op, args)}
+    if op == "crop":
+        return {"op": op, "p": _one_int(op, args, "pixels to remove from each border, e.g. 'crop 2'")}
+    if op == "reshape":
+        if not args or not all(_INT.match(a) for a in args):
+            raise RowError("reshape takes the target shape as integers, e.g. 'reshape 256 8 8'")
+        return {"op": op, "shape": [int(a) for a in args]}
+    if op == "lrelu":
+        return {"op": op, "slope": _slope(args)}
+    if args:
+        raise RowError(f"{op} takes no arguments, got {' '.join(args)!r}")
+    return {"op": op}
+
+
+def _parse_conv(op: str, args: list[str]) -> dict:
+    usage = f"expected '{op} CHANNELS KxK' then optional " + ("'/STRIDE'" if op == "conv" else "'xSCALE'") + ", 'pad N' / 'valid', 'bias=false'"
+    if len(args) < 2 or not _INT.match(args[0]) or not (_DIMS.match(args[1]) or _INT.match(args[1])):
+        raise RowError(usage)
+    kernel = [int(k) for k in args[1].split("x")]
+    if len(kernel) > 2 or (len(kernel) == 2 and kernel[0] != kernel[1]):
+        raise RowError(f"kernel {args[1]!r}: only square kernels (KxK) are supported")
+    out = {"op": op, "out": int(args[0]), "kernel": kernel[0], "stride": 1}
+    rest = args[2:]
+    i = 0
+    while i < len(rest):
+        word = rest[i]
+        if op == "conv" and _STRIDE.match(word):
+            out["stride"] = int(_STRIDE.match(word).group(1))
+        elif op == "deconv" and _SCALE.match(word):
+            out["stride"] = int(_SCALE.match(word).group(1))
+        elif word in ("same", "valid"):
+            out["padding"] = word
+        elif word == "pad" and i + 1 < len(rest) and _INT.match(rest[i + 1]):
+            out["padding"] = int(rest[i + 1])
+            i += 1
+        elif _OPTION.match(word) and _OPTION.match(word).group(1) == "bias":
+            out["bias"] = _boolean(_OPTION.match(word).group(2))
+        else:
+            raise RowError(f"unexpected {word!r}: {usage}")
+        i += 1
+    if out["out"] < 1 or out["kernel"] < 1 or out["stride"] < 1:
+        raise RowError("channels, kernel and stride must be positive")
+    return out
+
+
+def _parse_dense(op: str, args: list[str]) -> dict:
+    usage = f"expected '{op} N' or '{op} HxWxC'" + (" and optional 'var=V'" if op == "gaussian" else " and optional 'bias=false'")
+    if not args or not (_INT.match(args[0]) or _DIMS.match(args[0])):
+        raise RowError(usage)
+    dims = [int(d) for d in args[0].split("x")]
+    if any(d < 1 for d in dims):
+        raise RowError("sizes must be positive")
+    # Papers print HxWxC; torch tensors are CxHxW.
+    out: dict = {"op": op, "out": dims[0] if len(dims) == 1 else [dims[-1], *dims[:-1]]}
+    for word in args[1:]:
+        m = _OPTION.match(word)
+        if op == "gaussian" and m and m.group(1) == "var" and _FLOAT.match(m.group(2)) and float(m.group(2)) > 0:
+            out["var"] = float(m.group(2))
+        elif op == "fc" and m and m.group(1) == "bias":
+            out["bias"] = _boolean(m.group(2))
+        else:
+            raise RowError(f"unexpected {word!r}: {usage}")
+    return out
+
+
+def _parse_upsample(args: list[str]) -> dict:
+    if not args or not _INT.match(args[0]) or int(args[0]) < 1:
+        raise RowError("expected 'upsample SCALE' and optional mode (nearest, bilinear)")
+    out = {"op": "upsample", "scale": int(args[0]), "mode": "nearest"}
+    for word in args[1:]:
+        if word not in UPSAMPLE_MODES:
+            raise RowError(f"unknown upsampling mode {word!r}; known: {', '.join(UPSAMPLE_MODES)}")
+        out["mode"] = word
+    return out
+
+
+def _parse_post(words: list[str]) -> tuple[str, dict]:
+    head, args = words[0], words[1:]
+    if head in NORMS and not args:
+        return "norm", {"norm": head}
+    if head == "lrelu":
+        return "act", {"act": "lrelu", "slope": _slope(args)}
+    if head in ACTIVATIONS and not args:
+        return "act", {"act": head}
+    if head == "dropout":
+        return "dropout", {"dropout": _probability(head, args)}
+    if head == "frozen" and not args:
+        return "frozen", {}
+    raise RowError(f"unexpected {' '.join(words)!r} after the layer; expected a norm ({', '.join(NORMS)}), "
+                   f"an activation ({', '.join(ACTIVATIONS)}), 'dropout P', 'frozen' or 'as NAME'")
+
+
+def _one_int(op: str, args: list[str], usage: str) -> int:
+    if len(args) != 1 or not _INT.match(args[0]) or int(args[0]) < 1:
+        raise RowError(f"{op}: expected {usage}")
+    return int(args[0])
+
+
+def _probability(op: str, args: list[str]) -> float:
+    if len(args) != 1 or not _FLOAT.match(args[0]) or not 0 <= float(args[0]) < 1:
+        raise RowError(f"{op}: expected a probability in [0, 1), e.g. '{op} 0.3'")
+    return float(args[0])
+
+
+def _slope(args: list[str]) -> float:
+    if not args:
+        return 0.01
+    if len(args) != 1 or not _FLOAT.match(args[0]):
+        raise RowError("lrelu: expected a negative slope, e.g. 'lrelu 0.2'")
+    return float(args[0])
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("true", "yes", "1"):
+        return True
+    if text.lower() in ("false", "no", "0"):
+        return False
+    raise RowError(f"expected true or false, got {text!r}")
+
+
+def _check_mapping(row: dict) -> dict:
+    """Light checks of a mapping row; the JSON Schema checks types, shapes.py the sizes."""
+    unknown = [k for k in row if k not in ROW_KEYS]
+    if unknown:
+        raise RowError(f"unknown key {unknown[0]!r} in a layer row; known: {', '.join(ROW_KEYS)}")
+    if row.get("op") not in LAYER_OPS:
+        raise RowError(f"a mapping row needs 'op', one of: {', '.join(LAYER_OPS)}")
+    required = {"conv": ("out", "kernel"), "deconv": ("out", "kernel"), "fc": ("out",), "gaussian": ("out",),
+                "maxpool": ("kernel",), "avgpool": ("kernel",), "upsample": ("scale",), "dropout": ("p",), "crop": ("p",),
+                "reshape": ("shape",)}.get(row["op"], ())
+    missing = [k for k in required if k not in row]
+    if missing:
+        raise RowError(f"{row['op']} needs {', '.join(missing)}")
+    out = dict(row)
+    if out["op"] in ("conv", "deconv"):
+        out.setdefault("stride", 1)
+    if out["op"] in ("maxpool", "avgpool"):
+        out.setdefault("stride", out["kernel"])
+    if out["op"] == "upsample":
+        out.setdefault("mode", "nearest")
+    if out["op"] == "lrelu" or out.get("act") == "lrelu":
+        out.setdefault("slope", 0.01)
+    return out
+
+
+def format_row(row: dict) -> str:
+    """The canonical mapping back as a compact row, the way a paper's table prints it."""
+    op = row["op"]
+    words = [op]
+    if op in ("conv", "deconv"):
+        words += [str(row["out"]), f"{row['kernel']}x{row['kernel']}"]
+        if row.get("stride", 1) != 1:
+            words.append(("/" if op == "conv" else "x") + str(row["stride"]))
+        if "padding" in row:
+            words.append(row["padding"] if isinstance(row["padding"], str) else f"pad {row['padding']}")
+    elif op in ("fc", "gaussian"):
+        out = row["out"]
+        words.append(str(out) if isinstance(out, int) else "x".join(str(d) for d in [*out[1:], out[0]]))
+        if "var" in row:
+            words.append(f"var={row['var']:g}")
+    elif op in ("maxpool", "avgpool"):
+        words.append(str(row["kernel"]))
+    elif op == "upsample":
+        words.append(str(row["scale"]) + ("" if row.get("mode", "nearest") == "nearest" else f" {row['mode']}"))
+    elif op in ("dropout", "crop"):
+        words.append(f"{row['p']:g}")
+    elif op == "reshape":
+        words += [str(d) for d in row["shape"]]
+    elif op == "lrelu":
+        words.append(f"{row['slope']:g}")
+    if row.get("bias") is False:
+        words.append("bias=false")
+    parts = [" ".join(words)]
+    if row.get("norm"):
+        parts.append(row["norm"])
+    if row.get("act"):
+        parts.append(row["act"] + (f" {row['slope']:g}" if row["act"] == "lrelu" else ""))
+    if row.get("dropout"):
+        parts.append(f"dropout {row['dropout']:g}")
+    if row.get("frozen"):
+        parts.append("frozen")
+    text = ", ".join(parts)
+    return text + (f"  as {row['name']}" if row.get("name") else "")

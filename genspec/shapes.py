@@ -1,0 +1,160 @@
+"""Shape inference and parameter counts for layer tables, in plain Python (no torch).
+
+`genspec validate` and `show` use this, so a shape error or a parameter count never needs
+torch; tests check that the compiled nn.Modules agree with it exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+class ShapeError(ValueError):
+    def __init__(self, index: int, message: str):
+        super().__init__(message)
+        self.index = index
+
+
+@dataclass
+class RowInfo:
+    index: int
+    row: dict  # canonical mapping
+    in_shape: tuple
+    out_shape: tuple
+    params: int
+    frozen: bool
+
+
+@dataclass
+class NetworkInfo:
+    input: tuple
+    rows: list[RowInfo]
+    output: tuple
+    kind: str  # "tensor", or "dist" for a network that ends in a gaussian head
+    taps: dict[str, int] = field(default_factory=dict)  # tap name -> row index
+
+    @property
+    def trainable(self) -> int:
+        return sum(r.params for r in self.rows if not r.frozen)
+
+    @property
+    def frozen(self) -> int:
+        return sum(r.params for r in self.rows if r.frozen)
+
+
+def conv_padding(row: dict) -> int:
+    """Padding of a conv row: 'same' (the default) keeps size at stride 1 and halves it at stride 2."""
+    padding = row.get("padding", "same")
+    if padding == "valid":
+        return 0
+    if padding == "same":
+        return (row["kernel"] - 1) // 2
+    return int(padding)
+
+
+def deconv_padding(row: dict, index: int = 0) -> tuple[int, int]:
+    """(padding, output_padding) of a transposed conv; 'same' multiplies the size by the stride."""
+    k, s = row["kernel"], row["stride"]
+    padding = row.get("padding", "same")
+    if padding == "valid":
+        return 0, 0
+    if padding != "same":
+        return int(padding), 0
+    p = max(0, math.ceil((k - s) / 2))
+    extra = s + 2 * p - k
+    if not 0 <= extra < s:
+        raise ShapeError(index, f"a {k}x{k} transposed conv cannot scale by exactly x{s}; give 'pad N' explicitly")
+    return p, extra
+
+
+def infer_network(input_shape: tuple, rows: list[dict], freeze=False) -> NetworkInfo:
+    """Run shape inference over canonical rows. Raises ShapeError naming the row index."""
+    shape = tuple(input_shape)
+    infos: list[RowInfo] = []
+    taps: dict[str, int] = {}
+    kind = "tensor"
+    for i, row in enumerate(rows):
+        if kind == "dist":
+            raise ShapeError(i, "rows after a gaussian head: the head must be the last row")
+        out, params = _row_shape(i, row, shape)
+        if row.get("norm"):
+            params += _norm_params(row["norm"], out, i)
+        infos.append(RowInfo(i, row, shape, out, params, bool(row.get("frozen")) or freeze is True))
+        if row["op"] == "gaussian":
+            kind = "dist"
+        if row.get("name"):
+            if row["name"] in taps:
+                raise ShapeError(i, f"tap name {row['name']!r} used twice")
+            taps[row["name"]] = i
+        shape = out
+    if freeze == "all_but_last":
+        with_params = [r for r in infos if r.params]
+        for r in with_params[:-1]:
+            r.frozen = True
+    return NetworkInfo(tuple(input_shape), infos, shape, kind, taps)
+
+
+def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
+    op = row["op"]
+    bias = row.get("bias", True)
+    if op in ("conv", "deconv", "maxpool", "avgpool", "upsample", "crop") and len(shape) != 3:
+        raise ShapeError(i, f"{op} needs a CxHxW input, got {fmt(shape)}")
+    if op == "conv":
+        c, h, w = shape
+        k, s, p = row["kernel"], row["stride"], conv_padding(row)
+        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        if oh < 1 or ow < 1:
+            raise ShapeError(i, f"a {k}x{k} conv does not fit a {fmt(shape)} input")
+        return (row["out"], oh, ow), row["out"] * c * k * k + (row["out"] if bias else 0)
+    if op == "deconv":
+        c, h, w = shape
+        k, s = row["kernel"], row["stride"]
+        p, extra = deconv_padding(row, i)
+        oh, ow = (h - 1) * s - 2 * p + k + extra, (w - 1) * s - 2 * p + k + extra
+        if oh < 1 or ow < 1:
+            raise ShapeError(i, f"padding too large for a {fmt(shape)} input")
+        return (row["out"], oh, ow), c * row["out"] * k * k + (row["out"] if bias else 0)
+    if op in ("fc", "gaussian"):
+        n_in = math.prod(shape)
+        out = row["out"]
+        out_shape = (out,) if isinstance(out, int) else tuple(out)
+        n_out = math.prod(out_shape) * (2 if op == "gaussian" and "var" not in row else 1)
+        return out_shape, n_in * n_out + (n_out if bias else 0)
+    if op in ("maxpool", "avgpool"):
+        c, h, w = shape
+        k, s = row["kernel"], row["stride"]
+        if h < k or w < k:
+            raise ShapeError(i, f"a {k}x{k} pool does not fit a {fmt(shape)} input")
+        return (c, (h - k) // s + 1, (w - k) // s + 1), 0
+    if op == "upsample":
+        c, h, w = shape
+        return (c, h * row["scale"], w * row["scale"]), 0
+    if op == "crop":
+        c, h, w = shape
+        p = row["p"]
+        if h <= 2 * p or w <= 2 * p:
+            raise ShapeError(i, f"cropping {p} from each border of {fmt(shape)} leaves nothing")
+        return (c, h - 2 * p, w - 2 * p), 0
+    if op == "flatten":
+        return (math.prod(shape),), 0
+    if op == "reshape":
+        target = tuple(row["shape"])
+        if math.prod(target) != math.prod(shape):
+            raise ShapeError(i, f"cannot reshape {fmt(shape)} ({math.prod(shape)} values) to {fmt(target)} ({math.prod(target)})")
+        return target, 0
+    if op in ("bn", "ln"):
+        return shape, _norm_params(op, shape, i)
+    return shape, 0  # activations, dropout, identity
+
+
+def _norm_params(norm: str, shape: tuple, i: int) -> int:
+    if norm == "bn":
+        if len(shape) not in (1, 3):
+            raise ShapeError(i, f"batch norm needs a flat or CxHxW input, got {fmt(shape)}")
+        return 2 * shape[0]
+    return 2 * math.prod(shape)  # layer norm over every non-batch dim
+
+
+def fmt(shape) -> str:
+    return "x".join(str(d) for d in shape) if shape else "scalar"

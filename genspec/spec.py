@@ -1,0 +1,79 @@
+"""The validated spec: plain dataclasses that the graph, compile and train stages read."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .loader import Document
+from .shapes import NetworkInfo
+
+
+@dataclass
+class Latent:
+    name: str
+    shape: tuple
+    prior: str  # "normal" or "uniform"
+    prior_args: tuple = ()
+
+
+@dataclass
+class Network:
+    name: str
+    input: tuple
+    rows: list[dict]  # canonical rows
+    info: NetworkInfo
+    init: str = "default"
+    init_args: tuple = ()
+
+
+@dataclass
+class Objective:
+    name: str
+    networks: list[str]
+    minimize: object  # expression AST
+    optimizer: str
+    optimizer_args: dict = field(default_factory=dict)
+
+
+@dataclass
+class Phase:
+    update: list[str]  # objective names
+    repeat: int = 1
+    epochs: tuple | None = None  # (first, last), 1-based inclusive
+
+    def active(self, epoch: int) -> bool:
+        return self.epochs is None or self.epochs[0] <= epoch <= self.epochs[1]
+
+
+@dataclass
+class Spec:
+    name: str
+    doc: Document  # the resolved document (plain data + locations)
+    params: dict
+    data: dict
+    data_shape: tuple
+    num_classes: int | None
+    latents: dict[str, Latent]
+    networks: dict[str, Network]
+    graph: dict[str, object]  # tensor name -> AST
+    losses: dict[str, object]  # loss name -> AST
+    objectives: dict[str, Objective]
+    train: dict
+    phases: list[Phase]
+    evaluate: dict
+    graph_nx: object = None  # the networkx dependency graph, set by pipeline.load_spec
+
+    @property
+    def file(self) -> str:
+        return self.doc.file
+
+    @property
+    def raw(self) -> dict:
+        return self.doc.data
+
+    @property
+    def source(self):
+        return self.raw.get("source")
+
+    def where(self, *path):
+        return self.doc.where(path)

@@ -1,0 +1,201 @@
+"""Stage 6: the training loop, its checkpoints and the run folder.
+
+Reads top to bottom: prepare the folder -> data -> model -> (resume) -> epochs of phase
+steps -> evaluate -> report. Each phase repetition consumes one batch, so `repeat: 5` on
+the critic is WGAN's n_critic. Checkpoints are written atomically after every epoch (or
+every `checkpoint_every`), with the RNG state, so `--resume` continues bit-for-bit on CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import torch
+import yaml
+
+from .compile import Model, choose_device
+from .data import Splits, batches, load_data
+from .errors import RunError
+from .evaluate import evaluate_losses, final_evaluation
+from .report import write_layer_tables, write_report
+from .spec import Spec
+
+CHECKPOINT = "checkpoint.pt"
+RESOLVED = "spec.resolved.yaml"
+# Keys allowed to differ when resuming: more epochs, or a different checkpoint cadence.
+RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every")}
+
+
+def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
+        progress: bool = True) -> dict:
+    """Train and evaluate a spec, writing everything into its run folder. Returns the final metrics."""
+    out = Path(out or Path("reports") / spec.name)
+    _prepare_folder(spec, out, resume, overwrite)
+    device = choose_device(spec.train["device"])
+    seed = spec.train["seed"]
+    torch.manual_seed(seed)
+    splits = load_data(spec.data, seed)
+    splits = Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device), splits.notes)
+    torch.manual_seed(seed)  # weights do not depend on how much randomness data loading used
+    model = Model(spec, device)
+    start_epoch, history = 1, []
+    if resume:
+        start_epoch, history = _restore(model, out, device)
+    else:
+        _atomic_write_text(out / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
+        write_layer_tables(spec, out)
+    _train_epochs(spec, model, splits, out, start_epoch, history, progress)
+    metrics = final_evaluation(spec, model, splits, out, history)
+    write_report(spec, out, metrics, history)
+    return metrics
+
+
+def _prepare_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
+    has_run = out.exists() and any(out.iterdir())
+    if resume:
+        if not (out / CHECKPOINT).exists():
+            raise RunError(f"nothing to resume in {out}: no {CHECKPOINT} there")
+        _check_same_spec(spec, out)
+        return
+    if has_run and not overwrite:
+        raise RunError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
+    if has_run:
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _check_same_spec(spec: Spec, out: Path) -> None:
+    try:
+        previous = yaml.safe_load((out / RESOLVED).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise RunError(f"cannot resume: {out / RESOLVED} is missing or unreadable ({exc})") from None
+    differences = [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES]
+    if differences:
+        lines = [f"  {'.'.join(map(str, path))}: {old!r} -> {new!r}" for path, old, new in differences[:20]]
+        raise RunError(f"cannot resume {out}: it was made from a different spec:\n" + "\n".join(lines))
+
+
+def _differences(a, b, path=()) -> list:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += _differences(a.get(key, "<absent>"), b.get(key, "<absent>"), path + (key,))
+        return out
+    return [] if a == b else [(path, a, b)]
+
+
+def _restore(model: Model, out: Path, device) -> tuple[int, list]:
+    state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+    model.load_state_dict(state["model"])
+    torch.set_rng_state(state["rng"].cpu())
+    if torch.cuda.is_available() and "cuda_rng" in state:
+        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
+    epoch = int(state["epoch"])
+    history = [h for h in _read_history(out) if h["epoch"] <= epoch]
+    _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    return epoch + 1, history
+
+
+def _read_history(out: Path) -> list:
+    path = out / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: int, history: list, progress: bool) -> None:
+    epochs, batch_size = spec.train["epochs"], spec.train["batch_size"]
+    steps_per_epoch = max(1, math.ceil(len(splits.train) / batch_size))
+    if spec.train.get("max_steps"):
+        steps_per_epoch = min(steps_per_epoch, spec.train["max_steps"])
+    bar = _progress_bar(spec, epochs, steps_per_epoch, start, progress)
+    for epoch in range(start, epochs + 1):
+        began = time.perf_counter()
+        train_means = _one_epoch(spec, model, splits, epoch, bar)
+        record = {"epoch": epoch, "time_s": round(time.perf_counter() - began, 4), "train": train_means,
+                  "test": evaluate_losses(spec, model, splits.test)}
+        history.append(record)
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if epoch % spec.train["checkpoint_every"] == 0 or epoch == epochs:
+            save_checkpoint(model, out, epoch)
+        _epoch_message(bar, spec, record, epochs)
+    if bar is not None:
+        bar.close()
+
+
+def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar) -> dict:
+    model.train(True)
+    shuffle = torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch)
+    active = [(plan, phase.repeat) for plan, phase in zip(model.phases, spec.phases) if phase.active(epoch)]
+    if not active:
+        return {}
+    cursor = [(plan) for plan, repeat in active for _ in range(repeat)]  # each entry consumes one batch
+    sums: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
+    max_steps = spec.train.get("max_steps")
+    for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle)):
+        if max_steps and step >= max_steps:
+            break
+        losses = model.step(cursor[step % len(cursor)], x, y)
+        _check_finite(losses, epoch, step)
+        for name, value in losses.items():
+            sums[name] = sums.get(name, 0) + value
+            counts[name] = counts.get(name, 0) + 1
+        if bar is not None:
+            bar.update(1)
+            if step % spec.train["log_every"] == 0:
+                bar.set_postfix({k: f"{float(v):.4g}" for k, v in losses.items() if "/" not in k}, refresh=False)
+    return {name: float(total) / counts[name] for name, total in sums.items()}
+
+
+def _check_finite(losses: dict, epoch: int, step: int) -> None:
+    if not losses:
+        return
+    if bool(torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()):
+        return
+    bad = next(name for name, v in losses.items() if not torch.isfinite(v).all())
+    raise RunError(f"loss {bad!r} became {float(losses[bad])} at epoch {epoch}, step {step + 1}; "
+                   "the run stopped (the last checkpoint is kept). Try a smaller learning rate.")
+
+
+def save_checkpoint(model: Model, out: Path, epoch: int) -> None:
+    state = {"format": 1, "epoch": epoch, "model": model.state_dict(), "rng": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    tmp = out / (CHECKPOINT + ".tmp")
+    with open(tmp, "wb") as f:
+        torch.save(state, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, out / CHECKPOINT)  # atomic: a kill mid-write leaves the previous checkpoint
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _progress_bar(spec: Spec, epochs: int, steps: int, start: int, progress: bool):
+    if not progress or not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=epochs * steps, initial=(start - 1) * steps, desc=spec.name, unit="step", dynamic_ncols=True)
+
+
+def _epoch_message(bar, spec: Spec, record: dict, epochs: int) -> None:
+    test = ", ".join(f"{k} {v:.4g}" for k, v in record["test"].items())
+    train = ", ".join(f"{k} {v:.4g}" for k, v in record["train"].items() if "/" not in k)
+    line = f"{spec.name} epoch {record['epoch']}/{epochs} ({record['time_s']:.1f}s)  train: {train}  test: {test}"
+    if bar is not None:
+        bar.write(line)
+    else:
+        print(line, file=sys.stderr, flush=True)

@@ -1,0 +1,331 @@
+"""Stage 3: check a resolved document against the JSON Schema, then across fields.
+
+The schema (schemas/genspec.schema.json) catches unknown keys, wrong types and bad enum
+values; the cross-field pass parses rows and expressions, infers layer shapes and builds the
+`Spec` the later stages use. All problems are gathered and raised together as a SpecError.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from functools import lru_cache
+from pathlib import Path
+
+from . import expr as E
+from .errors import Collector, SpecError
+from .loader import Document
+from .registry import DATASET_CLASSES, DATASET_SHAPES, INITS, OPTIMIZERS, PRIORS
+from .rows import RowError, parse_row
+from .shapes import ShapeError, infer_network
+from .spec import Latent, Network, Objective, Phase, Spec
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "genspec.schema.json"
+
+TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "seed": 0, "device": "auto", "checkpoint_every": 1, "log_every": 10}
+EVALUATE_DEFAULTS = {"grid_size": 8, "interpolation_steps": 8, "batch_size": 256}
+DATA_DEFAULTS = {"range": [0, 1], "pad": 0, "labels": False, "download": False}
+
+
+@lru_cache(maxsize=1)
+def schema() -> dict:
+    return json.loads(SCHEMA_PATH.read_text())
+
+
+def validate(doc: Document) -> Spec:
+    """Schema, then cross-field checks. Returns the Spec or raises SpecError with every problem."""
+    problems = Collector(doc.where)
+    schema_problems(doc, problems)
+    problems.raise_if_any()
+    spec = build_spec(doc, problems)
+    problems.raise_if_any()
+    return spec
+
+
+# ---------------------------------------------------------------- JSON Schema
+
+def schema_problems(doc: Document, problems: Collector) -> None:
+    import jsonschema
+
+    validator = jsonschema.Draft202012Validator(schema())
+    if not isinstance(doc.data, dict):
+        problems.add((), "a spec is a mapping of sections (genspec, name, data, networks, ...)")
+        return
+    for error in validator.iter_errors(doc.data):
+        error = _deepest(error)
+        path = tuple(error.absolute_path)
+        if error.validator == "additionalProperties":
+            known = sorted(error.schema.get("properties", {}))
+            for key in _unexpected_keys(error):
+                hint = difflib.get_close_matches(str(key), known, n=1)
+                where = f"; did you mean {hint[0]!r}?" if hint else (f"; known keys: {', '.join(known)}" if known else "")
+                problems.add(path + (key,), f"unknown key {key!r}{where}")
+        else:
+            problems.add(path, _message(error))
+
+
+def _deepest(error):
+    """For oneOf/anyOf, the alternative that got furthest says most about the mistake."""
+    import jsonschema
+
+    while error.context:
+        best = jsonschema.exceptions.best_match(error.context)
+        if best is None or best.validator in ("type",) and error.validator == "oneOf" and _type_mismatch_only(error):
+            break
+        error = best
+    return error
+
+
+def _type_mismatch_only(error) -> bool:
+    return all(sub.validator == "type" for sub in error.context)
+
+
+def _unexpected_keys(error) -> list:
+    allowed = set(error.schema.get("properties", {}))
+    return [k for k in error.instance if k not in allowed]
+
+
+def _message(error) -> str:
+    v, inst = error.validator, error.instance
+    if v == "required":
+        missing = [k for k in error.validator_value if k not in inst]
+        return f"missing required key {missing[0]!r}" if missing else error.message
+    if v == "type" or (v == "oneOf" and _type_mismatch_only(error)):
+        wanted = error.validator_value if v == "type" else " or ".join(sub.validator_value for sub in error.context)
+        return f"expected {wanted}, got {_kind(inst)} {_short(inst)}"
+    if v == "enum":
+        return f"{_short(inst)} is not one of {', '.join(json.dumps(x) for x in error.validator_value)}"
+    if v == "const":
+        return f"must be {json.dumps(error.validator_value)}, got {_short(inst)}"
+    if v == "pattern":
+        return f"{_short(inst)} is not allowed here" + (f" ({error.schema['description']})" if "description" in error.schema else "")
+    if v in ("minimum", "exclusiveMinimum", "maximum", "exclusiveMaximum"):
+        return f"{_short(inst)} is out of range ({v} {error.validator_value})"
+    if v in ("minItems", "maxItems", "minProperties"):
+        return f"{v} is {error.validator_value}"
+    if v == "uniqueItems":
+        return "items must be unique"
+    return error.message
+
+
+def _kind(value) -> str:
+    return {bool: "boolean", int: "integer", float: "number", str: "string", list: "list", dict: "mapping", type(None): "null"}.get(type(value), type(value).__name__)
+
+
+def _short(value) -> str:
+    text = json.dumps(value) if not isinstance(value, str) else repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+# ---------------------------------------------------------------- cross-field checks
+
+def build_spec(doc: Document, problems: Collector) -> Spec:
+    raw = doc.data
+    params = dict(raw.get("params", {}))
+    data = {**DATA_DEFAULTS, **raw["data"]}
+    data_shape, num_classes = _data_shape(data, problems)
+    latents = {name: _latent(name, entry, params, problems) for name, entry in raw.get("latent", {}).items()}
+    networks = {}
+    for name, entry in raw["networks"].items():
+        net = _network(name, entry, data_shape, latents, params, problems)
+        if net is not None:
+            networks[name] = net
+    graph = _expressions("graph", raw.get("graph", {}), problems)
+    losses = _expressions("losses", raw.get("losses", {}), problems)
+    objectives = _objectives(raw["objectives"], networks, set(raw["networks"]), params, problems)
+    train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
+    phases = _phases(train, objectives, problems)
+    evaluate = {**EVALUATE_DEFAULTS, **raw.get("evaluate", {})}
+    for i, name in enumerate(evaluate.get("losses", [])):
+        if name not in losses:
+            problems.add(("evaluate", "losses", i), f"no loss named {name!r}")
+    _check_names_do_not_clash(raw, problems)
+    return Spec(raw["name"], doc, params, data, data_shape, num_classes, latents, networks, graph, losses,
+                objectives, train, phases, evaluate)
+
+
+def _data_shape(data: dict, problems: Collector) -> tuple:
+    dataset = data["dataset"]
+    if dataset == "image_folder":
+        if "image_size" not in data:
+            problems.add(("data",), "image_folder needs image_size")
+            return (data.get("channels", 3), 1, 1), None
+        c, h, w = data.get("channels", 3), data["image_size"], data["image_size"]
+    else:
+        c, h, w = DATASET_SHAPES[dataset]
+        if "channels" in data and data["channels"] != c:
+            problems.add(("data", "channels"), f"{dataset} has {c} channel(s)")
+        if "image_size" in data:
+            h = w = data["image_size"]
+    pad = data.get("pad", 0)
+    return (c, h + 2 * pad, w + 2 * pad), DATASET_CLASSES.get(dataset)
+
+
+def _latent(name: str, entry: dict, params: dict, problems: Collector) -> Latent:
+    shape = entry["shape"]
+    shape = (shape,) if isinstance(shape, int) else tuple(shape)
+    prior, args = _call_of(("latent", name, "prior"), entry.get("prior", "normal"), PRIORS, params, problems)
+    if prior == "uniform" and len(args) == 2 and not args[0] < args[1]:
+        problems.add(("latent", name, "prior"), "uniform(low, high) needs low < high")
+    return Latent(name, shape, prior or "normal", tuple(args))
+
+
+def _call_of(path: tuple, text: str, table: dict, params: dict, problems: Collector):
+    """Parse `name` or `name(a, b)` whose args are constants; check them against `table`."""
+    try:
+        node = E.parse(text)
+        if isinstance(node, E.Name):
+            name, args = node.id, []
+        elif isinstance(node, E.Call) and not node.kwargs:
+            name, args = node.func, [E.constant(a, params) for a in node.args]
+        else:
+            raise E.ExprError("expected a name or a call like normal(0, 0.02)")
+    except E.ExprError as exc:
+        problems.add(path, str(exc))
+        return None, []
+    if name not in table:
+        problems.add(path, f"unknown {path[-1]} {name!r}; known: {', '.join(table)}")
+        return None, []
+    if len(args) != len(table[name]):
+        problems.add(path, f"{name} takes {len(table[name])} argument(s) ({', '.join(table[name]) or 'none'}), got {len(args)}")
+        return None, []
+    return name, args
+
+
+def _network(name, entry, data_shape, latents, params, problems) -> Network | None:
+    path = ("networks", name)
+    input_shape = _input_shape(entry["input"], data_shape, latents, path, problems)
+    rows, ok = [], True
+    for i, row in enumerate(entry["layers"]):
+        try:
+            rows.append(parse_row(row))
+        except RowError as exc:
+            problems.add(path + ("layers", i), str(exc))
+            ok = False
+    init, init_args = _call_of(path + ("init",), entry.get("init", "default"), INITS, params, problems)
+    if not ok or input_shape is None:
+        return None
+    try:
+        info = infer_network(input_shape, rows, entry.get("freeze", False))
+    except ShapeError as exc:
+        problems.add(path + ("layers", exc.index), str(exc))
+        return None
+    return Network(name, input_shape, rows, info, init or "default", tuple(init_args))
+
+
+def _input_shape(value, data_shape, latents, path, problems) -> tuple | None:
+    if isinstance(value, int):
+        return (value,)
+    if isinstance(value, list):
+        return tuple(value)
+    if value == "x":
+        return tuple(data_shape)
+    if value in latents:
+        return latents[value].shape
+    problems.add(path + ("input",), f"input {value!r} is neither a shape, x (the data) nor a latent")
+    return None
+
+
+def _expressions(section: str, entries: dict, problems: Collector) -> dict:
+    out = {}
+    for name, text in entries.items():
+        try:
+            out[name] = E.parse(text)
+        except E.ExprError as exc:
+            problems.add((section, name), f"cannot parse {text!r}: {exc}")
+    return out
+
+
+def _objectives(entries: dict, networks: dict, declared: set, params: dict, problems: Collector) -> dict:
+    out = {}
+    owner: dict[str, str] = {}
+    for name, entry in entries.items():
+        path = ("objectives", name)
+        nets = entry.get("networks", [name])
+        for i, net in enumerate(nets):
+            where = path + (("networks", i) if "networks" in entry else ())
+            if net not in networks:
+                if net not in declared:  # a declared network with a bad table has been reported already
+                    problems.add(where, f"no network named {net!r} to train" + _suggest(net, declared))
+                continue
+            if net in owner:
+                problems.add(where, f"parameters of network {net!r} routed to two optimisers (objectives {owner[net]!r} and {name!r})")
+            owner[net] = name
+            if networks[net].info.trainable == 0:
+                problems.add(where, f"network {net!r} is entirely frozen: nothing for this objective to train")
+        try:
+            minimize = E.parse(entry["minimize"])
+        except E.ExprError as exc:
+            problems.add(path + ("minimize",), f"cannot parse {entry['minimize']!r}: {exc}")
+            continue
+        optimizer, args = _optimizer(path + ("optimizer",), entry["optimizer"], params, problems)
+        out[name] = Objective(name, list(nets), minimize, optimizer or "adam", args)
+    for net, info in networks.items():
+        if net not in owner and info.info.trainable > 0:
+            problems.add(("networks", net), f"network {net!r} has {info.info.trainable} trainable parameters but no objective trains it "
+                         "(add an objective, or `freeze: true`)")
+    return out
+
+
+def _suggest(name: str, known) -> str:
+    hint = difflib.get_close_matches(name, list(known), n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+def _optimizer(path: tuple, text: str, params: dict, problems: Collector) -> tuple[str | None, dict]:
+    try:
+        node = E.parse(text)
+        if not isinstance(node, E.Call) or node.func not in OPTIMIZERS:
+            raise E.ExprError(f"expected one of {', '.join(f'{o}(lr, ...)' for o in OPTIMIZERS)}")
+        allowed = OPTIMIZERS[node.func]
+        if len(node.args) > 1:
+            raise E.ExprError("only the learning rate is positional; name the others (betas=[0.5, 0.999])")
+        args = {"lr": E.constant(node.args[0], params)} if node.args else {}
+        for key, value in node.kwargs:
+            if key not in allowed:
+                raise E.ExprError(f"{node.func} has no argument {key!r}; it takes {', '.join(allowed)}")
+            args[key] = E.constant(value, params)
+        if "lr" not in args:
+            raise E.ExprError("a learning rate is required, e.g. adam(2e-4)")
+        if "betas" in args and (not isinstance(args["betas"], list) or len(args["betas"]) != 2):
+            raise E.ExprError("betas is a pair, e.g. betas=[0.5, 0.999]")
+    except E.ExprError as exc:
+        problems.add(path, str(exc))
+        return None, {}
+    return node.func, args
+
+
+def _phases(train: dict, objectives: dict, problems: Collector) -> list[Phase]:
+    if "phases" not in train:
+        return [Phase(update=list(objectives))]
+    out = []
+    for i, entry in enumerate(train["phases"]):
+        for j, name in enumerate(entry["update"]):
+            if name not in objectives:
+                problems.add(("train", "phases", i, "update", j), f"no objective named {name!r}" + _suggest(name, objectives))
+        epochs = tuple(entry["epochs"]) if "epochs" in entry else None
+        if epochs and epochs[0] > epochs[1]:
+            problems.add(("train", "phases", i, "epochs"), "first epoch after the last")
+        out.append(Phase([n for n in entry["update"] if n in objectives], entry.get("repeat", 1), epochs))
+    return out
+
+
+def _check_names_do_not_clash(raw: dict, problems: Collector) -> None:
+    """A name means one thing: an input, a network, a param, a tensor or a loss.
+
+    A graph tensor may share its latent's name (`z: rsample(q)`): ops that take a latent
+    (sample, kl) read the latent, everything else reads the tensor.
+    """
+    seen: dict[str, str] = {"x": "the input x", "y": "the labels y"}
+    for section in ("networks", "params", "graph", "losses"):
+        for name in raw.get(section, {}):
+            if name in seen:
+                problems.add((section, name), f"name {name!r} is already used by {seen[name]}")
+            else:
+                seen[name] = f"{section}.{name}"
+    for name in raw.get("latent", {}):
+        if name in seen and not seen[name].startswith("graph."):
+            problems.add(("latent", name), f"name {name!r} is already used by {seen[name]}")
+
+
+__all__ = ["validate", "schema", "SpecError", "SCHEMA_PATH"]
