@@ -57,14 +57,17 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
                    text=E.to_text(objective.minimize))
     for node_id, attrs in list(g.nodes(data=True)):
         if "expr" in attrs:
+            before = len(problems.problems)
             _add_edges(g, spec, node_id, attrs, problems)
+            attrs["broken"] = len(problems.problems) > before  # reported; do not pile type errors on it
     for name, objective in spec.objectives.items():
         for net in objective.networks:
             if net in spec.networks:
                 g.add_edge(f"objective:{name}", f"net:{net}", rel="updates")
     if not _report_cycles(g, problems):
         _infer_types(g, spec, problems)
-        _check_objectives_reach_networks(g, spec, problems)
+        if not problems.problems:  # with broken expressions, missing edges would only echo them
+            _check_objectives_reach_networks(g, spec, problems)
     if own:
         problems.raise_if_any()
     return g
@@ -168,7 +171,7 @@ def _infer_types(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
     data.add_nodes_from(g.nodes)
     for node_id in nx.topological_sort(data):
         attrs = g.nodes[node_id]
-        if "expr" not in attrs:
+        if "expr" not in attrs or attrs["broken"]:
             continue
         path = (attrs["section"], attrs["name"])
         try:

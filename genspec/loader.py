@@ -46,7 +46,7 @@ def load_text(text: str, file: str = "<string>") -> Document:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        message = " ".join(str(x) for x in (exc.context, exc.problem) if x)
+        message = ": ".join(str(x) for x in (exc.context, exc.problem) if x)
         raise SpecError([Problem(Location(file, line, col), (), f"YAML syntax error: {message}")]) from None
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise SpecError([Problem(Location(file, 1, 1), (), f"YAML error: {exc}")]) from None
