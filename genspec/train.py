@@ -36,7 +36,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
         progress: bool = True) -> dict:
     """Train and evaluate a spec, writing everything into its run folder. Returns the final metrics."""
     out = Path(out or Path("reports") / spec.name)
-    _prepare_folder(spec, out, resume, overwrite)
+    _check_folder(spec, out, resume, overwrite)
     device = choose_device(spec.train["device"])
     seed = spec.train["seed"]
     torch.manual_seed(seed)
@@ -44,6 +44,8 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     splits = Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device), splits.notes)
     torch.manual_seed(seed)  # weights do not depend on how much randomness data loading used
     model = Model(spec, device)
+    # Only now, with data and model in hand, is an old run replaced: a failure above leaves it intact.
+    _clear_folder(out, resume)
     start_epoch, history = 1, []
     if resume:
         start_epoch, history = _restore(model, out, device)
@@ -56,16 +58,18 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     return metrics
 
 
-def _prepare_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
+def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
     has_run = out.exists() and any(out.iterdir())
     if resume:
         if not (out / CHECKPOINT).exists():
             raise RunError(f"nothing to resume in {out}: no {CHECKPOINT} there")
         _check_same_spec(spec, out)
-        return
-    if has_run and not overwrite:
+    elif has_run and not overwrite:
         raise RunError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
-    if has_run:
+
+
+def _clear_folder(out: Path, resume: bool) -> None:
+    if not resume and out.exists():
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
 
