@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from .errors import RunError, SpecError
 
@@ -71,6 +72,55 @@ def cmd_run(args) -> int:
     return 0
 
 
+def cmd_diff(args) -> int:
+    from .diff import diff_specs, is_equivalent, render_text
+    from .pipeline import load_spec
+
+    problems = []
+    specs = []
+    for path in (args.a, args.b):
+        try:
+            specs.append(load_spec(path))
+        except SpecError as exc:
+            problems += exc.problems
+    if problems:
+        raise SpecError(problems)
+    result = diff_specs(*specs)
+    if args.format == "json":
+        print(json.dumps(result, indent=2))
+    else:
+        print(render_text(result, markdown=args.format == "md"), end="")
+    return 0 if is_equivalent(result) else 1
+
+
+def cmd_sample(args) -> int:
+    import math
+
+    import torch
+    from torchvision.utils import save_image
+
+    from . import load_run
+    from .evaluate import generator_of, interpolation_images, sample_images, to_unit
+
+    run = load_run(args.run_dir)
+    source = generator_of(run.spec)
+    if source is None:
+        raise RunError(f"{args.run_dir}: no network of this run maps a latent to the data shape")
+    module, latent = run.networks[source[0]], run.spec.latents[source[1]]
+    torch.manual_seed(args.seed)
+    with torch.no_grad():
+        if args.interpolate:
+            steps = run.spec.evaluate["interpolation_steps"]
+            rows = max(1, args.n // steps)
+            images, nrow = interpolation_images(module, latent, rows, steps, "cpu"), steps
+        else:
+            images, nrow = sample_images(module, latent, args.n, "cpu"), math.ceil(math.sqrt(args.n))
+    out = args.out or str(Path(args.run_dir) / ("interpolations_new.png" if args.interpolate else "samples_new.png"))
+    save_image(to_unit(images, run.spec), out, nrow=nrow, padding=2, pad_value=0.5)
+    print(f"wrote {len(images)} images from {source[0]}({source[1]}) to {out}")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genspec", description="Compile model specs (papers' tables as YAML) into training runs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -91,6 +141,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("spec")
     g.add_argument("--format", choices=("text", "dot", "json"), default="text")
     g.set_defaults(func=cmd_graph)
+    d = sub.add_parser("diff", help="semantic diff of two specs (exit 0 equivalent, 1 different, 2 invalid)")
+    d.add_argument("a")
+    d.add_argument("b")
+    d.add_argument("--format", choices=("text", "md", "json"), default="text")
+    d.set_defaults(func=cmd_diff)
+    sm = sub.add_parser("sample", help="draw fresh samples from a finished run, without retraining")
+    sm.add_argument("run_dir")
+    sm.add_argument("--n", type=int, default=64)
+    sm.add_argument("--out", help="PNG file to write (default RUN_DIR/samples_new.png)")
+    sm.add_argument("--interpolate", action="store_true", help="an interpolation grid instead")
+    sm.add_argument("--seed", type=int, default=0)
+    sm.set_defaults(func=cmd_sample)
     r = with_set(sub.add_parser("run", help="train and evaluate a spec, writing a report"))
     r.add_argument("spec")
     r.add_argument("--out", help="output folder (default reports/<name>/)")

@@ -146,16 +146,11 @@ def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, st
 def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple, side: int):
     device = model.device
     if source[0] == "generator":
-        net, latent_name = source[1], source[2]
-        latent = spec.latents[latent_name]
-        module = model.networks[net]
+        module, latent = model.networks[source[1]], spec.latents[source[2]]
         if kind == "samples":
-            return module(sample_prior(latent, side * side, device)), side
+            return sample_images(module, latent, side * side, device), side
         steps = spec.evaluate["interpolation_steps"]
-        ends = sample_prior(latent, 2 * side, device).view(side, 2, *latent.shape)
-        t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(latent.shape))
-        z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
-        return module(z.reshape(side * steps, *latent.shape)), steps
+        return interpolation_images(module, latent, side, steps, device), steps
     name = source[1]
     n = min(side * side // 2 if kind == "reconstructions" else side * side, len(test))
     x = test.x[:n]
@@ -168,6 +163,18 @@ def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple
         pairs = torch.stack([x, images], dim=1).reshape(2 * n, *x.shape[1:])
         return pairs, side
     return images, side
+
+
+def sample_images(module, latent, n: int, device) -> torch.Tensor:
+    return module(sample_prior(latent, n, device))
+
+
+def interpolation_images(module, latent, rows: int, steps: int, device) -> torch.Tensor:
+    """Each row decodes a straight line in latent space between two prior draws."""
+    ends = sample_prior(latent, 2 * rows, device).view(rows, 2, *latent.shape)
+    t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(latent.shape))
+    z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
+    return module(z.reshape(rows * steps, *latent.shape))
 
 
 def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list) -> dict:
