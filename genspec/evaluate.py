@@ -15,6 +15,7 @@ import networkx as nx
 import torch
 
 from . import expr as E
+from . import fidelity
 from .compile import Env, Model
 from .data import Split, Splits, batches
 from .errors import RunError
@@ -194,9 +195,75 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
                  "val": len(splits.val) if splits.val else 0, "notes": splits.notes},
     }
     metrics["grids"] = make_grids(spec, model, splits.test, out)
+    if spec.evaluate.get("accuracy"):
+        metrics["test_accuracy"] = accuracy(spec, model, splits.test)
+    if fidelity.requested(spec.evaluate):
+        metrics.update(_sample_quality(spec, model, splits))
+    if spec.evaluate.get("real"):
+        metrics["real"] = _real_metrics(spec, model, splits, out)
     metrics["eval_time_s"] = round(time.perf_counter() - began, 3)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def accuracy(spec: Spec, model: Model, split: Split) -> float:
+    """Share of test examples whose argmax of the `evaluate.accuracy` tensor equals the label."""
+    if split.y is None:
+        raise RunError("evaluate.accuracy needs class labels (data.labels: true)")
+    name = f"tensor:{spec.evaluate['accuracy']}"
+    order = plan_order(spec.graph_nx, nx.ancestors(spec.graph_nx, name) | {name})
+    nodes = [(n, model.node_fns[n]) for n in order]
+    correct = 0
+    model.train(False)
+    with _forked(model), torch.no_grad():
+        for x, y in batches(split, spec.evaluate["batch_size"], None):
+            correct += int((model.compute(Env(x, y), nodes)[name].argmax(1) == y).sum())
+    model.train(True)
+    return correct / len(split)
+
+
+def _reference_images(spec: Spec, splits: Splits) -> torch.Tensor:
+    reference = spec.evaluate.get("reference", {})
+    split = splits.train if reference.get("split", "test") == "train" else splits.test
+    return split.x[: reference.get("size", len(split))]
+
+
+def _sample_quality(spec: Spec, model: Model, splits: Splits) -> dict:
+    source = generator_of(spec)
+    if source is None:
+        raise RunError("evaluate asks for sample metrics, but no network maps a latent to the data shape")
+    module, latent = model.networks[source[0]], spec.latents[source[1]]
+    batch = spec.evaluate["batch_size"]
+
+    def generate(n: int) -> torch.Tensor:
+        with torch.no_grad():
+            return torch.cat([sample_images(module, latent, min(batch, n - i), model.device) for i in range(0, n, batch)])
+
+    model.train(False)
+    with _forked(model):
+        torch.manual_seed(EVAL_SEED)
+        result = fidelity.sample_metrics(spec, model, generate, _reference_images(spec, splits), model.device)
+    model.train(True)
+    return {"fidelity": result["metrics"], "protocol": result["protocol"], "fidelity_notes": result["notes"]}
+
+
+def _real_metrics(spec: Spec, model: Model, splits: Splits, out: Path) -> dict:
+    """A classifier run scores the real test set in its own feature space (IS of real MNIST)."""
+    from .train import save_checkpoint
+
+    save_checkpoint(model, out, spec.train["epochs"])  # the extractor is loaded from the finished run
+    test = splits.test.x
+    real = {m: {"samples": len(test), **options} for m, options in spec.evaluate["real"].items()}
+    spec_like = _SpecView(spec, {"batch_size": spec.evaluate["batch_size"], **real, "extractor": {"classifier": str(out)}})
+    result = fidelity.sample_metrics(spec_like, model, lambda n: test[:n], test, model.device)
+    return {**result["metrics"], "protocol": result["protocol"], "notes": result["notes"]}
+
+
+class _SpecView:
+    """The spec with another evaluate section (for scoring the real data)."""
+
+    def __init__(self, spec: Spec, evaluate: dict):
+        self.data, self.evaluate = spec.data, evaluate
 
 
 __all__ = ["evaluate_losses", "final_evaluation", "grid_sources", "plan", "RunError"]

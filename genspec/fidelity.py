@@ -1,0 +1,214 @@
+"""Sample-quality metrics (IS, FID, KID, precision/recall) through torch-fidelity.
+
+Never re-implemented: images go to `torch_fidelity.calculate_metrics` with a registered
+feature extractor, either the standard Inception-v3 (weights from a local file only) or the
+classifier of a finished genspec run (e.g. specs/mnist_classifier.yaml), on the run's device.
+The measurement protocol (sample counts, reference split and size, resize, extractor and the
+sha256 of its weights) is returned with the numbers, because FID moves with every one of them.
+
+torch-fidelity is imported only here, and only when a spec asks for these metrics.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from .errors import RunError
+
+INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
+METRIC_FLAGS = {"is": "isc", "fid": "fid", "kid": "kid", "prc": "prc"}
+_REGISTERED: dict[str, str] = {}
+
+
+def _torch_fidelity():
+    try:
+        import torch_fidelity
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise RunError(f"torch-fidelity is needed for sample metrics: pip install torch-fidelity ({exc})") from None
+    return torch_fidelity
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class ImageSet(torch.utils.data.Dataset):
+    """uint8 images (N, C, H, W) as torch-fidelity reads them."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i):
+        return self.images[i]
+
+
+def to_uint8(x: torch.Tensor, value_range) -> torch.Tensor:
+    if list(value_range) == [-1, 1]:
+        x = (x + 1) / 2
+    return (x.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+# ---------------------------------------------------------------- extractors
+
+def inception_weights(evaluate: dict) -> Path:
+    """The local Inception file: evaluate.weights, else $GENSPEC_INCEPTION_WEIGHTS, else torch's hub cache."""
+    hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    for candidate in (evaluate.get("weights"), os.environ.get("GENSPEC_INCEPTION_WEIGHTS"), hub):
+        if candidate and Path(candidate).is_file():
+            return Path(candidate)
+    raise RunError(
+        f"Inception weights not found, and genspec never downloads them. Place {INCEPTION_FILE} (torch-fidelity's "
+        f"release v0.2.0) at {hub}, or point evaluate.weights or GENSPEC_INCEPTION_WEIGHTS at it; or use a "
+        "genspec-trained classifier: evaluate.extractor: {classifier: reports/mnist_classifier}")
+
+
+def _safe_check(path: Path) -> None:
+    """torch-fidelity loads the file with weights_only=False: make sure it is only tensors first."""
+    try:
+        torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any failure means we will not hand it on
+        raise RunError(f"{path} is not a plain tensor file (refused to load it): {exc}") from None
+
+
+def classifier_extractor(run_dir: str, network: str | None = None):
+    """Register the classifier of a finished run with torch-fidelity; returns (name, protocol)."""
+    from . import load_run
+    from .train import CHECKPOINT
+
+    tf = _torch_fidelity()
+    run = load_run(run_dir)
+    names = [network] if network else [n for n, net in run.spec.networks.items() if len(net.info.output) == 1]
+    if not names or names[0] not in run.networks:
+        raise RunError(f"{run_dir}: no classifier network (one with a flat output) in this run")
+    spec_net = run.spec.networks[names[0]]
+    module = run.networks[names[0]]
+    digest = sha256(Path(run_dir) / CHECKPOINT)
+    name = f"genspec-classifier-{digest[:12]}"
+    feature_row = spec_net.info.taps.get("features", _penultimate_row(spec_net))
+    input_shape, value_range = tuple(spec_net.input), run.spec.data.get("range", [0, 1])
+
+    class ClassifierFeatures(tf.FeatureExtractorBase):
+        def __init__(self, name, features_list, **kwargs):
+            super().__init__(name, features_list)
+            self.net = module
+
+        @staticmethod
+        def get_provided_features_list():
+            return ("logits", "features")
+
+        @staticmethod
+        def get_default_feature_layer_for_metric(metric):
+            return {"isc": "logits"}.get(metric, "features")
+
+        @staticmethod
+        def can_be_compiled():
+            return False
+
+        @staticmethod
+        def get_dummy_input_for_compile():
+            return torch.zeros((1, *input_shape), dtype=torch.uint8)
+
+        def forward(self, x):
+            x = adapt_images(x, input_shape, value_range)
+            outputs = {}
+            h = x
+            for i, row in enumerate(self.net.rows):
+                h = row(h)
+                if i == feature_row:
+                    outputs["features"] = h.flatten(1).float()
+            # the classifier ends in log-softmax (or logits): both give softmax(logits) as torch-fidelity's IS needs
+            outputs["logits"] = h.float()
+            return tuple(outputs[f] for f in self.features_list)
+
+    if name not in _REGISTERED:
+        tf.register_feature_extractor(name, ClassifierFeatures)
+        _REGISTERED[name] = run_dir
+    protocol = {"extractor": f"classifier {names[0]} of {run_dir}", "weights_sha256": digest,
+                "feature_row": feature_row, "resize": f"bilinear to {input_shape[1]}x{input_shape[2]} where sizes differ"}
+    return name, protocol
+
+
+def _penultimate_row(net) -> int:
+    with_params = [r.index for r in net.info.rows if r.params]
+    return max(0, with_params[-1] - 1) if with_params else len(net.info.rows) - 2
+
+
+def adapt_images(x: torch.Tensor, input_shape: tuple, value_range) -> torch.Tensor:
+    """uint8 images -> the classifier's channels, size and value range."""
+    x = x.float() / 255.0
+    channels, height, width = input_shape
+    if x.shape[1] != channels:
+        x = x.mean(1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+    if tuple(x.shape[-2:]) != (height, width):
+        x = F.interpolate(x, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
+    return x * 2 - 1 if list(value_range) == [-1, 1] else x
+
+
+# ---------------------------------------------------------------- the metrics
+
+def requested(evaluate: dict) -> dict:
+    return {m: dict(evaluate[m]) for m in METRIC_FLAGS if m in evaluate}
+
+
+def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progress: bool = False) -> dict:
+    """IS / FID / KID / PRC of `generate(n)` images against `reference` images (spec range).
+
+    Returns {"metrics": {torch-fidelity names: value}, "protocol": {...}, "notes": [...]}.
+    """
+    tf = _torch_fidelity()
+    evaluate = spec.evaluate
+    asked = requested(evaluate)
+    extractor = evaluate.get("extractor", "inception")
+    value_range = spec.data.get("range", [0, 1])
+    kwargs = {}
+    if extractor == "inception":
+        weights = inception_weights(evaluate)
+        _safe_check(weights)
+        name = "inception-v3-compat"
+        kwargs["feature_extractor_weights_path"] = str(weights)
+        protocol = {"extractor": "inception-v3-compat (torch-fidelity)", "weights_sha256": sha256(weights),
+                    "resize": "torch-fidelity's TF1-compatible bilinear to 299x299"}
+    else:
+        name, protocol = classifier_extractor(extractor["classifier"], extractor.get("network"))
+    ref_info = evaluate.get("reference", {})
+    protocol.update({"reference_split": ref_info.get("split", "test"), "reference_size": len(reference),
+                     "samples": {m: a.get("samples") for m, a in asked.items()}})
+    notes, results = [], {}
+    # one torch-fidelity call per distinct sample count, as each metric may ask for its own
+    for count in sorted({a.get("samples", 1000) for a in asked.values()}):
+        group = [m for m, a in asked.items() if a.get("samples", 1000) == count]
+        fake = to_uint8(generate(count).cpu(), value_range)
+        if extractor == "inception" and fake.shape[1] == 1:
+            fake = fake.expand(-1, 3, -1, -1).contiguous()
+        real = to_uint8(reference.cpu(), value_range)
+        if extractor == "inception" and real.shape[1] == 1:
+            real = real.expand(-1, 3, -1, -1).contiguous()
+        binary = any(m in ("fid", "kid", "prc") for m in group)
+        if binary and len(real) < count:
+            notes.append(f"{', '.join(group)}: {count} samples asked, the reference has only {len(real)} images")
+        options = {f: True for m, f in METRIC_FLAGS.items() if m in group}
+        if "is" in group:
+            options["isc_splits"] = asked["is"].get("splits", 10)
+        if "kid" in group:
+            subset = asked["kid"].get("subset_size", 1000)
+            options["kid_subset_size"] = min(subset, count, len(real))
+            if options["kid_subset_size"] < subset:
+                notes.append(f"kid: subset size {options['kid_subset_size']} (asked {subset}) for lack of samples")
+        out = tf.calculate_metrics(
+            input1=ImageSet(fake), input2=ImageSet(real) if binary else None, cuda=device.type == "cuda",
+            feature_extractor=name, batch_size=evaluate.get("batch_size", 256), cache=False, verbose=progress,
+            save_cpu_ram=True, samples_shuffle=True, **options, **kwargs)
+        results.update({k: float(v) for k, v in out.items()})
+    return {"metrics": results, "protocol": protocol, "notes": notes}
