@@ -121,6 +121,22 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def cmd_tune(args) -> int:
+    from .tune import settings_from, tune
+
+    settings = settings_from(args.spec, args.param, args.range or [], args.trials, args.initial, args.metric,
+                             args.minimize, args.strategy, args.set)
+    result = tune(args.spec, settings, out=args.out, resume=args.resume, overwrite=args.overwrite,
+                  progress=not args.no_progress)
+    best = result["best"]
+    if best is None:
+        print("tune: no trial completed")
+        return 1
+    point = ", ".join(f"{name} = {best[name]:.5g}" for name in settings.params)
+    print(f"tune: best {point}: {settings.metric} = {best['value']:.5g} (trial {best['trial']})")
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genspec", description="Compile model specs (papers' tables as YAML) into training runs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -153,6 +169,23 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--interpolate", action="store_true", help="an interpolation grid instead")
     sm.add_argument("--seed", type=int, default=0)
     sm.set_defaults(func=cmd_sample)
+    t = with_set(sub.add_parser("tune", help="Bayesian optimisation of spec params with Ax"))
+    t.add_argument("spec")
+    t.add_argument("--param", action="append", default=[], help="a param to tune (repeatable)")
+    t.add_argument("--range", action="append", nargs=2, type=float, metavar=("LO", "HI"),
+                   help="range of each --param, in order")
+    t.add_argument("--trials", type=int, help="trials in all")
+    t.add_argument("--initial", type=int, help="quasi-random initial trials")
+    t.add_argument("--metric", help="objective metric (a test loss, fid, is, kid, test_accuracy, ...)")
+    direction = t.add_mutually_exclusive_group()
+    direction.add_argument("--minimize", dest="minimize", action="store_true", default=None)
+    direction.add_argument("--maximize", dest="minimize", action="store_false")
+    t.add_argument("--strategy", help="gp_ei (default), fast, quality, random_search")
+    t.add_argument("--out", help="output folder (default reports/<name>/tune/)")
+    t.add_argument("--resume", action="store_true", help="continue a tuning run after a crash or kill")
+    t.add_argument("--overwrite", action="store_true")
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_tune)
     r = with_set(sub.add_parser("run", help="train and evaluate a spec, writing a report"))
     r.add_argument("spec")
     r.add_argument("--out", help="output folder (default reports/<name>/)")

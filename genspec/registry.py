@@ -10,7 +10,7 @@ FORMAT_VERSION = 1
 
 TOP_LEVEL_KEYS = (
     "genspec", "name", "source", "extends", "params", "data", "latent", "networks",
-    "graph", "losses", "objectives", "train", "evaluate",
+    "graph", "losses", "objectives", "train", "evaluate", "tune",
 )
 
 # Activations that may stand as a row of their own or close a row (`conv ..., relu`).

@@ -133,6 +133,55 @@ def plot_graph(spec: Spec, path: Path) -> None:
     plt.close(fig)
 
 
+# Short names a paper's numbers may be given under, and where the run keeps them.
+REPORTED_ALIASES = {"fid": "frechet_inception_distance", "is": "inception_score_mean", "is_std": "inception_score_std",
+                    "kid": "kernel_inception_distance_mean"}
+
+
+def flat_results(metrics: dict) -> dict:
+    """Every number a run produced, by name: test losses, accuracy, sample metrics, real-data metrics."""
+    out = {**metrics.get("test", {}), **metrics.get("fidelity", {})}
+    if "test_accuracy" in metrics:
+        out["test_accuracy"] = metrics["test_accuracy"]
+    for key, value in metrics.get("real", {}).items():
+        if isinstance(value, (int, float)):
+            out.setdefault(key, value)  # a classifier run's scores of the real data
+            out[f"real.{key}"] = value
+    return out
+
+
+def _reported_lines(spec: Spec, metrics: dict) -> list[str]:
+    source = spec.source if isinstance(spec.source, dict) else {}
+    reported = source.get("reported") or {}
+    if not reported:
+        return []
+    results = flat_results(metrics)
+    lines = ["## Paper and run", "", "| metric | paper | run | run - paper |", "|---|---|---|---|"]
+    for key, paper in reported.items():
+        run = results.get(REPORTED_ALIASES.get(key, key))
+        diff = "" if run is None else f"{run - paper:+.4g}"
+        lines.append(f"| {key} | {paper:.4g} | {'not measured' if run is None else f'{run:.4g}'} | {diff} |")
+    return lines + [""]
+
+
+def _quality_lines(metrics: dict) -> list[str]:
+    lines = []
+    if "test_accuracy" in metrics:
+        lines += [f"Test accuracy: **{metrics['test_accuracy']:.4%}**", ""]
+    for title, values, protocol, notes in (
+            ("Sample quality", metrics.get("fidelity"), metrics.get("protocol"), metrics.get("fidelity_notes", [])),
+            ("Real test set, in this run's feature space", {k: v for k, v in metrics.get("real", {}).items()
+                                                            if isinstance(v, (int, float))} or None,
+             metrics.get("real", {}).get("protocol"), metrics.get("real", {}).get("notes", []))):
+        if not values:
+            continue
+        lines += [f"## {title}", "", "| metric (torch-fidelity name) | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.5g} |" for k, v in values.items()]
+        lines += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in (protocol or {}).items()), ""]
+        lines += [f"> Note: {n}" for n in notes] + ([""] if notes else [])
+    return lines
+
+
 def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     has_curves = plot_losses(history, out / "losses.png")
     plot_graph(spec, out / "graph.png")
@@ -152,6 +201,8 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
         train = metrics["train_last_epoch"].get(name)
         lines.append(f"| {name} | {value:.5g} | {'' if train is None else f'{train:.5g}'} |")
     lines.append("")
+    lines += _quality_lines(metrics)
+    lines += _reported_lines(spec, metrics)
     for kind, file in metrics.get("grids", {}).items():
         lines += [f"## {kind.capitalize()}", "", f"![{kind}]({file})", ""]
     if has_curves:

@@ -1,0 +1,328 @@
+"""`genspec tune`: Bayesian optimisation of spec params with Ax (the `ax.Client` API).
+
+Each trial is a full run with the params overridden, in `<out>/trial_NNN/`. The Ax client is
+saved after every trial, so `--resume` continues without redoing finished trials. The default
+strategy is the VAE-GAN paper's: quasi-random (Sobol) initial trials, then a Gaussian process
+with an RBF kernel and expected improvement. Ax and BoTorch are imported only here.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import RunError, SpecError
+from .pipeline import load_spec
+from .report import REPORTED_ALIASES, flat_results
+
+STRATEGIES = ("gp_ei", "fast", "quality", "random_search")
+CLIENT_FILE = "ax_client.json"
+
+
+@dataclass
+class TuneSettings:
+    params: dict  # name -> (low, high, log)
+    metric: str
+    minimize: bool
+    initial: int
+    total: int
+    strategy: str = "gp_ei"
+    overrides: list = field(default_factory=list)
+
+
+def settings_from(spec_path: str, names: list[str], ranges: list, trials: int | None, initial: int | None,
+                  metric: str | None, minimize: bool | None, strategy: str | None, overrides: list[str]) -> TuneSettings:
+    """Merge the spec's `tune` section with the command line (the command line wins)."""
+    spec = load_spec(spec_path, overrides)
+    section = spec.raw.get("tune", {})
+    names = names or [k for k in section if k not in ("objective", "trials", "strategy")]
+    if not names:
+        raise RunError("nothing to tune: give --param NAME or a tune section naming params")
+    if ranges and len(ranges) != len(names):
+        raise RunError(f"--range given {len(ranges)} time(s) for {len(names)} param(s): give one per --param, in order")
+    params = {}
+    for i, name in enumerate(names):
+        if name not in spec.params:
+            raise RunError(f"--param {name}: the spec has no param {name!r} (params: {', '.join(spec.params) or 'none'})")
+        entry = section.get(name, {})
+        low, high = ranges[i] if ranges else entry.get("range", (None, None))
+        if low is None or not low < high:
+            raise RunError(f"param {name}: give a range LO < HI (--range LO HI, or tune.{name}.range)")
+        params[name] = (float(low), float(high), bool(entry.get("log", False)))
+    objective = section.get("objective", {})
+    trial_section = section.get("trials", {})
+    settings = TuneSettings(
+        params=params,
+        metric=metric or objective.get("metric") or _default_metric(spec),
+        minimize=objective.get("minimize", True) if minimize is None else minimize,
+        initial=initial or trial_section.get("initial", max(2, 2 * len(params))),
+        total=trials or trial_section.get("total", 8),
+        strategy=strategy or section.get("strategy", "gp_ei"),
+        overrides=list(overrides),
+    )
+    if settings.strategy not in STRATEGIES:
+        raise RunError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}")
+    if settings.initial > settings.total:
+        settings.initial = settings.total
+    return settings
+
+
+def _default_metric(spec) -> str:
+    if spec.evaluate.get("fid"):
+        return "fid"
+    return next(iter(spec.evaluate.get("losses", spec.losses)))
+
+
+def _import_ax():
+    warnings.filterwarnings("ignore", category=FutureWarning)  # linear_operator warns on import
+    try:
+        import ax
+    except ImportError as exc:  # pragma: no cover - a declared dependency
+        raise RunError(f"tuning needs Ax: pip install ax-platform ({exc})") from None
+    for name in ("ax", "ax.api.client", "ax.generation_strategy", "botorch"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    return ax
+
+
+def generation_strategy(settings: TuneSettings, seed: int):
+    """Sobol initial trials, then GP (RBF kernel) + expected improvement, as in the VAE-GAN paper."""
+    from ax.adapter.registry import Generators
+    from ax.generation_strategy.generation_node import GenerationStep
+    from ax.generation_strategy.generation_strategy import GenerationStrategy
+    from ax.generators.torch.botorch_modular.surrogate import SurrogateSpec
+    from ax.generators.torch.botorch_modular.utils import ModelConfig
+    # LogEI: expected improvement computed in log space (same maximiser, stable numerics)
+    from botorch.acquisition import qLogExpectedImprovement
+    from botorch.models import SingleTaskGP
+    from gpytorch.kernels import RBFKernel
+
+    surrogate = SurrogateSpec(model_configs=[ModelConfig(botorch_model_class=SingleTaskGP, covar_module_class=RBFKernel)])
+    return GenerationStrategy(name="sobol+gp_rbf_ei", nodes=[
+        GenerationStep(generator=Generators.SOBOL, num_trials=settings.initial, min_trials_observed=1,
+                       generator_kwargs={"seed": seed}),
+        GenerationStep(generator=Generators.BOTORCH_MODULAR, num_trials=-1,
+                       generator_kwargs={"surrogate_spec": surrogate, "botorch_acqf_class": qLogExpectedImprovement}),
+    ])
+
+
+def _new_client(settings: TuneSettings, name: str, seed: int):
+    ax = _import_ax()
+    client = ax.Client(random_seed=seed)
+    client.configure_experiment(
+        parameters=[ax.RangeParameterConfig(name=n, parameter_type="float", bounds=(lo, hi), scaling="log" if log else "linear")
+                    for n, (lo, hi, log) in settings.params.items()], name=name)
+    client.configure_optimization(objective=("-" if settings.minimize else "") + "objective")
+    if settings.strategy == "gp_ei":
+        client.set_generation_strategy(generation_strategy(settings, seed))
+    else:
+        client.configure_generation_strategy(method=settings.strategy, initialization_budget=settings.initial,
+                                             initialization_random_seed=seed)
+    return client
+
+
+def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume: bool = False,
+         overwrite: bool = False, progress: bool = True) -> dict:
+    """Run the trials; returns {"best": ..., "trials": [...]} and writes the tune report."""
+    from .train import run
+
+    base = load_spec(spec_path, settings.overrides)
+    out = Path(out or Path("reports") / base.name / "tune")
+    client_file = out / CLIENT_FILE
+    if resume:
+        if not client_file.exists():
+            raise RunError(f"nothing to resume in {out}: no {CLIENT_FILE}")
+        client = _import_ax().Client.load_from_json_file(str(client_file))
+        table = _read_table(out)
+    else:
+        if out.exists() and any(out.iterdir()) and not overwrite:
+            raise RunError(f"{out} already holds a tuning run; use --resume to continue it or --overwrite to replace it")
+        import shutil
+
+        if out.exists():
+            shutil.rmtree(out)
+        out.mkdir(parents=True)
+        client = _new_client(settings, base.name, base.train["seed"])
+        table = []
+        (out / "settings.json").write_text(json.dumps(settings.__dict__, indent=2, default=list) + "\n")
+    done = {row["trial"] for row in table if row["status"] in ("completed", "failed")}
+    # trials that were running when a previous session died are run again with their parameters
+    pending = {i: dict(t.arm.parameters) for i, t in client._experiment.trials.items()
+               if t.status.is_running and i not in done}
+    while len(done) < settings.total:
+        if not pending:
+            pending = client.get_next_trials(max_trials=1)
+        index, parameters = pending.popitem()
+        row = _run_trial(spec_path, settings, index, parameters, out, run, progress)
+        if row["status"] == "completed":
+            client.complete_trial(index, raw_data={"objective": row["value"]})
+        else:
+            client.mark_trial_failed(index)
+        table = [r for r in table if r["trial"] != index] + [row]
+        done.add(index)
+        client.save_to_json_file(str(client_file))  # after every trial: --resume picks up from here
+        _write_table(out, table, settings)
+    return _finish(client, settings, table, out)
+
+
+def _run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, run, progress: bool) -> dict:
+    overrides = settings.overrides + [f"params.{k}={v!r}" for k, v in parameters.items()]
+    folder = out / f"trial_{index:03d}"
+    row = {"trial": index, **{k: float(v) for k, v in parameters.items()}, "folder": folder.name}
+    print(f"tune: trial {index} " + ", ".join(f"{k}={v:.5g}" for k, v in parameters.items()), file=sys.stderr, flush=True)
+    try:
+        metrics = run(load_spec(spec_path, overrides), out=folder, overwrite=True, progress=progress)
+        results = flat_results(metrics)
+        key = REPORTED_ALIASES.get(settings.metric, settings.metric)
+        if key not in results:
+            raise RunError(f"the run has no metric {settings.metric!r}; it has {', '.join(results)}")
+        value = float(results[key])
+        if not math.isfinite(value):
+            raise RunError(f"{settings.metric} is {value}")
+        row.update(status="completed", value=value, note="")
+    except (RunError, SpecError) as exc:
+        row.update(status="failed", value=float("nan"), note=str(exc).splitlines()[0][:200])
+    print(f"tune: trial {index} {row['status']}: {settings.metric} = {row['value']:.5g} {row['note']}", file=sys.stderr, flush=True)
+    return row
+
+
+def _columns(settings: TuneSettings) -> list[str]:
+    return ["trial", *settings.params, "status", "value", "folder", "note"]
+
+
+def _write_table(out: Path, table: list[dict], settings: TuneSettings) -> None:
+    tmp = out / "trials.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=_columns(settings))
+        writer.writeheader()
+        for row in sorted(table, key=lambda r: r["trial"]):
+            writer.writerow(row)
+    tmp.replace(out / "trials.csv")
+
+
+def _read_table(out: Path) -> list[dict]:
+    path = out / "trials.csv"
+    if not path.exists():
+        return []
+    rows = []
+    with open(path) as f:
+        for row in csv.DictReader(f):
+            parsed = {k: (float(v) if k not in ("status", "folder", "note", "trial") else v) for k, v in row.items()}
+            parsed["trial"] = int(row["trial"])
+            rows.append(parsed)
+    return rows
+
+
+def _finish(client, settings: TuneSettings, table: list[dict], out: Path) -> dict:
+    completed = [r for r in table if r["status"] == "completed"]
+    best = None
+    if completed:
+        pick = min if settings.minimize else max
+        best = pick(completed, key=lambda r: r["value"])
+    suggestion = _next_suggestion(client)
+    picture = _plot(client, settings, table, suggestion, out)
+    _write_markdown(settings, table, best, suggestion, picture, out)
+    result = {"best": best, "trials": table, "suggestion": suggestion, "metric": settings.metric, "minimize": settings.minimize}
+    (out / "tune.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    return result
+
+
+def _next_suggestion(client) -> dict | None:
+    """Where the acquisition would sample next (the paper's Figure 5 marks it); not run."""
+    try:
+        (index, parameters), = client.get_next_trials(max_trials=1).items()
+        client.mark_trial_abandoned(index)
+        return dict(parameters)
+    except Exception:  # noqa: BLE001 - a suggestion is a nicety; the table and best point stand without it
+        return None
+
+
+def _plot(client, settings: TuneSettings, table: list[dict], suggestion, out: Path) -> str | None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    names = list(settings.params)
+    if len(names) > 2:
+        return None
+    completed = [r for r in table if r["status"] == "completed"]
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    if len(names) == 1:
+        name = names[0]
+        lo, hi, log = settings.params[name]
+        grid = np.geomspace(lo, hi, 120) if log else np.linspace(lo, hi, 120)
+        prediction = _predict(client, [{name: float(v)} for v in grid])
+        if prediction is not None:
+            mean, sd = prediction
+            ax.plot(grid, mean, color="C0", label="surrogate mean")
+            ax.fill_between(grid, mean - 2 * sd, mean + 2 * sd, color="C0", alpha=0.2, label="mean ± 2 sd")
+        ax.scatter([r[name] for r in completed], [r["value"] for r in completed], color="k", zorder=3, label="observed")
+        failed = [r for r in table if r["status"] == "failed"]
+        for r in failed:
+            ax.axvline(r[name], color="red", linestyle=":", alpha=0.6)
+        if suggestion:
+            ax.axvline(suggestion[name], color="C2", linestyle="--", label="next suggestion")
+        ax.set_xlabel(name)
+        ax.set_ylabel(settings.metric)
+        if log:
+            ax.set_xscale("log")
+        ax.legend(fontsize=8)
+    else:
+        (a, b) = names
+        ga = np.linspace(*settings.params[a][:2], 40)
+        gb = np.linspace(*settings.params[b][:2], 40)
+        points = [{a: float(x), b: float(y)} for y in gb for x in ga]
+        prediction = _predict(client, points)
+        if prediction is not None:
+            contour = ax.contourf(ga, gb, prediction[0].reshape(len(gb), len(ga)), levels=20, cmap="viridis")
+            fig.colorbar(contour, ax=ax, label=f"predicted {settings.metric}")
+        ax.scatter([r[a] for r in completed], [r[b] for r in completed], color="w", edgecolor="k", label="observed")
+        if suggestion:
+            ax.scatter([suggestion[a]], [suggestion[b]], marker="*", s=150, color="C3", label="next suggestion")
+        ax.set_xlabel(a)
+        ax.set_ylabel(b)
+        ax.legend(fontsize=8)
+    ax.set_title(f"tuning {', '.join(names)}: {settings.metric} ({'minimise' if settings.minimize else 'maximise'})")
+    fig.tight_layout()
+    fig.savefig(out / "tune.png", dpi=110)
+    plt.close(fig)
+    return "tune.png"
+
+
+def _predict(client, points):
+    import numpy as np
+
+    try:
+        predictions = client.predict(points)
+    except Exception:  # noqa: BLE001 - no fitted surrogate yet (e.g. only quasi-random trials)
+        return None
+    mean = np.array([p["objective"][0] for p in predictions])
+    sd = np.array([p["objective"][1] for p in predictions])
+    return mean, np.nan_to_num(sd)
+
+
+def _write_markdown(settings: TuneSettings, table: list[dict], best, suggestion, picture, out: Path) -> None:
+    names = list(settings.params)
+    lines = [f"# Tuning {', '.join(names)}", "",
+             f"Objective: {'minimise' if settings.minimize else 'maximise'} `{settings.metric}`; strategy {settings.strategy} "
+             f"({settings.initial} quasi-random initial trials, {settings.total} in all). Ranges: "
+             + ", ".join(f"{n} in [{lo:g}, {hi:g}]{' (log)' if log else ''}" for n, (lo, hi, log) in settings.params.items()), ""]
+    if best:
+        lines += ["Best: " + ", ".join(f"{n} = {best[n]:.5g}" for n in names) + f" with {settings.metric} = {best['value']:.5g} "
+                  f"(trial {best['trial']}, [{best['folder']}]({best['folder']}/report.md))", ""]
+    if suggestion:
+        lines += ["Next suggestion of the acquisition: " + ", ".join(f"{n} = {v:.5g}" for n, v in suggestion.items()), ""]
+    lines += ["| trial | " + " | ".join(names) + f" | status | {settings.metric} | note |", "|---" * (len(names) + 4) + "|"]
+    for r in sorted(table, key=lambda r: r["trial"]):
+        lines.append(f"| [{r['trial']}]({r['folder']}/report.md) | " + " | ".join(f"{r[n]:.5g}" for n in names)
+                     + f" | {r['status']} | {r['value']:.5g} | {r.get('note', '')} |")
+    if picture:
+        lines += ["", f"![surrogate]({picture})"]
+    (out / "tune.md").write_text("\n".join(lines) + "\n")
