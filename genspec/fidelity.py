@@ -156,6 +156,18 @@ def adapt_images(x: torch.Tensor, input_shape: tuple, value_range) -> torch.Tens
     return x * 2 - 1 if list(value_range) == [-1, 1] else x
 
 
+def preflight(evaluate: dict) -> None:
+    """Fail before training, not after it, when the feature extractor is missing."""
+    if not requested(evaluate):
+        return
+    extractor = evaluate.get("extractor", "inception")
+    if extractor == "inception":
+        _safe_check(inception_weights(evaluate))
+    elif not (Path(extractor["classifier"]) / "checkpoint.pt").is_file():
+        raise RunError(f"evaluate.extractor: {extractor['classifier']} holds no finished classifier run (no checkpoint.pt); "
+                       "train one first, e.g. genspec run specs/mnist_classifier.yaml")
+
+
 # ---------------------------------------------------------------- the metrics
 
 def requested(evaluate: dict) -> dict:

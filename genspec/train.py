@@ -22,6 +22,7 @@ import yaml
 from .compile import Model, choose_device
 from .data import Splits, batches, load_data
 from .errors import RunError
+from . import fidelity
 from .evaluate import evaluate_losses, final_evaluation
 from .report import write_layer_tables, write_report
 from .spec import Spec
@@ -37,6 +38,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     """Train and evaluate a spec, writing everything into its run folder. Returns the final metrics."""
     out = Path(out or Path("reports") / spec.name)
     _check_folder(spec, out, resume, overwrite)
+    fidelity.preflight(spec.evaluate)
     device = choose_device(spec.train["device"])
     seed = spec.train["seed"]
     torch.manual_seed(seed)
