@@ -102,6 +102,8 @@ def cmd_sample(args) -> int:
     from . import load_run
     from .evaluate import generator_of, interpolation_images, sample_images, to_unit
 
+    if args.n < 1:
+        raise RunError(f"--n must be a positive number of images, got {args.n}")
     run = load_run(args.run_dir)
     source = generator_of(run.spec)
     if source is None:

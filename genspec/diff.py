@@ -12,7 +12,7 @@ import difflib
 import json
 
 from . import expr as E
-from .rows import format_row
+from .rows import canonical, format_row
 from .shapes import fmt
 from .spec import Spec
 
@@ -131,8 +131,8 @@ def _align_rows(na, nb) -> list[dict]:
 
 
 def _changed_row(na, nb, i: int, j: int) -> dict:
-    ra, rb = na.info.rows[i].row, nb.info.rows[j].row
-    cells = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k))
+    ra, rb = canonical(na.info.rows[i].row), canonical(nb.info.rows[j].row)
+    cells = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k) and k != "frozen")
     if na.info.rows[i].frozen != nb.info.rows[j].frozen and "frozen" not in cells:
         cells.append("frozen")
     return {"op": "changed", "a": format_row(ra), "b": format_row(rb), "index_a": i, "index_b": j,
@@ -140,7 +140,7 @@ def _changed_row(na, nb, i: int, j: int) -> dict:
 
 
 def _row_key(info) -> str:
-    return json.dumps(info.row, sort_keys=True) + ("|frozen" if info.frozen else "")
+    return json.dumps({**canonical(info.row), "frozen": info.frozen}, sort_keys=True)
 
 
 def is_equivalent(result: dict) -> bool:

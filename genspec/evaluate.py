@@ -8,6 +8,7 @@ draws.
 
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 
@@ -153,16 +154,16 @@ def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple
         steps = spec.evaluate["interpolation_steps"]
         return interpolation_images(module, latent, side, steps, device), steps
     name = source[1]
-    n = min(side * side // 2 if kind == "reconstructions" else side * side, len(test))
+    n = min((side + side % 2) * side // 2 if kind == "reconstructions" else side * side, len(test))
     x = test.x[:n]
     y = None if test.y is None else test.y[:n]
     order = plan_order(spec.graph_nx, nx.ancestors(spec.graph_nx, f"tensor:{name}") | {f"tensor:{name}"})
     env = model.compute(Env(x, y), [(n_, model.node_fns[n_]) for n_ in order])
     images = env[f"tensor:{name}"]
     if kind == "reconstructions":
-        # originals and reconstructions in alternating columns
+        # originals and reconstructions in alternating columns (an even number of them)
         pairs = torch.stack([x, images], dim=1).reshape(2 * n, *x.shape[1:])
-        return pairs, side
+        return pairs, side + side % 2
     return images, side
 
 
@@ -202,8 +203,19 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
     if spec.evaluate.get("real"):
         metrics["real"] = _real_metrics(spec, model, splits, out)
     metrics["eval_time_s"] = round(time.perf_counter() - began, 3)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
     return metrics
+
+
+def _json_safe(value):
+    """NaN and infinities are not JSON: write them as null."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def accuracy(spec: Spec, model: Model, split: Split) -> float:

@@ -60,6 +60,7 @@ _TOKEN = re.compile(
     r"\s*(?:(?P<num>(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)|(?P<name>[A-Za-z_][A-Za-z0-9_]*)|(?P<op>[-+*/(),=\[\].]))"
 )
 _MAX_LENGTH = 2000
+_MAX_NODES = 200
 
 
 def tokenize(text: str) -> list[tuple[str, str, int]]:
@@ -100,6 +101,7 @@ class _Parser:
         self.tokens = tokens
         self.i = 0
         self.depth = 0
+        self.count = 0
 
     def peek(self):
         return self.tokens[self.i]
@@ -127,7 +129,7 @@ class _Parser:
         node = self.term()
         while self.at("+") or self.at("-"):
             op = self.take()[1]
-            node = BinOp(op, node, self.term())
+            node = self.node(BinOp(op, node, self.term()))
         self.depth -= 1
         return node
 
@@ -135,18 +137,24 @@ class _Parser:
         node = self.unary()
         while self.at("*") or self.at("/"):
             op = self.take()[1]
-            node = BinOp(op, node, self.unary())
+            node = self.node(BinOp(op, node, self.unary()))
         return node
 
     def unary(self):
-        if self.at("-"):
-            self.take()
-            operand = self.unary()
-            return Num(-operand.value) if isinstance(operand, Num) else Neg(operand)
-        if self.at("+"):
-            self.take()
-            return self.unary()
-        return self.postfix()
+        negate = False
+        while self.at("-") or self.at("+"):  # a loop, not recursion: '- - - x' has no depth limit
+            negate ^= self.take()[1] == "-"
+        operand = self.postfix()
+        if not negate:
+            return operand
+        return Num(-operand.value) if isinstance(operand, Num) else self.node(Neg(operand))
+
+    def node(self, node):
+        """Count nodes: every later stage walks the tree recursively, so its size is bounded."""
+        self.count += 1
+        if self.count > _MAX_NODES:
+            raise ExprError(f"expression has more than {_MAX_NODES} operations; split it into named losses")
+        return node
 
     def postfix(self):
         node = self.atom()
@@ -155,9 +163,9 @@ class _Parser:
             name = self.expect("name")[1]
             args, kwargs = self.arguments()
             if isinstance(node, Name) and name != "detach":
-                node = Call(f"{node.id}.{name}", args, kwargs)  # a network's named tap
+                node = self.node(Call(f"{node.id}.{name}", args, kwargs))  # a network's named tap
             else:
-                node = Call(name, (node, *args), kwargs)  # method form of an op: x.detach()
+                node = self.node(Call(name, (node, *args), kwargs))  # method form of an op: x.detach()
         return node
 
     def atom(self):
@@ -248,7 +256,7 @@ def _walk(node, out: set, calls: bool) -> None:
 def to_text(node) -> str:
     """An expression back as canonical text (used by show and diff)."""
     if isinstance(node, Num):
-        return f"{node.value:g}"
+        return number_text(node.value)
     if isinstance(node, Name):
         return node.id
     if isinstance(node, Call):
@@ -261,6 +269,13 @@ def to_text(node) -> str:
     prec = 1 if node.op in "+-" else 2
     right_prec = prec + (1 if node.op in "-/" else 0)
     return f"{_wrap(node.left, prec)} {node.op} {_wrap(node.right, right_prec)}"
+
+
+def number_text(value: float) -> str:
+    """Shortest exact text of a number (repr), without a trailing .0 on whole numbers."""
+    if float(value).is_integer() and abs(value) < 1e15:
+        return str(int(value))
+    return repr(float(value))
 
 
 def _wrap(node, prec: int) -> str:

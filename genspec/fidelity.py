@@ -22,6 +22,7 @@ from .errors import RunError
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 METRIC_FLAGS = {"is": "isc", "fid": "fid", "kid": "kid", "prc": "prc"}
+DEFAULT_SAMPLES = 1000
 _REGISTERED: dict[str, str] = {}
 
 
@@ -65,6 +66,9 @@ def to_uint8(x: torch.Tensor, value_range) -> torch.Tensor:
 def inception_weights(evaluate: dict) -> Path:
     """The local Inception file: evaluate.weights, else $GENSPEC_INCEPTION_WEIGHTS, else torch's hub cache."""
     hub = Path(torch.hub.get_dir()) / "checkpoints" / INCEPTION_FILE
+    for named, where in ((evaluate.get("weights"), "evaluate.weights"), (os.environ.get("GENSPEC_INCEPTION_WEIGHTS"), "GENSPEC_INCEPTION_WEIGHTS")):
+        if named and not Path(named).is_file():
+            raise RunError(f"{where} names {named}, which is not a file")
     for candidate in (evaluate.get("weights"), os.environ.get("GENSPEC_INCEPTION_WEIGHTS"), hub):
         if candidate and Path(candidate).is_file():
             return Path(candidate)
@@ -196,11 +200,11 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
         name, protocol = classifier_extractor(extractor["classifier"], extractor.get("network"))
     ref_info = evaluate.get("reference", {})
     protocol.update({"reference_split": ref_info.get("split", "test"), "reference_size": len(reference),
-                     "samples": {m: a.get("samples") for m, a in asked.items()}})
+                     "samples": {m: a.get("samples", DEFAULT_SAMPLES) for m, a in asked.items()}})
     notes, results = [], {}
     # one torch-fidelity call per distinct sample count, as each metric may ask for its own
-    for count in sorted({a.get("samples", 1000) for a in asked.values()}):
-        group = [m for m, a in asked.items() if a.get("samples", 1000) == count]
+    for count in sorted({a.get("samples", DEFAULT_SAMPLES) for a in asked.values()}):
+        group = [m for m, a in asked.items() if a.get("samples", DEFAULT_SAMPLES) == count]
         fake = to_uint8(generate(count).cpu(), value_range)
         if extractor == "inception" and fake.shape[1] == 1:
             fake = fake.expand(-1, 3, -1, -1).contiguous()

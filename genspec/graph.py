@@ -337,7 +337,7 @@ def to_text(g: nx.DiGraph) -> str:
         attrs = g.nodes[node_id]
         reads = sorted(u for u, _, rel in g.in_edges(node_id, data="rel") if rel == "data")
         value = attrs.get("value")
-        typ = f"  [{value.kind} {fmt(value.shape)}]" if value and value.kind != "number" else ""
+        typ = f"  [{value.kind}" + (f" {fmt(value.shape)}]" if value.kind in ("tensor", "dist") else "]") if value and value.kind != "number" else ""
         detail = f" = {attrs['text']}" if "text" in attrs else ""
         updates = [v for _, v, rel in g.out_edges(node_id, data="rel") if rel == "updates"]
         lines.append(f"{node_id}{detail}{typ}" + (f"  -> updates {', '.join(updates)}" if updates else "")

@@ -68,7 +68,8 @@ class Crop(nn.Module):
 class Dense(nn.Module):
     """A fully connected row: flattens its input and reshapes its output (`fc 8x8x256` -> 256x8x8).
 
-    Norm and activation act on the flat features, as in the papers' implementations.
+    Norm, activation and dropout act on the reshaped output, so `fc 8x8x256, bn` normalises
+    each of the 256 channels (BatchNorm2d), as PyTorch implementations of these papers do.
     """
 
     def __init__(self, n_in: int, out_shape: tuple, bias: bool, post: list[nn.Module]):
@@ -78,7 +79,7 @@ class Dense(nn.Module):
         self.post = nn.Sequential(*post)
 
     def forward(self, x):
-        return self.post(self.linear(x.flatten(1))).reshape(x.shape[0], *self.out_shape)
+        return self.post(self.linear(x.flatten(1)).reshape(x.shape[0], *self.out_shape))
 
 
 def _activation(name: str, slope: float = 0.01) -> nn.Module:
@@ -117,11 +118,16 @@ def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
     op = row["op"]
     bias = row.get("bias", True)
     if op == "fc":
-        return Dense(math.prod(in_shape), out_shape, bias, _post(row, (math.prod(out_shape),)))
+        return Dense(math.prod(in_shape), out_shape, bias, _post(row, out_shape))
     if op == "gaussian":
         return GaussianHead(math.prod(in_shape), out_shape, row.get("var"), bias)
     if op == "conv":
-        main = nn.Conv2d(in_shape[0], row["out"], row["kernel"], row["stride"], conv_padding(row), bias=bias)
+        left, right, top, bottom = conv_padding(row, in_shape[1], in_shape[2])
+        if left == right and top == bottom and left == top:
+            main = nn.Conv2d(in_shape[0], row["out"], row["kernel"], row["stride"], left, bias=bias)
+        else:  # an even kernel's 'same' padding is one pixel larger right and bottom
+            main = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)),
+                                 nn.Conv2d(in_shape[0], row["out"], row["kernel"], row["stride"], 0, bias=bias))
     elif op == "deconv":
         p, extra = deconv_padding(row)
         main = nn.ConvTranspose2d(in_shape[0], row["out"], row["kernel"], row["stride"], p, extra, bias=bias)
@@ -158,6 +164,16 @@ class TableNet(nn.Module):
         self.rows = nn.ModuleList(build_row(r.row, r.in_shape, r.out_shape) for r in net.info.rows)
         self.taps = dict(net.info.taps)
         self._tap_at = {i: name for name, i in self.taps.items()}
+        self._frozen_rows = [i for i, r in enumerate(net.info.rows) if r.frozen]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen row is a fixed function: its batch norm keeps its initial running statistics.
+        for i in self._frozen_rows:
+            for m in self.rows[i].modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
 
     def forward(self, x):
         for row in self.rows:

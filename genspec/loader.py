@@ -19,6 +19,7 @@ from .errors import Location, Problem, SpecError
 # that way in every paper, so plain scalars of this shape are read as floats.
 _BARE_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _MAX_DEPTH = 64
+_MAX_NODES = 200_000  # aliases can multiply a small file ("billion laughs"); no spec is this big
 
 
 @dataclass
@@ -46,7 +47,10 @@ def load_text(text: str, file: str = "<string>") -> Document:
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         line, col = (mark.line + 1, mark.column + 1) if mark else (1, 1)
-        message = ": ".join(str(x) for x in (exc.context, exc.problem) if x)
+        context = exc.context
+        if context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
+            context += f" (opened at {exc.context_mark.line + 1}:{exc.context_mark.column + 1})"
+        message = ": ".join(str(x) for x in (context, exc.problem) if x)
         raise SpecError([Problem(Location(file, line, col), (), f"YAML syntax error: {message}")]) from None
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise SpecError([Problem(Location(file, 1, 1), (), f"YAML error: {exc}")]) from None
@@ -76,6 +80,9 @@ def _location(file: str, node: yaml.Node) -> Location:
 
 
 def _build(node: yaml.Node, path: tuple, doc: Document, file: str, depth: int):
+    doc.node_count = getattr(doc, "node_count", 0) + 1
+    if doc.node_count > _MAX_NODES:
+        raise SpecError([Problem(_location(file, node), path, f"document expands to more than {_MAX_NODES} values (YAML aliases?)")])
     if depth > _MAX_DEPTH:
         raise SpecError([Problem(_location(file, node), path, f"nesting deeper than {_MAX_DEPTH} levels")])
     if isinstance(node, yaml.MappingNode):

@@ -14,7 +14,7 @@ from pathlib import Path
 from .errors import Location, Problem, SpecError
 from .loader import Document, load_file, load_text
 
-_INDEX = re.compile(r"^(.*?)\[(\d+)\]$")
+_INDEX = re.compile(r"^(.*?)\[(-?\d+)\]$")
 
 
 def resolve(path: str | Path, overrides: list[str] | None = None) -> Document:
@@ -70,7 +70,7 @@ def split_key(text: str) -> tuple:
             piece, index = m.group(1), int(m.group(2))
             indices.insert(0, index)
         if piece:
-            parts.append(int(piece) if piece.isdigit() else piece)
+            parts.append(int(piece) if piece.lstrip("-").isdigit() else piece)
         parts.extend(indices)
     return tuple(parts)
 
@@ -83,7 +83,11 @@ def _apply_override(doc: Document, text: str) -> None:
     path = split_key(key.strip())
     if not path:
         raise SpecError([Problem(where, (), "empty key")])
-    value = load_text(raw, where.file).data if raw.strip() else ""
+    try:
+        value = load_text(raw, where.file).data if raw.strip() else ""
+    except SpecError as exc:
+        message = exc.problems[0].message
+        raise SpecError([Problem(where, path, f"bad value {raw!r}: {message}")]) from None
     target = doc.data
     for i, part in enumerate(path[:-1]):
         target = _step_into(target, part, path[: i + 1], where)
@@ -94,9 +98,12 @@ def _apply_override(doc: Document, text: str) -> None:
     elif not isinstance(target, dict):
         raise SpecError([Problem(where, path, "cannot set a key inside a plain value")])
     target[last] = value
-    # everything at and below the override now comes from the command line
+    # everything at and below the override now comes from the command line, and so does
+    # every key on the way to it that the spec did not have (a misspelt section, say)
     for known in [p for p in doc.locations if p[: len(path)] == path]:
         del doc.locations[known]
+    for i in range(1, len(path) + 1):
+        doc.locations.setdefault(path[:i], where)
     doc.locations[path] = where
 
 

@@ -22,14 +22,16 @@ class RowError(ValueError):
     pass
 
 
-_INT = re.compile(r"^\d+$")
-_FLOAT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$")
-_DIMS = re.compile(r"^\d+(x\d+)+$")
-_STRIDE = re.compile(r"^/(\d+)$")
-_SCALE = re.compile(r"^x(\d+)$")
+_INT = re.compile(r"^\d{1,9}$")  # sizes; longer digit strings are no layer size
+_FLOAT = re.compile(r"^[-+]?(\d{1,30}\.?\d{0,30}|\.\d{1,30})([eE][-+]?\d{1,3})?$")
+_DIMS = re.compile(r"^\d{1,9}(x\d{1,9})+$")
+_STRIDE = re.compile(r"^/(\d{1,9})$")
+_SCALE = re.compile(r"^x(\d{1,9})$")
 _OPTION = re.compile(r"^([a-z_]+)=(\S+)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAP = re.compile(r"\s+as\s+(\S+)\s*$")
+
+_ARTICLE = {"norm": "a norm", "act": "an activation", "dropout": "a dropout"}
 
 # Post-ops that close a row, in the order they apply.
 _POST_ORDER = {"norm": 0, "act": 1, "dropout": 2}
@@ -55,6 +57,8 @@ def parse_row(row) -> dict:
     if any(not p for p in parts):
         raise RowError("empty part between commas")
     out.update(_parse_main(parts[0].split()))
+    if out["op"] == "gaussian" and len(parts) > 1 and any(p.strip() != "frozen" for p in parts[1:]):
+        raise RowError("a gaussian head is the network's output: it takes no norm, activation or dropout")
     last = -1
     for part in parts[1:]:
         key, value = _parse_post(part.split())
@@ -62,7 +66,7 @@ def parse_row(row) -> dict:
             out["frozen"] = True
             continue
         if key in out:
-            raise RowError(f"{part!r}: this row already has a {key}")
+            raise RowError(f"{part!r}: this row already has {_ARTICLE[key]}")
         if _POST_ORDER[key] < last:
             raise RowError(f"{part!r} comes too late: write norm, then activation, then dropout (or split the row)")
         last = _POST_ORDER[key]
@@ -79,8 +83,14 @@ def _parse_main(words: list[str]) -> dict:
     if op in ("fc", "gaussian"):
         return _parse_dense(op, args)
     if op in ("maxpool", "avgpool"):
-        size = _one_int(op, args, "a window, e.g. 'maxpool 2'")
-        return {"op": op, "kernel": size, "stride": size}
+        stride = None
+        if len(args) == 2 and _STRIDE.match(args[1]):
+            stride = int(_STRIDE.match(args[1]).group(1))
+            args = args[:1]
+        size = _one_int(op, args, f"a window and optional stride, e.g. '{op} 2' or '{op} 3 /1'")
+        if stride == 0:
+            raise RowError(f"{op}: the stride must be positive")
+        return {"op": op, "kernel": size, "stride": stride or size}
     if op == "upsample":
         return _parse_upsample(args)
     if op == "dropout":
@@ -130,7 +140,7 @@ def _parse_conv(op: str, args: list[str]) -> dict:
 
 
 def _parse_dense(op: str, args: list[str]) -> dict:
-    usage = f"expected '{op} N' or '{op} HxWxC'" + (" and optional 'var=V'" if op == "gaussian" else " and optional 'bias=false'")
+    usage = f"expected '{op} N' or '{op} HxWxC'" + (" and optional 'var=V'" if op == "gaussian" else "") + " and optional 'bias=false'"
     if not args or not (_INT.match(args[0]) or _DIMS.match(args[0])):
         raise RowError(usage)
     dims = [int(d) for d in args[0].split("x")]
@@ -142,7 +152,7 @@ def _parse_dense(op: str, args: list[str]) -> dict:
         m = _OPTION.match(word)
         if op == "gaussian" and m and m.group(1) == "var" and _FLOAT.match(m.group(2)) and float(m.group(2)) > 0:
             out["var"] = float(m.group(2))
-        elif op == "fc" and m and m.group(1) == "bias":
+        elif m and m.group(1) == "bias":
             out["bias"] = _boolean(m.group(2))
         else:
             raise RowError(f"unexpected {word!r}: {usage}")
@@ -218,6 +228,12 @@ def _check_mapping(row: dict) -> dict:
     if missing:
         raise RowError(f"{row['op']} needs {', '.join(missing)}")
     out = dict(row)
+    if out["op"] == "dropout" and not 0 <= out["p"] < 1:
+        raise RowError(f"dropout: p must be in [0, 1), got {out['p']}")
+    if out["op"] == "crop" and (not isinstance(out["p"], int) or isinstance(out["p"], bool) or out["p"] < 1):
+        raise RowError(f"crop: p is a whole number of pixels >= 1, got {out['p']}")
+    if out["op"] == "gaussian" and any(k in out for k in ("norm", "act", "dropout")):
+        raise RowError("a gaussian head is the network's output: it takes no norm, activation or dropout")
     if out["op"] in ("conv", "deconv"):
         out.setdefault("stride", 1)
     if out["op"] in ("maxpool", "avgpool"):
@@ -227,6 +243,25 @@ def _check_mapping(row: dict) -> dict:
     if out["op"] == "lrelu" or out.get("act") == "lrelu":
         out.setdefault("slope", 0.01)
     return out
+
+
+ROW_DEFAULTS = {"bias": True, "frozen": False}
+
+
+def canonical(row: dict) -> dict:
+    """A row with its defaults made explicit, for comparing rows however they were written."""
+    out = {**ROW_DEFAULTS, **row}
+    if out["op"] in ("conv", "deconv"):
+        out.setdefault("padding", "same")
+    if out["op"] == "upsample":
+        out.setdefault("mode", "nearest")
+    return out
+
+
+def _num(value) -> str:
+    from .expr import number_text
+
+    return number_text(value)
 
 
 def format_row(row: dict) -> str:
@@ -243,26 +278,26 @@ def format_row(row: dict) -> str:
         out = row["out"]
         words.append(str(out) if isinstance(out, int) else "x".join(str(d) for d in [*out[1:], out[0]]))
         if "var" in row:
-            words.append(f"var={row['var']:g}")
+            words.append(f"var={_num(row['var'])}")
     elif op in ("maxpool", "avgpool"):
-        words.append(str(row["kernel"]))
+        words.append(str(row["kernel"]) + (f" /{row['stride']}" if row.get("stride", row["kernel"]) != row["kernel"] else ""))
     elif op == "upsample":
         words.append(str(row["scale"]) + ("" if row.get("mode", "nearest") == "nearest" else f" {row['mode']}"))
     elif op in ("dropout", "crop"):
-        words.append(f"{row['p']:g}")
+        words.append(_num(row["p"]))
     elif op == "reshape":
         words += [str(d) for d in row["shape"]]
     elif op == "lrelu":
-        words.append(f"{row['slope']:g}")
+        words.append(_num(row["slope"]))
     if row.get("bias") is False:
         words.append("bias=false")
     parts = [" ".join(words)]
     if row.get("norm"):
         parts.append(row["norm"])
     if row.get("act"):
-        parts.append(row["act"] + (f" {row['slope']:g}" if row["act"] == "lrelu" else ""))
-    if row.get("dropout"):
-        parts.append(f"dropout {row['dropout']:g}")
+        parts.append(row["act"] + (f" {_num(row['slope'])}" if row["act"] == "lrelu" else ""))
+    if "dropout" in row:
+        parts.append(f"dropout {_num(row['dropout'])}")
     if row.get("frozen"):
         parts.append("frozen")
     text = ", ".join(parts)

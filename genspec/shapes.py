@@ -43,14 +43,24 @@ class NetworkInfo:
         return sum(r.params for r in self.rows if r.frozen)
 
 
-def conv_padding(row: dict) -> int:
-    """Padding of a conv row: 'same' (the default) keeps size at stride 1 and halves it at stride 2."""
+def conv_padding(row: dict, height: int, width: int) -> tuple[int, int, int, int]:
+    """(left, right, top, bottom) zero padding of a conv row.
+
+    'same' (the default) gives ceil(size / stride), as TensorFlow's 'same' does: symmetric for odd
+    kernels, one extra pixel right and bottom where an even kernel needs it; 'valid' is none.
+    """
     padding = row.get("padding", "same")
     if padding == "valid":
-        return 0
-    if padding == "same":
-        return (row["kernel"] - 1) // 2
-    return int(padding)
+        return (0, 0, 0, 0)
+    if padding != "same":
+        p = int(padding)
+        return (p, p, p, p)
+    k, s = row["kernel"], row["stride"]
+    total_h = max((math.ceil(height / s) - 1) * s + k - height, 0)
+    total_w = max((math.ceil(width / s) - 1) * s + k - width, 0)
+    if k % 2:  # odd kernels: PyTorch's symmetric padding gives the same size
+        return ((k - 1) // 2,) * 4
+    return (total_w // 2, total_w - total_w // 2, total_h // 2, total_h - total_h // 2)
 
 
 def deconv_padding(row: dict, index: int = 0) -> tuple[int, int]:
@@ -102,8 +112,9 @@ def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
         raise ShapeError(i, f"{op} needs a CxHxW input, got {fmt(shape)}")
     if op == "conv":
         c, h, w = shape
-        k, s, p = row["kernel"], row["stride"], conv_padding(row)
-        oh, ow = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
+        k, s = row["kernel"], row["stride"]
+        left, right, top, bottom = conv_padding(row, h, w)
+        oh, ow = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
         if oh < 1 or ow < 1:
             raise ShapeError(i, f"a {k}x{k} conv does not fit a {fmt(shape)} input")
         return (row["out"], oh, ow), row["out"] * c * k * k + (row["out"] if bias else 0)

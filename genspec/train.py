@@ -50,10 +50,11 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     _clear_folder(out, resume)
     start_epoch, history = 1, []
     if resume:
-        start_epoch, history = _restore(model, out, device)
+        start_epoch, history = _restore(model, out, device, spec.train["epochs"])
     else:
-        _atomic_write_text(out / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
         write_layer_tables(spec, out)
+    # the copy describes the run as it now stands (a resume may have asked for more epochs)
+    _atomic_write_text(out / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
     _train_epochs(spec, model, splits, out, start_epoch, history, progress)
     metrics = final_evaluation(spec, model, splits, out, history)
     write_report(spec, out, metrics, history)
@@ -68,11 +69,16 @@ def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
         _check_same_spec(spec, out)
     elif has_run and not overwrite:
         raise RunError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
+    elif has_run and not any((out / marker).exists() for marker in RUN_MARKERS):
+        raise RunError(f"{out} is not empty and is not a genspec run folder; refusing to overwrite it")
+
+
+RUN_MARKERS = (RESOLVED, CHECKPOINT, "metrics.jsonl", "metrics.json")
 
 
 def _clear_folder(out: Path, resume: bool) -> None:
     if not resume and out.exists():
-        shutil.rmtree(out)
+        shutil.rmtree(out)  # _check_folder made sure it is empty or a genspec run
     out.mkdir(parents=True, exist_ok=True)
 
 
@@ -88,6 +94,8 @@ def _check_same_spec(spec: Spec, out: Path) -> None:
 
 
 def _differences(a, b, path=()) -> list:
+    if isinstance(a, dict) and b == "<absent>" or isinstance(b, dict) and a == "<absent>":
+        a, b = (a if isinstance(a, dict) else {}), (b if isinstance(b, dict) else {})  # compare key by key
     if isinstance(a, dict) and isinstance(b, dict):
         out = []
         for key in list(a) + [k for k in b if k not in a]:
@@ -96,14 +104,17 @@ def _differences(a, b, path=()) -> list:
     return [] if a == b else [(path, a, b)]
 
 
-def _restore(model: Model, out: Path, device) -> tuple[int, list]:
+def _restore(model: Model, out: Path, device, epochs: int) -> tuple[int, list]:
     state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+    if int(state["epoch"]) >= epochs:
+        raise RunError(f"{out} already has {int(state['epoch'])} epochs; to train on, ask for more, "
+                       f"e.g. --resume --set train.epochs={int(state['epoch']) + 10}")
     model.load_state_dict(state["model"])
     torch.set_rng_state(state["rng"].cpu())
     if torch.cuda.is_available() and "cuda_rng" in state:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     epoch = int(state["epoch"])
-    history = [h for h in _read_history(out) if h["epoch"] <= epoch]
+    history = [h for h in _read_history(out) if h["epoch"] <= epoch]  # epochs after the checkpoint are redone
     _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     return epoch + 1, history
 
@@ -126,6 +137,10 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         train_means = _one_epoch(spec, model, splits, epoch, bar)
         record = {"epoch": epoch, "time_s": round(time.perf_counter() - began, 4), "train": train_means,
                   "test": evaluate_losses(spec, model, splits.test)}
+        bad = [name for name, value in record["test"].items() if not math.isfinite(value)]
+        if bad:
+            raise RunError(f"test loss {bad[0]!r} is {record['test'][bad[0]]} after epoch {epoch}; the run stopped "
+                           "(the last checkpoint is kept). Try a smaller learning rate.")
         history.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")

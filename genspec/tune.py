@@ -55,14 +55,17 @@ def settings_from(spec_path: str, names: list[str], ranges: list, trials: int | 
         if low is None or not low < high:
             raise RunError(f"param {name}: give a range LO < HI (--range LO HI, or tune.{name}.range)")
         params[name] = (float(low), float(high), bool(entry.get("log", False)))
+    for flag, value in (("--trials", trials), ("--initial", initial)):
+        if value is not None and value < 1:
+            raise RunError(f"{flag} must be at least 1, got {value}")
     objective = section.get("objective", {})
     trial_section = section.get("trials", {})
     settings = TuneSettings(
         params=params,
         metric=metric or objective.get("metric") or _default_metric(spec),
         minimize=objective.get("minimize", True) if minimize is None else minimize,
-        initial=initial or trial_section.get("initial", max(2, 2 * len(params))),
-        total=trials or trial_section.get("total", 8),
+        initial=initial if initial is not None else trial_section.get("initial", max(2, 2 * len(params))),
+        total=trials if trials is not None else trial_section.get("total", 8),
         strategy=strategy or section.get("strategy", "gp_ei"),
         overrides=list(overrides),
     )

@@ -47,7 +47,7 @@ def validate(doc: Document) -> Spec:
 def schema_problems(doc: Document, problems: Collector) -> None:
     import jsonschema
 
-    validator = jsonschema.Draft202012Validator(schema())
+    validator = _validator_class()(schema())
     if not isinstance(doc.data, dict):
         problems.add((), "a spec is a mapping of sections (genspec, name, data, networks, ...)")
         return
@@ -64,20 +64,67 @@ def schema_problems(doc: Document, problems: Collector) -> None:
             problems.add(path, _message(error))
 
 
-def _deepest(error):
-    """For oneOf/anyOf, the alternative that got furthest says most about the mistake."""
+@lru_cache(maxsize=1)
+def _validator_class():
+    """Draft 2020-12, except that 8.0 is not an integer (JSON Schema says it is; a layer size is not)."""
     import jsonschema
 
-    while error.context:
-        best = jsonschema.exceptions.best_match(error.context)
-        if best is None or best.validator in ("type",) and error.validator == "oneOf" and _type_mismatch_only(error):
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine(
+        "integer", lambda _checker, value: isinstance(value, int) and not isinstance(value, bool))
+    return jsonschema.validators.extend(base, type_checker=checker)
+
+
+_JSON_TYPES = {"object": dict, "array": list, "string": str, "boolean": bool, "null": type(None)}
+
+
+def _fits_type(instance, subschema: dict) -> bool:
+    """Whether an instance is of the kind a oneOf alternative describes (its type, const or enum)."""
+    if "const" in subschema:
+        return instance == subschema["const"]
+    if "enum" in subschema:
+        return instance in subschema["enum"]
+    wanted = subschema.get("type")
+    if wanted is None:
+        return True
+    if wanted in ("integer", "number"):
+        ok = isinstance(instance, (int, float)) and not isinstance(instance, bool)
+        return ok and (wanted == "number" or isinstance(instance, int))
+    return isinstance(instance, _JSON_TYPES[wanted])
+
+
+def _deepest(error):
+    """For oneOf/anyOf, follow the alternative of the instance's own kind: a mapping row with a
+    bad key should hear about the key, not that it "is not a string"."""
+    while error.validator in ("oneOf", "anyOf") and error.context:
+        alternatives = error.schema[error.validator]
+        fitting = [i for i, sub in enumerate(alternatives) if _fits_type(error.instance, _resolve_ref(sub))]
+        if len(fitting) != 1:
             break
-        error = best
+        inner = [e for e in error.context if e.relative_schema_path and e.relative_schema_path[0] == fitting[0]]
+        if not inner:
+            break
+        error = min(inner, key=lambda e: (len(e.relative_schema_path), e.validator == "type"))
     return error
 
 
+def _resolve_ref(sub: dict) -> dict:
+    ref = sub.get("$ref", "")
+    if ref.startswith("#/$defs/"):
+        return schema()["$defs"][ref.split("/")[-1]]
+    return sub
+
+
 def _type_mismatch_only(error) -> bool:
-    return all(sub.validator == "type" for sub in error.context)
+    return not any(_fits_type(error.instance, _resolve_ref(sub)) for sub in error.schema.get("oneOf", [{}]))
+
+
+def _kind_name(subschema: dict) -> str:
+    if "const" in subschema:
+        return json.dumps(subschema["const"])
+    if "enum" in subschema:
+        return "one of " + ", ".join(json.dumps(x) for x in subschema["enum"])
+    return {"object": "mapping", "array": "list"}.get(subschema.get("type"), subschema.get("type", "value"))
 
 
 def _unexpected_keys(error) -> list:
@@ -88,11 +135,11 @@ def _unexpected_keys(error) -> list:
 def _message(error) -> str:
     v, inst = error.validator, error.instance
     if v == "required":
-        missing = [k for k in error.validator_value if k not in inst]
-        return f"missing required key {missing[0]!r}" if missing else error.message
+        return f"missing required key {error.message.split(' is a required')[0]}"
     if v == "type" or (v == "oneOf" and _type_mismatch_only(error)):
-        wanted = error.validator_value if v == "type" else " or ".join(sub.validator_value for sub in error.context)
-        return f"expected {wanted}, got {_kind(inst)} {_short(inst)}"
+        wanted = error.validator_value if v == "type" else " or ".join(
+            sorted({_kind_name(_resolve_ref(sub)) for sub in error.schema["oneOf"]}))
+        return f"expected {wanted}, got {_kind(inst)}" + ("" if inst is None else f" {_short(inst)}")
     if v == "enum":
         return f"{_short(inst)} is not one of {', '.join(json.dumps(x) for x in error.validator_value)}"
     if v == "const":
@@ -137,8 +184,14 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     phases = _phases(train, objectives, problems)
     evaluate = {**EVALUATE_DEFAULTS, **raw.get("evaluate", {})}
     for i, name in enumerate(evaluate.get("losses", [])):
-        if name not in losses:
+        if name not in raw.get("losses", {}):
             problems.add(("evaluate", "losses", i), f"no loss named {name!r}")
+    grids = evaluate.get("grids", [])
+    for kind, tensor in (grids.items() if isinstance(grids, dict) else []):
+        if tensor not in raw.get("graph", {}):
+            problems.add(("evaluate", "grids", kind), f"no graph tensor named {tensor!r}" + _suggest(tensor, raw.get("graph", {})))
+    if evaluate.get("accuracy") and evaluate["accuracy"] not in raw.get("graph", {}):
+        problems.add(("evaluate", "accuracy"), f"no graph tensor named {evaluate['accuracy']!r}")
     _check_names_do_not_clash(raw, problems)
     return Spec(raw["name"], doc, params, data, data_shape, num_classes, latents, networks, graph, losses,
                 objectives, train, phases, evaluate)
