@@ -263,7 +263,9 @@ def to_text(node) -> str:
         parts = [to_text(a) for a in node.args] + [f"{k}={to_text(v)}" for k, v in node.kwargs]
         return f"{node.func}({', '.join(parts)})"
     if isinstance(node, Neg):
-        return f"-{_wrap(node.operand, 3)}"
+        inner = to_text(node.operand)
+        # -(-x) must not print as --x, which reads back as x
+        return f"-({inner})" if isinstance(node.operand, (Neg, BinOp)) or inner.startswith("-") else f"-{inner}"
     if isinstance(node, ListExpr):
         return "[" + ", ".join(to_text(a) for a in node.items) + "]"
     prec = 1 if node.op in "+-" else 2

@@ -79,8 +79,26 @@ def _data_graph(g: nx.DiGraph) -> nx.DiGraph:
 
 def _add_edges(g: nx.DiGraph, spec: Spec, node_id: str, attrs: dict, problems: Collector) -> None:
     path = (attrs["section"], attrs["name"])
+    # gradient flows along an edge unless every use of the dependency sits inside detach()
+    with_grad = set(_dependencies(_without_detached(attrs["expr"]), spec, attrs["kind"], path, Collector(lambda p: None)))
     for dep in _dependencies(attrs["expr"], spec, attrs["kind"], path, problems):
-        g.add_edge(dep, node_id, rel="data")
+        g.add_edge(dep, node_id, rel="data", grad=dep in with_grad)
+
+
+def _without_detached(node):
+    """The expression with every detach(...) replaced by a constant."""
+    if isinstance(node, E.Call):
+        if node.func == "detach":
+            return E.Num(0.0)
+        return E.Call(node.func, tuple(_without_detached(a) for a in node.args),
+                      tuple((k, _without_detached(v)) for k, v in node.kwargs))
+    if isinstance(node, E.BinOp):
+        return E.BinOp(node.op, _without_detached(node.left), _without_detached(node.right))
+    if isinstance(node, E.Neg):
+        return E.Neg(_without_detached(node.operand))
+    if isinstance(node, E.ListExpr):
+        return E.ListExpr(tuple(_without_detached(a) for a in node.items))
+    return node
 
 
 def _dependencies(node, spec: Spec, kind: str, path: tuple, problems: Collector, latent_arg: bool = False) -> list[str]:
@@ -309,13 +327,20 @@ class _Infer:
 
 def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
     data = _data_graph(g)
+    grad = g.edge_subgraph([(u, v) for u, v, a in g.edges(data=True) if a["rel"] == "data" and a.get("grad")]).copy()
     for name, objective in spec.objectives.items():
         node = f"objective:{name}"
         reached = nx.ancestors(data, node) if node in data else set()
+        with_gradient = nx.ancestors(grad, node) if node in grad else set()
         for net in objective.networks:
-            if net in spec.networks and f"net:{net}" not in reached:
+            if net not in spec.networks:
+                continue
+            if f"net:{net}" not in reached:
                 problems.add(("objectives", name, "minimize"),
                              f"the loss does not depend on network {net!r}, so this objective cannot train it")
+            elif f"net:{net}" not in with_gradient:
+                problems.add(("objectives", name, "minimize"),
+                             f"the loss reads network {net!r} only through detach(), so this objective cannot train it")
 
 
 # ---------------------------------------------------------------- plans and renderings

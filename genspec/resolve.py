@@ -89,8 +89,14 @@ def _apply_override(doc: Document, text: str) -> None:
         message = exc.problems[0].message
         raise SpecError([Problem(where, path, f"bad value {raw!r}: {message}")]) from None
     target = doc.data
-    for i, part in enumerate(path[:-1]):
-        target = _step_into(target, part, path[: i + 1], where)
+    normal: list = []
+    for i, part in enumerate(path):
+        if isinstance(target, list) and isinstance(part, int) and -len(target) <= part < 0:
+            part += len(target)  # layers[-1] is the last row: locate it as layers[N-1]
+        normal.append(part)
+        if i < len(path) - 1:
+            target = _step_into(target, part, tuple(normal), where)
+    path = tuple(normal)
     last = path[-1]
     if isinstance(target, list):
         if not isinstance(last, int) or not -len(target) <= last < len(target):

@@ -13,6 +13,7 @@ with a message that says what was expected.
 
 from __future__ import annotations
 
+import math
 import re
 
 from .registry import ACTIVATIONS, LAYER_OPS, NORMS, ROW_KEYS, UPSAMPLE_MODES
@@ -150,7 +151,7 @@ def _parse_dense(op: str, args: list[str]) -> dict:
     out: dict = {"op": op, "out": dims[0] if len(dims) == 1 else [dims[-1], *dims[:-1]]}
     for word in args[1:]:
         m = _OPTION.match(word)
-        if op == "gaussian" and m and m.group(1) == "var" and _FLOAT.match(m.group(2)) and float(m.group(2)) > 0:
+        if op == "gaussian" and m and m.group(1) == "var" and _FLOAT.match(m.group(2)) and 0 < float(m.group(2)) < math.inf:
             out["var"] = float(m.group(2))
         elif m and m.group(1) == "bias":
             out["bias"] = _boolean(m.group(2))
@@ -192,10 +193,17 @@ def _one_int(op: str, args: list[str], usage: str) -> int:
     return int(args[0])
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise RowError(f"{text!r} is not a finite number")
+    return value
+
+
 def _probability(op: str, args: list[str]) -> float:
     if len(args) != 1 or not _FLOAT.match(args[0]) or not 0 <= float(args[0]) < 1:
         raise RowError(f"{op}: expected a probability in [0, 1), e.g. '{op} 0.3'")
-    return float(args[0])
+    return _finite(args[0])
 
 
 def _slope(args: list[str]) -> float:
@@ -203,7 +211,7 @@ def _slope(args: list[str]) -> float:
         return 0.01
     if len(args) != 1 or not _FLOAT.match(args[0]):
         raise RowError("lrelu: expected a negative slope, e.g. 'lrelu 0.2'")
-    return float(args[0])
+    return _finite(args[0])
 
 
 def _boolean(text: str) -> bool:

@@ -67,10 +67,10 @@ def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
         if not (out / CHECKPOINT).exists():
             raise RunError(f"nothing to resume in {out}: no {CHECKPOINT} there")
         _check_same_spec(spec, out)
+    elif has_run and not any((out / marker).exists() for marker in RUN_MARKERS):
+        raise RunError(f"{out} is not empty and is not a genspec run folder; choose another --out")
     elif has_run and not overwrite:
         raise RunError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
-    elif has_run and not any((out / marker).exists() for marker in RUN_MARKERS):
-        raise RunError(f"{out} is not empty and is not a genspec run folder; refusing to overwrite it")
 
 
 RUN_MARKERS = (RESOLVED, CHECKPOINT, "metrics.jsonl", "metrics.json")
@@ -106,9 +106,10 @@ def _differences(a, b, path=()) -> list:
 
 def _restore(model: Model, out: Path, device, epochs: int) -> tuple[int, list]:
     state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
-    if int(state["epoch"]) >= epochs:
-        raise RunError(f"{out} already has {int(state['epoch'])} epochs; to train on, ask for more, "
-                       f"e.g. --resume --set train.epochs={int(state['epoch']) + 10}")
+    done = int(state["epoch"])
+    if done > epochs:  # equal: training is over, and the final evaluation runs again
+        raise RunError(f"{out} already has {done} epoch{'s' if done != 1 else ''}, more than the {epochs} asked; "
+                       f"to train on, ask for more, e.g. --resume --set train.epochs={done + 10}")
     model.load_state_dict(state["model"])
     torch.set_rng_state(state["rng"].cpu())
     if torch.cuda.is_available() and "cuda_rng" in state:
@@ -182,8 +183,9 @@ def _check_finite(losses: dict, epoch: int, step: int) -> None:
     if bool(torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()):
         return
     bad = next(name for name, v in losses.items() if not torch.isfinite(v).all())
+    kept = "the last checkpoint is kept" if epoch > 1 else "no checkpoint was written yet"
     raise RunError(f"loss {bad!r} became {float(losses[bad])} at epoch {epoch}, step {step + 1}; "
-                   "the run stopped (the last checkpoint is kept). Try a smaller learning rate.")
+                   f"the run stopped ({kept}). Try a smaller learning rate.")
 
 
 def save_checkpoint(model: Model, out: Path, epoch: int) -> None:

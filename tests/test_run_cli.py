@@ -1,0 +1,293 @@
+"""`genspec run` end to end on a tiny quickstart: the run folder's files, the report, the image
+grids, and how an existing folder is refused, replaced or kept."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+import genspec
+from genspec import cli
+from genspec.compile import Model
+from genspec.data import load_data
+from genspec.evaluate import make_grids
+
+ROOT = Path(__file__).resolve().parent.parent
+QUICKSTART = ROOT / "specs" / "quickstart.yaml"
+BASE = ["train.device=cpu", "data.split.train=64", "data.split.test=32", "train.batch_size=16", "train.max_steps=2"]
+# grids of 4x4 (samples, 8 reconstruction pairs) and 4 rows of 5 interpolation steps
+RUN_SETS = BASE + ["train.epochs=2", "evaluate.grid_size=4", "evaluate.interpolation_steps=5"]
+FAST = BASE + ["train.epochs=1", "evaluate.grids=[]"]
+RUN_FILES = {"spec.resolved.yaml", "layers.md", "metrics.jsonl", "metrics.json", "samples.png", "reconstructions.png",
+             "interpolations.png", "losses.png", "graph.png", "report.md", "checkpoint.pt"}
+
+
+def sets(overrides) -> list[str]:
+    return [a for o in overrides for a in ("--set", o)]
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def folder_bytes(folder: Path) -> dict:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "quick"
+    rc, stdout, stderr = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(RUN_SETS))
+    assert rc == 0, stderr
+    return out, stdout, stderr
+
+
+def test_run_folder_has_every_file(tiny_run):
+    out, stdout, stderr = tiny_run
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    assert not list(out.rglob("*.tmp"))
+    assert re.search(r"^quickstart: done; test rec [-\d.e+]+, kl [-\d.e+]+, elbo [-\d.e+]+; report in .*/report\.md$",
+                     stdout.strip()), stdout
+    assert stdout.strip().endswith(f"{out}/report.md")
+    # one progress line per epoch on stderr when there is no progress bar
+    assert [int(m) for m in re.findall(r"quickstart epoch (\d)/2", stderr)] == [1, 2]
+
+
+def test_resolved_spec_is_the_spec_with_overrides(tiny_run):
+    out, _, _ = tiny_run
+    resolved = yaml.safe_load((out / "spec.resolved.yaml").read_text())
+    spec = genspec.load(QUICKSTART, RUN_SETS)
+    assert resolved == spec.raw
+    assert resolved["train"]["epochs"] == 2 and resolved["data"]["split"] == {"train": 64, "test": 32}
+    again = genspec.load(out / "spec.resolved.yaml")
+    assert {n: (net.info.trainable, net.info.frozen) for n, net in again.networks.items()} == \
+           {n: (net.info.trainable, net.info.frozen) for n, net in spec.networks.items()}
+
+
+def test_metrics_files(tiny_run):
+    out, _, _ = tiny_run
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert [r["epoch"] for r in records] == [1, 2]
+    for r in records:
+        assert set(r["test"]) == {"rec", "kl", "elbo"}
+        assert {"rec", "kl", "elbo", "objective/vae"} <= set(r["train"])
+        assert r["time_s"] >= 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["name"] == "quickstart" and metrics["epochs"] == 2 and metrics["seed"] == 0
+    assert metrics["device"] == "cpu"
+    assert set(metrics["test"]) == {"rec", "kl", "elbo"}
+    # the final test losses are those of the last epoch: same network, same evaluation draws
+    assert metrics["test"] == records[-1]["test"]
+    assert metrics["train_last_epoch"] == records[-1]["train"]
+    assert abs(metrics["test"]["elbo"] - (metrics["test"]["rec"] + metrics["test"]["kl"])) < 1e-6 * metrics["test"]["elbo"]
+    assert metrics["data"] == {"dataset": "digits", "train": 64, "test": 32, "val": 0, "notes": []}
+    assert metrics["grids"] == {"samples": "samples.png", "reconstructions": "reconstructions.png",
+                                "interpolations": "interpolations.png"}
+
+
+def test_metrics_params_equal_show_json(tiny_run):
+    out, _, _ = tiny_run
+    rc, stdout, _ = run_cli("show", QUICKSTART, "--json", *sets(RUN_SETS))
+    assert rc == 0
+    shown = json.loads(stdout)["networks"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["params"] == {n: {"trainable": v["trainable"], "frozen": v["frozen"]} for n, v in shown.items()}
+    # and those are the sizes of the trained networks in the checkpoint
+    state = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True)["model"]["networks"]
+    for name, counts in metrics["params"].items():
+        assert sum(v.numel() for k, v in state.items() if k.startswith(name + ".")) == counts["trainable"] + counts["frozen"]
+
+
+def test_layers_md_lists_each_network(tiny_run):
+    out, _, _ = tiny_run
+    text = (out / "layers.md").read_text()
+    spec = genspec.load(QUICKSTART, RUN_SETS)
+    for name, net in spec.networks.items():
+        assert f"**{name}  (input {'x'.join(map(str, net.input))}, init default)**" in text
+        assert f"| total | {'x'.join(map(str, net.info.output))} | {net.info.trainable:,} | 0 |" in text
+    assert "| gaussian 8 |" in text and "| reshape 1 8 8 |" in text
+    total = sum(net.info.trainable for net in spec.networks.values())
+    assert f"| vae | elbo | enc, dec | adam(lr=0.001) | {total:,} |" in text
+
+
+def grid_cells(path: Path, cell: int, pad: int = 2) -> tuple[int, int, np.ndarray]:
+    img = Image.open(path)
+    img.load()
+    w, h = img.size
+    assert (w - pad) % (cell + pad) == 0 and (h - pad) % (cell + pad) == 0, (w, h)
+    return (w - pad) // (cell + pad), (h - pad) // (cell + pad), np.asarray(img.convert("RGB"))
+
+
+def cell_at(arr: np.ndarray, row: int, col: int, cell: int = 8, pad: int = 2) -> np.ndarray:
+    y, x = pad + row * (cell + pad), pad + col * (cell + pad)
+    return arr[y:y + cell, x:x + cell, 0].astype(np.float32) / 255.0
+
+
+def test_pngs_open_with_expected_grid_sizes(tiny_run):
+    out, _, _ = tiny_run
+    assert grid_cells(out / "samples.png", 8)[:2] == (4, 4)
+    assert grid_cells(out / "reconstructions.png", 8)[:2] == (4, 4)  # 8 (original, reconstruction) pairs
+    assert grid_cells(out / "interpolations.png", 8)[:2] == (5, 4)  # 4 rows of 5 steps
+    assert Image.open(out / "samples.png").size == (42, 42)
+    assert Image.open(out / "interpolations.png").size == (52, 42)
+    for name in ("losses.png", "graph.png"):
+        with Image.open(out / name) as img:
+            img.load()
+            assert img.size[0] > 100 and img.size[1] > 100
+
+
+def test_reconstruction_grid_alternates_originals_and_reconstructions(tiny_run):
+    out, _, _ = tiny_run
+    cols, rows, arr = grid_cells(out / "reconstructions.png", 8)
+    spec = genspec.load(QUICKSTART, RUN_SETS)
+    test = load_data(spec.data, spec.train["seed"]).test.x
+    k = 0
+    for r in range(rows):
+        for c in range(0, cols, 2):
+            np.testing.assert_allclose(cell_at(arr, r, c), test[k, 0].numpy(), atol=1.5 / 255)
+            assert np.abs(cell_at(arr, r, c + 1) - test[k, 0].numpy()).max() > 2 / 255  # a reconstruction, not a copy
+            k += 1
+    assert k == 8
+
+
+def test_reconstruction_grid_with_odd_grid_size(tmp_path):
+    spec = genspec.load(QUICKSTART, BASE + ["evaluate.grid_size=3", "evaluate.grids=[reconstructions]"])
+    torch.manual_seed(0)
+    model = Model(spec, torch.device("cpu"))
+    test = load_data(spec.data, 0).test
+    make_grids(spec, model, test, tmp_path)
+    cols, rows, arr = grid_cells(tmp_path / "reconstructions.png", 8)
+    # an odd grid size is rounded up to an even number of columns, so pairs never wrap across rows:
+    # 4 columns x 3 rows = 6 (original, reconstruction) pairs, originals in the even columns
+    assert (cols, rows) == (4, 3)
+    k = 0
+    for r in range(rows):
+        for c in range(0, cols, 2):
+            np.testing.assert_allclose(cell_at(arr, r, c), test.x[k, 0].numpy(), atol=1.5 / 255)
+            assert np.abs(cell_at(arr, r, c + 1) - test.x[k, 0].numpy()).max() > 2 / 255  # a reconstruction
+            k += 1
+    assert k == 6
+
+
+def test_report_links_every_artifact(tiny_run):
+    out, _, _ = tiny_run
+    text = (out / "report.md").read_text()
+    assert text.startswith("# quickstart\n")
+    links = set(re.findall(r"\]\(([^)]+)\)", text))
+    assert {"samples.png", "reconstructions.png", "interpolations.png", "losses.png", "graph.png",
+            "spec.resolved.yaml", "metrics.jsonl", "metrics.json"} <= links
+    for link in links:
+        assert (out / link).is_file(), link
+    metrics = json.loads((out / "metrics.json").read_text())
+    for name, value in metrics["test"].items():
+        assert f"| {name} | {value:.5g} |" in text
+    assert "## Networks" in text and "**enc" in text and "**dec" in text
+
+
+def test_existing_run_is_refused_and_left_byte_identical(tiny_run):
+    out, _, _ = tiny_run
+    before = folder_bytes(out)
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 1
+    assert "already holds a run" in err and "--overwrite" in err and "--resume" in err
+    assert folder_bytes(out) == before
+
+
+def test_overwrite_replaces_the_run(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST + ["train.epochs=2"]))
+    assert rc == 0, err
+    (out / "stale.txt").write_text("left from before")
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=3"]))
+    assert rc == 0, err
+    assert not (out / "stale.txt").exists()
+    assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["seed"] == 3 and metrics["epochs"] == 1
+    assert yaml.safe_load((out / "spec.resolved.yaml").read_text())["train"]["seed"] == 3
+    assert torch.load(out / "checkpoint.pt", weights_only=True)["epoch"] == 1
+
+
+def test_overwrite_that_fails_before_training_keeps_the_old_run(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 0, err
+    before = folder_bytes(out)
+    # the data stage fails (more images asked than digits has): the old run must survive
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite",
+                         *sets(FAST + ["data.split.train=5000"]))
+    assert rc == 1 and "5032" in err and "1797" in err
+    assert folder_bytes(out) == before
+
+
+def test_overwrite_does_not_delete_a_folder_that_is_not_a_run(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("months of work")
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST))
+    assert (out / "thesis.tex").read_text() == "months of work"
+    assert sorted(p.name for p in out.iterdir()) == ["thesis.tex"]
+    assert rc == 1 and "is not empty and is not a genspec run folder; choose another --out" in err
+
+
+def test_a_folder_that_is_not_a_run_is_not_called_a_run(tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "thesis.tex").write_text("months of work")
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 1 and (out / "thesis.tex").read_text() == "months of work"
+    assert "already holds a run" not in err and "not a genspec run folder" in err
+
+
+def test_spec_error_exits_2_and_writes_nothing(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST + ["train.epochs=0"]))
+    assert rc == 2
+    assert "train.epochs" in err and "--set train.epochs=0" in err
+    assert not out.exists()
+
+
+def test_missing_mnist_is_a_clean_run_error(tmp_path):
+    spec = tmp_path / "mnist_tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "genspec": 1, "name": "mnist_tiny",
+        "data": {"dataset": "mnist", "labels": True, "root": str(tmp_path / "nowhere")},
+        "networks": {"clf": {"input": "x", "layers": ["flatten", "fc 10, log_softmax"]}},
+        "graph": {"logp": "clf(x)"},
+        "losses": {"nll": "nll(logp, y)"},
+        "objectives": {"clf": {"minimize": "nll", "optimizer": "adam(1e-3)"}},
+    }))
+    out = tmp_path / "run"
+    rc, _, err = run_cli("run", spec, "--out", out, "--no-progress", "--set", "train.device=cpu")
+    assert rc == 1
+    assert err.startswith("genspec: mnist not found under ")
+    assert str((tmp_path / "nowhere").resolve() / "MNIST" / "raw") in err
+    assert "train-images-idx3-ubyte" in err and "t10k-labels-idx1-ubyte" in err
+    assert "Traceback" not in err
+    assert not (out / "checkpoint.pt").exists()
+
+
+def test_sample_command_draws_from_a_finished_run(tiny_run, tmp_path):
+    out, _, _ = tiny_run
+    target = tmp_path / "fresh.png"
+    rc, stdout, err = run_cli("sample", out, "--n", 9, "--out", target, "--seed", 1)
+    assert rc == 0, err
+    assert "wrote 9 images from dec(z)" in stdout
+    assert grid_cells(target, 8)[:2] == (3, 3)
+    # the same seed draws the same images
+    again = tmp_path / "again.png"
+    assert run_cli("sample", out, "--n", 9, "--out", again, "--seed", 1)[0] == 0
+    assert again.read_bytes() == target.read_bytes()
