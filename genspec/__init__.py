@@ -33,8 +33,9 @@ def build(spec, device="cpu") -> dict:
 class FinishedRun:
     """A finished run: its spec, trained networks (eval mode), and final metrics."""
 
-    def __init__(self, folder: Path, spec, networks: dict, metrics: dict, epoch: int):
-        self.folder, self.spec, self.networks, self.metrics, self.epoch = folder, spec, networks, metrics, epoch
+    def __init__(self, folder: Path, spec, networks: dict, priors: dict, metrics: dict, epoch: int):
+        self.folder, self.spec, self.networks, self.priors = folder, spec, networks, priors
+        self.metrics, self.epoch = metrics, epoch
 
     def __repr__(self) -> str:
         return f"FinishedRun({str(self.folder)!r}, networks={list(self.networks)}, epoch={self.epoch})"
@@ -59,11 +60,15 @@ def load_run(folder, device="cpu") -> FinishedRun:
     networks = build(spec, device)
     state = torch.load(folder / CHECKPOINT, map_location=device, weights_only=True)
     torch.nn.ModuleDict(networks).load_state_dict(state["model"]["networks"])
-    for module in networks.values():
+    from .priors import build_prior
+
+    priors = {name: build_prior(latent).to(device) for name, latent in spec.latents.items()}
+    torch.nn.ModuleDict(priors).load_state_dict(state["model"].get("priors", {}))
+    for module in [*networks.values(), *priors.values()]:
         module.eval()
     metrics_path = folder / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    return FinishedRun(folder, spec, networks, metrics, int(state["epoch"]))
+    return FinishedRun(folder, spec, networks, priors, metrics, int(state["epoch"]))
 
 
 __all__ = ["load", "build", "load_run", "SpecError", "RunError", "FinishedRun"]

@@ -108,15 +108,15 @@ def cmd_sample(args) -> int:
     source = generator_of(run.spec)
     if source is None:
         raise RunError(f"{args.run_dir}: no network of this run maps a latent to the data shape")
-    module, latent = run.networks[source[0]], run.spec.latents[source[1]]
+    module, prior = run.networks[source[0]], run.priors[source[1]]
     torch.manual_seed(args.seed)
     with torch.no_grad():
         if args.interpolate:
             steps = run.spec.evaluate["interpolation_steps"]
             rows = max(1, args.n // steps)
-            images, nrow = interpolation_images(module, latent, rows, steps, "cpu"), steps
+            images, nrow = interpolation_images(module, prior, rows, steps, "cpu"), steps
         else:
-            images, nrow = sample_images(module, latent, args.n, "cpu"), math.ceil(math.sqrt(args.n))
+            images, nrow = sample_images(module, prior, args.n, "cpu"), math.ceil(math.sqrt(args.n))
     out = args.out or str(Path(args.run_dir) / ("interpolations_new.png" if args.interpolate else "samples_new.png"))
     save_image(to_unit(images, run.spec), out, nrow=nrow, padding=2, pad_value=0.5)
     print(f"wrote {len(images)} images from {source[0]}({source[1]}) to {out}")

@@ -18,7 +18,8 @@ from torch import nn
 from . import expr as E
 from .graph import plan
 from .layers import Gaussian, build_network
-from .ops import TENSOR_OPS, kl_normal, sample_prior
+from .ops import TENSOR_OPS, kl_monte_carlo, kl_normal
+from .priors import build_prior
 from .spec import Spec
 
 
@@ -38,9 +39,10 @@ class Env(dict):
 class Compiler:
     """Turns expression ASTs into closures `fn(env) -> value`."""
 
-    def __init__(self, spec: Spec, networks: nn.ModuleDict):
+    def __init__(self, spec: Spec, networks: nn.ModuleDict, priors: nn.ModuleDict):
         self.spec = spec
         self.networks = networks
+        self.priors = priors
 
     def node_fn(self, kind: str, node):
         return self._compile(node, kind)
@@ -80,11 +82,14 @@ class Compiler:
         if net_name in self.spec.networks:
             return self._network_call(net_name, tap or None, self._compile(node.args[0], kind))
         if node.func == "sample":
-            latent = self.spec.latents[node.args[0].id]
-            return lambda env: sample_prior(latent, env.batch, env.device)
+            prior = self.priors[node.args[0].id]
+            return lambda env: prior.sample(env.batch, env.device)
         if node.func == "kl":
             q = self._compile(node.args[0], kind)
-            return lambda env: kl_normal(q(env))
+            if self.spec.latents[node.args[0 + 1].id].prior == "normal":
+                return lambda env: kl_normal(q(env))
+            prior = self.priors[node.args[1].id]
+            return lambda env: kl_monte_carlo(q(env), prior)
         fn = TENSOR_OPS[node.func]
         args = [self._compile(a, kind) for a in node.args]
         if len(args) == 1:
@@ -130,14 +135,16 @@ class Model:
         self.spec = spec
         self.device = device
         self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
-        compiler = Compiler(spec, self.networks)
+        self.priors = nn.ModuleDict({name: build_prior(latent) for name, latent in spec.latents.items()}).to(device)
+        compiler = Compiler(spec, self.networks, self.priors)
         self.node_fns = {}
         for node_id, attrs in spec.graph_nx.nodes(data=True):
             if attrs["kind"] in ("tensor", "loss"):
                 self.node_fns[node_id] = compiler.node_fn(attrs["kind"], attrs["expr"])
         self.objectives = {}
         for name, obj in spec.objectives.items():
-            params = [p for net in obj.networks for p in self.networks[net].parameters() if p.requires_grad]
+            modules = [self.networks[n] if n in self.networks else self.priors[n] for n in obj.networks]
+            params = [p for module in modules for p in module.parameters() if p.requires_grad]
             self.objectives[name] = ObjectiveRun(name, params, compiler.node_fn("objective", obj.minimize),
                                                  make_optimizer(obj.optimizer, obj.optimizer_args, params))
         self.phases = [self._phase_plan(phase.update) for phase in spec.phases]
@@ -172,13 +179,15 @@ class Model:
 
     def train(self, mode: bool = True) -> None:
         self.networks.train(mode)
+        self.priors.train(mode)
 
     def state_dict(self) -> dict:
-        return {"networks": self.networks.state_dict(),
+        return {"networks": self.networks.state_dict(), "priors": self.priors.state_dict(),
                 "optimizers": {name: run.optimizer.state_dict() for name, run in self.objectives.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.networks.load_state_dict(state["networks"])
+        self.priors.load_state_dict(state.get("priors", {}))
         for name, run in self.objectives.items():
             run.optimizer.load_state_dict(state["optimizers"][name])
 

@@ -21,7 +21,6 @@ from .compile import Env, Model
 from .data import Split, Splits, batches
 from .errors import RunError
 from .graph import plan
-from .ops import sample_prior
 from .spec import Spec
 
 EVAL_SEED = 12345
@@ -148,13 +147,14 @@ def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, st
 def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple, side: int):
     device = model.device
     if source[0] == "generator":
-        module, latent = model.networks[source[1]], spec.latents[source[2]]
+        module, prior = model.networks[source[1]], model.priors[source[2]]
         if kind == "samples":
-            return sample_images(module, latent, side * side, device), side
+            return sample_images(module, prior, side * side, device), side
         steps = spec.evaluate["interpolation_steps"]
-        return interpolation_images(module, latent, side, steps, device), steps
+        return interpolation_images(module, prior, spec.evaluate.get("interpolation_rows", side), steps, device), steps
     name = source[1]
-    n = min((side + side % 2) * side // 2 if kind == "reconstructions" else side * side, len(test))
+    default = (side + side % 2) * side // 2 if kind == "reconstructions" else side * side
+    n = min(spec.evaluate.get("reconstruction_images", default) if kind == "reconstructions" else default, len(test))
     x = test.x[:n]
     y = None if test.y is None else test.y[:n]
     order = plan_order(spec.graph_nx, nx.ancestors(spec.graph_nx, f"tensor:{name}") | {f"tensor:{name}"})
@@ -163,20 +163,21 @@ def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple
     if kind == "reconstructions":
         # originals and reconstructions in alternating columns (an even number of them)
         pairs = torch.stack([x, images], dim=1).reshape(2 * n, *x.shape[1:])
-        return pairs, side + side % 2
+        return pairs, min(side + side % 2, 2 * n)
     return images, side
 
 
-def sample_images(module, latent, n: int, device) -> torch.Tensor:
-    return module(sample_prior(latent, n, device))
+def sample_images(module, prior, n: int, device) -> torch.Tensor:
+    return module(prior.sample(n, device))
 
 
-def interpolation_images(module, latent, rows: int, steps: int, device) -> torch.Tensor:
+def interpolation_images(module, prior, rows: int, steps: int, device) -> torch.Tensor:
     """Each row decodes a straight line in latent space between two prior draws."""
-    ends = sample_prior(latent, 2 * rows, device).view(rows, 2, *latent.shape)
-    t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(latent.shape))
+    shape = prior.shape
+    ends = prior.sample(2 * rows, device).view(rows, 2, *shape)
+    t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(shape))
     z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
-    return module(z.reshape(rows * steps, *latent.shape))
+    return module(z.reshape(rows * steps, *shape))
 
 
 def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list) -> dict:
@@ -244,12 +245,12 @@ def _sample_quality(spec: Spec, model: Model, splits: Splits) -> dict:
     source = generator_of(spec)
     if source is None:
         raise RunError("evaluate asks for sample metrics, but no network maps a latent to the data shape")
-    module, latent = model.networks[source[0]], spec.latents[source[1]]
+    module, prior = model.networks[source[0]], model.priors[source[1]]
     batch = spec.evaluate["batch_size"]
 
     def generate(n: int) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([sample_images(module, latent, min(batch, n - i), model.device) for i in range(0, n, batch)])
+            return torch.cat([sample_images(module, prior, min(batch, n - i), model.device) for i in range(0, n, batch)])
 
     model.train(False)
     with _forked(model):

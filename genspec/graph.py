@@ -64,6 +64,8 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
         for net in objective.networks:
             if net in spec.networks:
                 g.add_edge(f"objective:{name}", f"net:{net}", rel="updates")
+            elif net in spec.latents:
+                g.add_edge(f"objective:{name}", f"latent:{net}", rel="updates")
     if not _report_cycles(g, problems):
         _infer_types(g, spec, problems)
         if not problems.problems:  # with broken expressions, missing edges would only echo them
@@ -321,8 +323,8 @@ class _Infer:
         shape = self.spec.latents[latent].shape
         if q.shape != shape:
             self.fail(f"kl: the posterior has shape {fmt(q.shape)} but latent {latent!r} has {fmt(shape)}")
-        if self.spec.latents[latent].prior != "normal":
-            self.fail(f"kl: analytic KL needs a normal prior; latent {latent!r} is {self.spec.latents[latent].prior}")
+        if self.spec.latents[latent].prior not in ("normal", "realnvp"):
+            self.fail(f"kl: needs a normal or realnvp prior; latent {latent!r} is {self.spec.latents[latent].prior}")
 
 
 def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
@@ -333,12 +335,13 @@ def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collec
         reached = nx.ancestors(data, node) if node in data else set()
         with_gradient = nx.ancestors(grad, node) if node in grad else set()
         for net in objective.networks:
-            if net not in spec.networks:
+            if net not in spec.networks and net not in spec.latents:
                 continue
-            if f"net:{net}" not in reached:
+            kind = "net" if net in spec.networks else "latent"
+            if f"{kind}:{net}" not in reached:
                 problems.add(("objectives", name, "minimize"),
                              f"the loss does not depend on network {net!r}, so this objective cannot train it")
-            elif f"net:{net}" not in with_gradient:
+            elif f"{kind}:{net}" not in with_gradient:
                 problems.add(("objectives", name, "minimize"),
                              f"the loss reads network {net!r} only through detach(), so this objective cannot train it")
 

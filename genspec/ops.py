@@ -2,25 +2,26 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch.nn import functional as F
 
 from .layers import Gaussian
-from .spec import Latent
-
-
-def sample_prior(latent: Latent, n: int, device, generator: torch.Generator | None = None) -> torch.Tensor:
-    shape = (n, *latent.shape)
-    if latent.prior == "uniform":
-        low, high = latent.prior_args
-        return torch.rand(shape, device=device, generator=generator) * (high - low) + low
-    return torch.randn(shape, device=device, generator=generator)
 
 
 def kl_normal(q: Gaussian) -> torch.Tensor:
     """KL(q || N(0, I)), summed over latent dims, averaged over the batch."""
     kl = 0.5 * (q.logvar.exp() + q.mean.pow(2) - 1.0 - q.logvar)
     return kl.flatten(1).sum(1).mean()
+
+
+def kl_monte_carlo(q: Gaussian, prior) -> torch.Tensor:
+    """KL(q || p) by one reparameterised draw: log q(z) - log p(z), the latter from the prior
+    module (a flow's includes its log-determinant). Mean over the batch."""
+    z = q.rsample()
+    log_q = (-0.5 * (((z - q.mean) ** 2) / q.logvar.exp() + q.logvar + math.log(2 * math.pi))).flatten(1).sum(1)
+    return (log_q - prior.log_prob(z)).mean()
 
 
 def sqerr(a, b):

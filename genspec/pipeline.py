@@ -1,20 +1,53 @@
-"""The torch-free front half of the pipeline: load -> resolve -> validate -> graph."""
+"""The torch-free front half of the pipeline: load -> resolve -> (expand sweep) -> validate -> graph."""
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
-from .errors import Collector
+from .errors import Collector, Problem, SpecError
 from .graph import build_graph
-from .resolve import resolve
+from .loader import Document
+from .resolve import apply_overrides, resolve
 from .spec import Spec
+from .sweep import Run, expand, is_sweep
 from .validate import validate
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
-    """Resolve and validate a spec and lint its graph. Raises SpecError with every problem."""
-    spec = validate(resolve(path, overrides))
+    """Resolve and validate a (single-run) spec and lint its graph. Raises SpecError with every problem."""
+    doc = resolve(path, overrides)
+    if is_sweep(doc):
+        raise SpecError([Problem(doc.where(("sweep",)), ("sweep",),
+                                 "this spec is a sweep of several runs; use load_runs (or genspec run / validate on it)")])
+    return check(doc)
+
+
+def check(doc: Document) -> Spec:
+    spec = validate(doc)
     problems = Collector(spec.doc.where)
     spec.graph_nx = build_graph(spec, problems)
     problems.raise_if_any()
     return spec
+
+
+def load_runs(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None) -> list[tuple[Run, Spec]]:
+    """Every run of a spec: one for a plain spec, the factorial for a sweep. Command-line
+    overrides apply to each run after its levels. Problems of all runs are reported together."""
+    doc = resolve(path)
+    runs = expand(doc, only) if is_sweep(doc) else [Run("", {}, doc)]
+    out, problems, seen = [], [], set()
+    for run in runs:
+        try:
+            run.doc = apply_overrides(Document(copy.deepcopy(run.doc.data), dict(run.doc.locations), run.doc.file),
+                                      overrides or [])
+            out.append((run, check(run.doc)))
+        except SpecError as exc:
+            for p in exc.problems:
+                key = (p.location, p.path, p.message)
+                if key not in seen:  # the same mistake in a shared part is reported once
+                    seen.add(key)
+                    problems.append(Problem(p.location, p.path, p.message + (f" [in run {run.id}]" if run.id else "")))
+    if problems:
+        raise SpecError(problems)
+    return out

@@ -38,7 +38,7 @@ EXPRESSION_OPS: dict[str, dict] = {
     "rsample": {"args": ("dist",), "result": "tensor", "doc": "reparameterised draw from a Gaussian head"},
     "sample": {"args": ("latent",), "result": "tensor", "doc": "a batch of draws from a latent's prior"},
     "mean_of": {"args": ("dist",), "result": "tensor", "doc": "the mean of a Gaussian head"},
-    "kl": {"args": ("dist", "latent"), "result": "scalar", "doc": "KL(q || prior), summed over latent dims, mean over the batch"},
+    "kl": {"args": ("dist", "latent"), "result": "scalar", "doc": "KL(q || prior), summed over latent dims, mean over the batch: analytic for a normal prior, a one-draw Monte Carlo estimate for a flow"},
     "sqerr": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "squared error summed per example, mean over the batch"},
     "mse": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "mean squared error over all elements"},
     "l1": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "mean absolute error over all elements"},
@@ -71,7 +71,10 @@ INITS: dict[str, tuple] = {
 PRIORS: dict[str, tuple] = {
     "normal": (),
     "uniform": ("low", "high"),
+    "realnvp": (),
 }
+# Keyword parameters of priors, with their defaults: realnvp(flows=6, hidden=64).
+PRIOR_KWARGS: dict[str, dict] = {"realnvp": {"flows": 2, "hidden": 64}}
 
 DATASETS = ("digits", "mnist", "fashion_mnist", "image_folder")
 

@@ -20,7 +20,12 @@ _INDEX = re.compile(r"^(.*?)\[(-?\d+)\]$")
 def resolve(path: str | Path, overrides: list[str] | None = None) -> Document:
     """Load `path`, follow its `extends` chain and apply `--set` overrides."""
     doc = _load_with_bases(Path(path), seen=())
-    for text in overrides or []:
+    apply_overrides(doc, overrides or [])
+    return doc
+
+
+def apply_overrides(doc: Document, overrides: list[str]) -> Document:
+    for text in overrides:
         _apply_override(doc, text)
     return doc
 
@@ -49,16 +54,28 @@ def merge(base: Document, child: Document) -> Document:
         return child
     locations = dict(base.locations)
     locations.update(child.locations)
-    data = _merge_data(copy.deepcopy(base.data), child.data)
+    data = _merge_data(copy.deepcopy(base.data), child.data, (), child.where)
     return Document(data, locations, child.file)
 
 
-def _merge_data(base, child):
+def _merge_data(base, child, path: tuple, where):
     if isinstance(base, dict) and isinstance(child, dict):
         for key, value in child.items():
-            base[key] = _merge_data(base[key], value) if key in base else copy.deepcopy(value)
+            base[key] = _merge_data(base[key], value, path + (key,), where) if key in base else copy.deepcopy(value)
         return base
+    if isinstance(base, list) and isinstance(child, dict) and child and all(_is_index(k) for k in child):
+        # {3: ..., -1: ...} patches items of a list: a variant changes one row, not the whole table
+        out = list(base)
+        for index, value in child.items():
+            if not -len(out) <= index < len(out):
+                raise SpecError([Problem(where(path + (index,)), path + (index,), f"no item {index} to patch: the list has {len(out)}")])
+            out[index] = _merge_data(out[index], value, path + (index,), where)
+        return out
     return copy.deepcopy(child)
+
+
+def _is_index(key) -> bool:
+    return isinstance(key, int) and not isinstance(key, bool)
 
 
 def split_key(text: str) -> tuple:

@@ -12,8 +12,14 @@ from .shapes import NetworkInfo
 class Latent:
     name: str
     shape: tuple
-    prior: str  # "normal" or "uniform"
+    prior: str  # "normal", "uniform" or "realnvp"
     prior_args: tuple = ()
+    prior_kwargs: dict = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> bool:
+        """A flow prior has parameters, trained by the objective that lists the latent."""
+        return self.prior == "realnvp"
 
 
 @dataclass

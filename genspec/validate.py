@@ -15,7 +15,7 @@ from pathlib import Path
 from . import expr as E
 from .errors import Collector, SpecError
 from .loader import Document
-from .registry import DATASET_CLASSES, DATASET_SHAPES, INITS, OPTIMIZERS, PRIORS
+from .registry import DATASET_CLASSES, DATASET_SHAPES, INITS, OPTIMIZERS, PRIOR_KWARGS, PRIORS
 from .rows import RowError, parse_row
 from .shapes import ShapeError, infer_network
 from .spec import Latent, Network, Objective, Phase, Spec
@@ -179,7 +179,7 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
             networks[name] = net
     graph = _expressions("graph", raw.get("graph", {}), problems)
     losses = _expressions("losses", raw.get("losses", {}), problems)
-    objectives = _objectives(raw["objectives"], networks, set(raw["networks"]), params, problems)
+    objectives = _objectives(raw["objectives"], networks, set(raw["networks"]), latents, params, problems)
     train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
     phases = _phases(train, objectives, problems)
     evaluate = {**EVALUATE_DEFAULTS, **raw.get("evaluate", {})}
@@ -217,32 +217,57 @@ def _data_shape(data: dict, problems: Collector) -> tuple:
 def _latent(name: str, entry: dict, params: dict, problems: Collector) -> Latent:
     shape = entry["shape"]
     shape = (shape,) if isinstance(shape, int) else tuple(shape)
-    prior, args = _call_of(("latent", name, "prior"), entry.get("prior", "normal"), PRIORS, params, problems)
+    path = ("latent", name, "prior")
+    prior, args, kwargs = _call_of(path, entry.get("prior", "normal"), PRIORS, params, problems, PRIOR_KWARGS)
     if prior == "uniform" and len(args) == 2 and not args[0] < args[1]:
-        problems.add(("latent", name, "prior"), "uniform(low, high) needs low < high")
-    return Latent(name, shape, prior or "normal", tuple(args))
+        problems.add(path, "uniform(low, high) needs low < high")
+    if prior == "realnvp":
+        for key, value in kwargs.items():
+            if value != int(value) or value < 1:
+                problems.add(path, f"realnvp: {key} must be a whole number >= 1, got {value:g}")
+        if len(shape) and _size(shape) < 2:
+            problems.add(path, "a realnvp prior needs a latent of at least 2 dimensions")
+    return Latent(name, shape, prior or "normal", tuple(args), {k: int(v) for k, v in kwargs.items()})
 
 
-def _call_of(path: tuple, text: str, table: dict, params: dict, problems: Collector):
-    """Parse `name` or `name(a, b)` whose args are constants; check them against `table`."""
+def _size(shape) -> int:
+    out = 1
+    for d in shape:
+        out *= d
+    return out
+
+
+def _call_of(path: tuple, text: str, table: dict, params: dict, problems: Collector, keywords: dict | None = None):
+    """Parse `name`, `name(a, b)` or `name(k=v)` whose args are constants; check them against `table`.
+
+    Returns (name, positional args, keyword args with defaults filled in); name None on a problem.
+    """
+    keywords = keywords or {}
     try:
         node = E.parse(text)
         if isinstance(node, E.Name):
-            name, args = node.id, []
-        elif isinstance(node, E.Call) and not node.kwargs:
-            name, args = node.func, [E.constant(a, params) for a in node.args]
+            name, args, kwargs = node.id, [], {}
+        elif isinstance(node, E.Call):
+            name = node.func
+            args = [E.constant(a, params) for a in node.args]
+            kwargs = {k: E.constant(v, params) for k, v in node.kwargs}
         else:
             raise E.ExprError("expected a name or a call like normal(0, 0.02)")
     except E.ExprError as exc:
         problems.add(path, str(exc))
-        return None, []
+        return None, [], {}
     if name not in table:
         problems.add(path, f"unknown {path[-1]} {name!r}; known: {', '.join(table)}")
-        return None, []
+        return None, [], {}
     if len(args) != len(table[name]):
         problems.add(path, f"{name} takes {len(table[name])} argument(s) ({', '.join(table[name]) or 'none'}), got {len(args)}")
-        return None, []
-    return name, args
+        return None, [], {}
+    allowed = keywords.get(name, {})
+    unknown = [k for k in kwargs if k not in allowed]
+    if unknown:
+        problems.add(path, f"{name} has no argument {unknown[0]!r}" + (f"; it takes {', '.join(allowed)}" if allowed else ""))
+        return None, [], {}
+    return name, args, {**allowed, **kwargs}
 
 
 def _network(name, entry, data_shape, latents, params, problems) -> Network | None:
@@ -255,7 +280,7 @@ def _network(name, entry, data_shape, latents, params, problems) -> Network | No
         except RowError as exc:
             problems.add(path + ("layers", i), str(exc))
             ok = False
-    init, init_args = _call_of(path + ("init",), entry.get("init", "default"), INITS, params, problems)
+    init, init_args, _ = _call_of(path + ("init",), entry.get("init", "default"), INITS, params, problems)
     if not ok or input_shape is None:
         return None
     try:
@@ -289,7 +314,7 @@ def _expressions(section: str, entries: dict, problems: Collector) -> dict:
     return out
 
 
-def _objectives(entries: dict, networks: dict, declared: set, params: dict, problems: Collector) -> dict:
+def _objectives(entries: dict, networks: dict, declared: set, latents: dict, params: dict, problems: Collector) -> dict:
     out = {}
     owner: dict[str, str] = {}
     for name, entry in entries.items():
@@ -297,15 +322,25 @@ def _objectives(entries: dict, networks: dict, declared: set, params: dict, prob
         nets = entry.get("networks", [name])
         for i, net in enumerate(nets):
             where = path + (("networks", i) if "networks" in entry else ())
+            if net in latents:
+                if not latents[net].trainable:
+                    problems.add(where, f"latent {net!r} has a {latents[net].prior} prior, with nothing to train")
+                elif net in owner:
+                    problems.add(where, f"parameters of the prior of {net!r} routed to two optimisers (objectives {owner[net]!r} and {name!r})")
+                owner[net] = name
+                continue
             if net not in networks:
                 if net not in declared:  # a declared network with a bad table has been reported already
                     problems.add(where, f"no network named {net!r} to train" + _suggest(net, declared))
                 continue
             if net in owner:
                 problems.add(where, f"parameters of network {net!r} routed to two optimisers (objectives {owner[net]!r} and {name!r})")
-            owner[net] = name
-            if networks[net].info.trainable == 0:
-                problems.add(where, f"network {net!r} is entirely frozen: nothing for this objective to train")
+            owner[net] = name  # an entirely frozen network may be listed: it simply has nothing to train
+        trainable = [n for n in nets if (n in networks and networks[n].info.trainable) or (n in latents and latents[n].trainable)]
+        if not trainable and all(n in networks or n in latents for n in nets):
+            problems.add(path + (("networks",) if "networks" in entry else ()),
+                         f"nothing for this objective to train: {', '.join(repr(n) for n in nets)} "
+                         f"{'is' if len(nets) == 1 else 'are'} entirely frozen")
         try:
             minimize = E.parse(entry["minimize"])
         except E.ExprError as exc:
@@ -313,6 +348,10 @@ def _objectives(entries: dict, networks: dict, declared: set, params: dict, prob
             continue
         optimizer, args = _optimizer(path + ("optimizer",), entry["optimizer"], params, problems)
         out[name] = Objective(name, list(nets), minimize, optimizer or "adam", args)
+    for name, latent in latents.items():
+        if latent.trainable and name not in owner:
+            problems.add(("latent", name, "prior"), f"the {latent.prior} prior of {name!r} has parameters but no objective trains it "
+                         f"(list {name!r} in the networks of the objective that should)")
     for net, info in networks.items():
         if net not in owner and info.info.trainable > 0:
             problems.add(("networks", net), f"network {net!r} has {info.info.trainable} trainable parameters but no objective trains it "

@@ -69,8 +69,8 @@ EXPECTED = {
         "trains it (add an objective, or `freeze: true`)",
     ],
     "frozen_network_trained": [
-        "frozen_network_trained.yaml:40:25: objectives.vae.networks[1]: network 'dec' is entirely frozen: nothing for "
-        "this objective to train",
+        "frozen_network_trained.yaml:41:9: objectives.vae.networks: nothing for this objective to train: 'enc', 'dec' "
+        "are entirely frozen",
     ],
     "loss_ignores_network": [
         "loss_ignores_network.yaml:39:31: objectives.vae.minimize: the loss does not depend on network 'dec', so this "

@@ -166,7 +166,7 @@ def test_network_output_that_does_not_match_its_target_names_the_producing_row()
 
 def test_kl_needs_matching_shapes_and_a_normal_prior():
     (problem,) = problems_of(quickstart_with(("  z: {shape: [8], prior: normal}", "  z: {shape: [8], prior: 'uniform(-1, 1)'}")))
-    assert problem.endswith("losses.kl: kl: analytic KL needs a normal prior; latent 'z' is uniform")
+    assert problem.endswith("losses.kl: kl: needs a normal or realnvp prior; latent 'z' is uniform")
     text = quickstart_with(("  z: {shape: [8], prior: normal}", "  z: {shape: [8], prior: normal}\n  w: {shape: 4}"),
                            ("  kl: kl(q, z)\n", "  kl: kl(q, z) + kl(q, w)\n"))
     (problem,) = problems_of(text)

@@ -85,7 +85,7 @@ def test_sample_grid_is_the_decoder_applied_to_seeded_prior_draws(run_dir, tmp_p
     run = genspec.load_run(run_dir)
     torch.manual_seed(3)
     with torch.no_grad():
-        images = sample_images(run.networks["dec"], run.spec.latents["z"], 9, "cpu")
+        images = sample_images(run.networks["dec"], run.priors["z"], 9, "cpu")
     expected = tmp_path / "expected.png"
     save_image(to_unit(images, run.spec), expected, nrow=3, padding=2, pad_value=0.5)
     assert Image.open(target).size == (side(3), side(3))

@@ -102,7 +102,7 @@ SCHEMA = [
     ("data.range=[0, 2]", "--set data.range=[0, 2]: data.range: [0, 2] is not one of [0, 1], [-1, 1]"),
     ("latent.z.shape=eight", "--set latent.z.shape=eight: latent.z.shape: expected integer or list, got string 'eight'"),
     ("latent.z={}", "--set latent.z={}: latent.z: missing required key 'shape'"),
-    ("latent.z.prior=gamma", "--set latent.z.prior=gamma: latent.z.prior: 'gamma' is not allowed here (normal, or uniform(low, high).)"),
+    ("latent.z.prior=gamma", "--set latent.z.prior=gamma: latent.z.prior: 'gamma' is not allowed here (normal, uniform(low, high), or realnvp(flows=K, hidden=H) (a trainable flow prior).)"),
     ("networks.enc.layers=[]", "--set networks.enc.layers=[]: networks.enc.layers: minItems is 1"),
     ("networks.enc.layers[0]=5", "--set networks.enc.layers[0]=5: networks.enc.layers[0]: expected mapping or string, got integer 5"),
     ("networks.enc.init=orthogonal", "--set networks.enc.init=orthogonal: networks.enc.init: 'orthogonal' is not allowed here "
@@ -252,10 +252,15 @@ def test_an_objective_does_not_repeat_the_problem_of_a_broken_network():
     assert problems == ["--set networks.dec.layers[0]=fc 0: networks.dec.layers[0]: sizes must be positive"]
 
 
-def test_entirely_frozen_network_cannot_be_trained():
-    assert set_problems("networks.dec.freeze=true") == [
-        f"{QUICKSTART}:{_line('  vae: {networks')}:25: objectives.vae.networks[1]: "
-        "network 'dec' is entirely frozen: nothing for this objective to train"]
+def test_an_objective_with_only_frozen_networks_has_nothing_to_train():
+    assert set_problems("networks.dec.freeze=true", "networks.enc.freeze=true") == [
+        f"{QUICKSTART}:{_line('  vae: {networks')}:9: objectives.vae.networks: "
+        "nothing for this objective to train: 'enc', 'dec' are entirely frozen"]
+
+
+def test_a_frozen_network_beside_a_trainable_one_is_fine():
+    spec = load_spec(QUICKSTART, ["networks.enc.freeze=true"])  # the thesis's non-learnable encoder
+    assert spec.networks["enc"].info.trainable == 0 and spec.networks["dec"].info.trainable > 0
 
 
 def _line(prefix: str) -> int:
