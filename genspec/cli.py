@@ -16,15 +16,19 @@ from .errors import RunError, SpecError
 
 
 def cmd_validate(args) -> int:
-    from .pipeline import load_spec
+    from .pipeline import load_runs
 
     failed = []
     for path in args.specs:
         try:
-            spec = load_spec(path, args.set)
+            runs = load_runs(path, args.set, args.only)
         except SpecError as exc:
             failed.append(exc)
             continue
+        if len(runs) > 1 or runs[0][0].id:
+            print(f"{path}: ok ({runs[0][1].name}: a sweep of {len(runs)} runs, each valid)")
+            continue
+        spec = runs[0][1]
         nets = ", ".join(f"{n} {net.info.trainable + net.info.frozen:,}" for n, net in spec.networks.items())
         print(f"{path}: ok ({spec.name}: {nets} parameters)")
     if failed:
@@ -33,14 +37,18 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .pipeline import load_spec
+    from .pipeline import load_runs
     from .report import layer_tables, optimiser_table, show_json
 
-    spec = load_spec(args.spec, args.set)
+    runs = load_runs(args.spec, args.set, args.only)
     if args.json:
-        print(json.dumps(show_json(spec), indent=2))
-    else:
-        print(layer_tables(spec) + "\n\n" + optimiser_table(spec))
+        shown = {run.id: show_json(spec) for run, spec in runs}
+        print(json.dumps(shown[""] if list(shown) == [""] else {"runs": shown}, indent=2))
+        return 0
+    for run, spec in runs:
+        if run.id:
+            print(f"=== {run.id}\n")
+        print(layer_tables(spec) + "\n\n" + optimiser_table(spec) + ("\n" if run.id else ""))
     return 0
 
 
@@ -60,9 +68,17 @@ def cmd_graph(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import load_spec
+    from .pipeline import load_runs
 
-    spec = load_spec(args.spec, args.set)  # every spec problem surfaces before anything is written
+    runs = load_runs(args.spec, args.set, args.only)  # every spec problem surfaces before anything is written
+    if runs[0][0].id or len(runs) > 1:
+        from .study import run_study
+
+        if args.resume:
+            raise RunError("a study resumes by itself: run it again (finished runs are skipped, interrupted ones resumed)")
+        run_study(args.spec, args.set, args.only, args.out, overwrite=args.overwrite, progress=not args.no_progress)
+        return 0
+    spec = runs[0][1]
     from .train import run
 
     metrics = run(spec, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
@@ -148,10 +164,15 @@ def parser() -> argparse.ArgumentParser:
                          help="override a spec value, e.g. --set train.epochs=2 (repeatable)")
         return cmd
 
-    v = with_set(sub.add_parser("validate", help="check specs without running them"))
+    def with_only(cmd):
+        cmd.add_argument("--only", action="append", default=[], metavar="FACTOR=LEVEL",
+                         help="for a sweep: only the runs at this level (repeatable)")
+        return cmd
+
+    v = with_only(with_set(sub.add_parser("validate", help="check specs without running them")))
     v.add_argument("specs", nargs="+")
     v.set_defaults(func=cmd_validate)
-    s = with_set(sub.add_parser("show", help="print each network's layer table with shapes and parameter counts"))
+    s = with_only(with_set(sub.add_parser("show", help="print each network's layer table with shapes and parameter counts")))
     s.add_argument("spec")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_show)
@@ -188,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_tune)
-    r = with_set(sub.add_parser("run", help="train and evaluate a spec, writing a report"))
+    r = with_only(with_set(sub.add_parser("run", help="train and evaluate a spec (or every run of a sweep), writing a report")))
     r.add_argument("spec")
     r.add_argument("--out", help="output folder (default reports/<name>/)")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")

@@ -51,8 +51,15 @@ def load_data(data: dict, seed: int) -> Splits:
         pools = [_digits()]
     elif dataset in ("mnist", "fashion_mnist"):
         pools = _torchvision_mnist(dataset, data)
+    elif dataset == "svhn":
+        pools = _svhn(data)
     else:
         pools = [_image_folder(data)]
+    pool = data.get("pool", "official")
+    if len(pools) == 2 and pool == "train":
+        pools = pools[:1]  # every split drawn from the official training set (the thesis's 25k/10k/25k)
+    elif len(pools) == 2 and pool == "all":
+        pools = [(torch.cat([pools[0][0], pools[1][0]]), torch.cat([pools[0][1], pools[1][1]]))]
     pools = [(_transform(x, data), y) for x, y in pools]
     return _split(pools, data.get("split", {}), seed)
 
@@ -82,6 +89,23 @@ def _torchvision_mnist(dataset: str, data: dict):
                 f"or point data.root / GENSPEC_DATA at the folder holding {folder}/, or set data.download: true ({exc})"
             ) from None
         out.append((ds.data.unsqueeze(1).float() / 255.0, ds.targets.clone().long()))
+    return out
+
+
+def _svhn(data: dict):
+    """The cropped-digits SVHN (73,257 train / 26,032 test), through torchvision's loader."""
+    import torchvision
+
+    root = data_root(data)
+    out = []
+    for split in ("train", "test"):
+        try:
+            ds = torchvision.datasets.SVHN(str(root), split=split, download=bool(data.get("download")))
+        except RuntimeError as exc:
+            raise RunError(f"svhn not found under {root.resolve()}: put train_32x32.mat and test_32x32.mat (the cropped "
+                           f"digits of the SVHN site) directly in {root.resolve()}, or point data.root / GENSPEC_DATA at "
+                           f"the folder holding them, or set data.download: true ({exc})") from None
+        out.append((torch.from_numpy(ds.data).float() / 255.0, torch.from_numpy(ds.labels).long() % 10))
     return out
 
 

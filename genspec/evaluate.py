@@ -192,7 +192,9 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
         "test": evaluate_losses(spec, model, splits.test),
         "train_last_epoch": history[-1]["train"] if history else {},
         "time_per_epoch_s": sum(h["time_s"] for h in history) / len(history) if history else None,
-        "params": {name: {"trainable": net.info.trainable, "frozen": net.info.frozen} for name, net in spec.networks.items()},
+        "params": {**{name: {"trainable": net.info.trainable, "frozen": net.info.frozen} for name, net in spec.networks.items()},
+                   **{f"prior:{name}": {"trainable": sum(p.numel() for p in prior.parameters()), "frozen": 0}
+                      for name, prior in model.priors.items() if any(True for _ in prior.parameters())}},
         "data": {"dataset": spec.data["dataset"], "train": len(splits.train), "test": len(splits.test),
                  "val": len(splits.val) if splits.val else 0, "notes": splits.notes},
     }

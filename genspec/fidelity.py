@@ -160,11 +160,23 @@ def adapt_images(x: torch.Tensor, input_shape: tuple, value_range) -> torch.Tens
     return x * 2 - 1 if list(value_range) == [-1, 1] else x
 
 
+def choose_extractor(evaluate: dict):
+    """`inception`, or a classifier mapping; with inception_if_available, Inception when its weights are on disk."""
+    extractor = evaluate.get("extractor", "inception")
+    if isinstance(extractor, dict) and extractor.get("inception_if_available"):
+        try:
+            inception_weights(evaluate)
+            return "inception"
+        except RunError:
+            return extractor
+    return extractor
+
+
 def preflight(evaluate: dict) -> None:
     """Fail before training, not after it, when the feature extractor is missing."""
     if not requested(evaluate):
         return
-    extractor = evaluate.get("extractor", "inception")
+    extractor = choose_extractor(evaluate)
     if extractor == "inception":
         _safe_check(inception_weights(evaluate))
     elif not (Path(extractor["classifier"]) / "checkpoint.pt").is_file():
@@ -186,7 +198,7 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
     tf = _torch_fidelity()
     evaluate = spec.evaluate
     asked = requested(evaluate)
-    extractor = evaluate.get("extractor", "inception")
+    extractor = choose_extractor(evaluate)
     value_range = spec.data.get("range", [0, 1])
     kwargs = {}
     if extractor == "inception":
@@ -198,6 +210,11 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
                     "resize": "torch-fidelity's TF1-compatible bilinear to 299x299"}
     else:
         name, protocol = classifier_extractor(extractor["classifier"], extractor.get("network"))
+        pad = spec.data.get("pad", 0)
+        if pad:  # the classifier saw unpadded images: undo the spec's padding rather than shrink the digit
+            generate_padded, generate = generate, lambda n: generate_padded(n)[..., pad:-pad, pad:-pad]
+            reference = reference[..., pad:-pad, pad:-pad]
+            protocol["crop"] = f"{pad} pixels of padding removed before the classifier"
     ref_info = evaluate.get("reference", {})
     protocol.update({"reference_split": ref_info.get("split", "test"), "reference_size": len(reference),
                      "samples": {m: a.get("samples", DEFAULT_SAMPLES) for m, a in asked.items()}})

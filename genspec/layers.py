@@ -44,6 +44,22 @@ class GaussianHead(nn.Module):
         return Gaussian(mean.reshape(-1, *self.out_shape), logvar.reshape(-1, *self.out_shape))
 
 
+class ConvGaussianHead(nn.Module):
+    """A convolutional gaussian head: 2C channels split into mean and log-variance (C with `var=`)."""
+
+    def __init__(self, conv: nn.Module, var: float | None):
+        super().__init__()
+        self.conv = conv
+        self.fixed_logvar = None if var is None else math.log(var)
+
+    def forward(self, x: torch.Tensor) -> Gaussian:
+        h = self.conv(x)
+        if self.fixed_logvar is not None:
+            return Gaussian(h, torch.full_like(h, self.fixed_logvar))
+        mean, logvar = h.chunk(2, dim=1)
+        return Gaussian(mean, logvar)
+
+
 class Reshape(nn.Module):
     def __init__(self, shape: tuple):
         super().__init__()
@@ -119,15 +135,13 @@ def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
     bias = row.get("bias", True)
     if op == "fc":
         return Dense(math.prod(in_shape), out_shape, bias, _post(row, out_shape))
+    if op == "gaussian" and "kernel" in row:
+        channels = row["out"] * (1 if "var" in row else 2)
+        return ConvGaussianHead(_conv(row, in_shape, channels, bias), row.get("var"))
     if op == "gaussian":
         return GaussianHead(math.prod(in_shape), out_shape, row.get("var"), bias)
     if op == "conv":
-        left, right, top, bottom = conv_padding(row, in_shape[1], in_shape[2])
-        if left == right and top == bottom and left == top:
-            main = nn.Conv2d(in_shape[0], row["out"], row["kernel"], row["stride"], left, bias=bias)
-        else:  # an even kernel's 'same' padding is one pixel larger right and bottom
-            main = nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)),
-                                 nn.Conv2d(in_shape[0], row["out"], row["kernel"], row["stride"], 0, bias=bias))
+        main = _conv(row, in_shape, row["out"], bias)
     elif op == "deconv":
         p, extra = deconv_padding(row)
         main = nn.ConvTranspose2d(in_shape[0], row["out"], row["kernel"], row["stride"], p, extra, bias=bias)
@@ -153,6 +167,15 @@ def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
         main = _activation(op, row.get("slope", 0.01))
     post = _post(row, out_shape)
     return nn.Sequential(main, *post) if post else main
+
+
+def _conv(row: dict, in_shape: tuple, channels: int, bias: bool) -> nn.Module:
+    left, right, top, bottom = conv_padding(row, in_shape[1], in_shape[2])
+    if left == right and top == bottom and left == top:
+        return nn.Conv2d(in_shape[0], channels, row["kernel"], row["stride"], left, bias=bias)
+    # an even kernel's 'same' padding is one pixel larger right and bottom
+    return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)),
+                         nn.Conv2d(in_shape[0], channels, row["kernel"], row["stride"], 0, bias=bias))
 
 
 class TableNet(nn.Module):

@@ -10,7 +10,7 @@ from .graph import build_graph
 from .loader import Document
 from .resolve import apply_overrides, resolve
 from .spec import Spec
-from .sweep import Run, expand, is_sweep
+from .sweep import STUDY_KEYS, Run, expand, is_sweep
 from .validate import validate
 
 
@@ -31,16 +31,23 @@ def check(doc: Document) -> Spec:
     return spec
 
 
+def split_overrides(overrides: list[str]) -> tuple[list[str], list[str]]:
+    """`--set repeats=2` or `--set sweep...` change the study; every other override changes each run."""
+    study = [o for o in overrides if o.split("=", 1)[0].split(".")[0].split("[")[0] in STUDY_KEYS]
+    return study, [o for o in overrides if o not in study]
+
+
 def load_runs(path: str | Path, overrides: list[str] | None = None, only: list[str] | None = None) -> list[tuple[Run, Spec]]:
     """Every run of a spec: one for a plain spec, the factorial for a sweep. Command-line
     overrides apply to each run after its levels. Problems of all runs are reported together."""
-    doc = resolve(path)
+    study_level, per_run = split_overrides(overrides or [])
+    doc = resolve(path, study_level)
     runs = expand(doc, only) if is_sweep(doc) else [Run("", {}, doc)]
     out, problems, seen = [], [], set()
     for run in runs:
         try:
             run.doc = apply_overrides(Document(copy.deepcopy(run.doc.data), dict(run.doc.locations), run.doc.file),
-                                      overrides or [])
+                                      per_run)
             out.append((run, check(run.doc)))
         except SpecError as exc:
             for p in exc.problems:

@@ -10,7 +10,7 @@ FORMAT_VERSION = 1
 
 TOP_LEVEL_KEYS = (
     "genspec", "name", "source", "extends", "params", "data", "latent", "networks",
-    "graph", "losses", "objectives", "train", "evaluate", "tune",
+    "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study",
 )
 
 # Activations that may stand as a row of their own or close a row (`conv ..., relu`).
@@ -76,11 +76,11 @@ PRIORS: dict[str, tuple] = {
 # Keyword parameters of priors, with their defaults: realnvp(flows=6, hidden=64).
 PRIOR_KWARGS: dict[str, dict] = {"realnvp": {"flows": 2, "hidden": 64}}
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "image_folder")
+DATASETS = ("digits", "mnist", "fashion_mnist", "svhn", "image_folder")
 
 # Native image shape (channels, height, width) of each built-in dataset.
-DATASET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28)}
-DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10}
+DATASET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "svhn": (3, 32, 32)}
+DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "svhn": 10}
 
 FREEZE_MODES = ("all_but_last",)
 

@@ -81,6 +81,8 @@ def _parse_main(words: list[str]) -> dict:
         raise RowError(f"unknown layer {op!r}; known: {', '.join(LAYER_OPS)}")
     if op in ("conv", "deconv"):
         return _parse_conv(op, args)
+    if op == "gaussian" and len(args) >= 2 and _DIMS.match(args[1]) and _INT.match(args[0]):
+        return _parse_conv_gaussian(args)
     if op in ("fc", "gaussian"):
         return _parse_dense(op, args)
     if op in ("maxpool", "avgpool"):
@@ -158,6 +160,19 @@ def _parse_dense(op: str, args: list[str]) -> dict:
         else:
             raise RowError(f"unexpected {word!r}: {usage}")
     return out
+
+
+def _parse_conv_gaussian(args: list[str]) -> dict:
+    """`gaussian 4 3x3 valid var=1e-6`: a convolutional head, its channels split into mean and log-variance."""
+    options = [w for w in args if _OPTION.match(w) and _OPTION.match(w).group(1) == "var"]
+    row = _parse_conv("conv", [w for w in args if w not in options])
+    row["op"] = "gaussian"
+    for word in options:
+        value = _OPTION.match(word).group(2)
+        if not _FLOAT.match(value) or not 0 < float(value) < math.inf:
+            raise RowError(f"var must be a positive number, got {value!r}")
+        row["var"] = float(value)
+    return row
 
 
 def _parse_upsample(args: list[str]) -> dict:
@@ -282,6 +297,14 @@ def format_row(row: dict) -> str:
             words.append(("/" if op == "conv" else "x") + str(row["stride"]))
         if "padding" in row:
             words.append(row["padding"] if isinstance(row["padding"], str) else f"pad {row['padding']}")
+    elif op == "gaussian" and "kernel" in row:
+        words += [str(row["out"]), f"{row['kernel']}x{row['kernel']}"]
+        if row.get("stride", 1) != 1:
+            words.append(f"/{row['stride']}")
+        if "padding" in row:
+            words.append(row["padding"] if isinstance(row["padding"], str) else f"pad {row['padding']}")
+        if "var" in row:
+            words.append(f"var={_num(row['var'])}")
     elif op in ("fc", "gaussian"):
         out = row["out"]
         words.append(str(out) if isinstance(out, int) else "x".join(str(d) for d in [*out[1:], out[0]]))

@@ -110,14 +110,17 @@ def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
     bias = row.get("bias", True)
     if op in ("conv", "deconv", "maxpool", "avgpool", "upsample", "crop") and len(shape) != 3:
         raise ShapeError(i, f"{op} needs a CxHxW input, got {fmt(shape)}")
-    if op == "conv":
+    if op == "conv" or (op == "gaussian" and "kernel" in row):
+        if len(shape) != 3:
+            raise ShapeError(i, f"a convolutional gaussian head needs a CxHxW input, got {fmt(shape)}")
         c, h, w = shape
         k, s = row["kernel"], row["stride"]
         left, right, top, bottom = conv_padding(row, h, w)
         oh, ow = (h + top + bottom - k) // s + 1, (w + left + right - k) // s + 1
         if oh < 1 or ow < 1:
             raise ShapeError(i, f"a {k}x{k} conv does not fit a {fmt(shape)} input")
-        return (row["out"], oh, ow), row["out"] * c * k * k + (row["out"] if bias else 0)
+        channels = row["out"] * (2 if op == "gaussian" and "var" not in row else 1)  # mean and log-variance
+        return (row["out"], oh, ow), channels * c * k * k + (channels if bias else 0)
     if op == "deconv":
         c, h, w = shape
         k, s = row["kernel"], row["stride"]

@@ -1,0 +1,204 @@
+"""Studies: run every configuration of a sweep with `repeats` seeds, then lay the results out
+as a paper's tables (mean and standard deviation per cell).
+
+Each run goes to `<out>/<factor=level,...>/seed<N>/`. A finished run (one with metrics.json)
+is skipped, an interrupted one (a checkpoint, no metrics.json) is resumed, so a study that
+was stopped picks up where it was. The report is `study.md` plus one CSV per table.
+"""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import math
+import statistics
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from .errors import RunError
+from .loader import Document
+from .pipeline import check, load_runs, split_overrides
+from .resolve import apply_overrides, resolve
+from .spec import Spec
+from .sweep import Run
+
+DEFAULT_METRICS = ("test", "time_per_epoch_s", "trainable")
+
+
+@dataclass
+class StudyRun:
+    run: Run
+    spec: Spec
+    seed: int
+    folder: Path
+
+
+def plan_study(path: str, overrides: list[str], only: list[str], out: Path | None) -> tuple[dict, list[StudyRun]]:
+    """Every (configuration, seed) of a study with its folder; the study section of the spec."""
+    doc = resolve(path, split_overrides(overrides)[0])
+    section = {"repeats": doc.data.get("repeats", 1), **(doc.data.get("study") or {})}
+    runs = load_runs(path, overrides, only)
+    name = runs[0][1].name
+    out = Path(out or Path("reports") / name)
+    planned = []
+    for run, spec in runs:
+        for k in range(section["repeats"]):
+            seed = spec.train["seed"] + k
+            seeded = check(apply_overrides(Document(copy.deepcopy(run.doc.data), dict(run.doc.locations), run.doc.file),
+                                           [f"train.seed={seed}"]))
+            planned.append(StudyRun(run, seeded, seed, out / (run.id or "run") / f"seed{seed}"))
+    order = {f: list(levels) for f, levels in (doc.data.get("sweep") or {}).items()}
+    return {**section, "out": out, "name": name, "factors": list(runs[0][0].levels), "order": order}, planned
+
+
+def run_study(path: str, overrides: list[str], only: list[str], out: Path | None, overwrite: bool = False,
+              progress: bool = True) -> dict:
+    from .train import run
+
+    section, planned = plan_study(path, overrides, only, out)
+    done = skipped = 0
+    for i, item in enumerate(planned, 1):
+        status = _status(item.folder)
+        label = f"[{i}/{len(planned)}] {item.run.id or item.spec.name} seed {item.seed}"
+        if status == "finished" and not overwrite:
+            print(f"study: {label}: finished earlier, skipped", file=sys.stderr, flush=True)
+            skipped += 1
+            continue
+        print(f"study: {label}", file=sys.stderr, flush=True)
+        run(item.spec, out=item.folder, resume=status == "interrupted" and not overwrite, overwrite=overwrite,
+            progress=progress)
+        done += 1
+    report = write_study_report(section, planned)
+    print(f"study: {done} run(s) trained, {skipped} skipped; report in {report}", file=sys.stderr, flush=True)
+    return {"runs": len(planned), "trained": done, "skipped": skipped, "report": str(report)}
+
+
+def _status(folder: Path) -> str:
+    if (folder / "metrics.json").exists():
+        return "finished"
+    if (folder / "checkpoint.pt").exists():
+        return "interrupted"
+    return "new"
+
+
+# ---------------------------------------------------------------- tables
+
+def metric_value(metrics: dict, key: str):
+    """A dotted path into metrics.json; `trainable` / `frozen` sum the networks' parameter counts."""
+    if key in ("trainable", "frozen"):
+        return sum(net[key] for net in metrics.get("params", {}).values())
+    value = metrics
+    for part in key.split("."):
+        if not isinstance(value, dict) or part not in value:
+            return None
+        value = value[part]
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _tables(section: dict, finished: list[tuple[StudyRun, dict]]) -> list[dict]:
+    tables = section.get("tables")
+    if tables:
+        return tables
+    keys = []
+    for _, metrics in finished[:1]:
+        keys += [f"test.{k}" for k in metrics.get("test", {})]
+        keys += [f"fidelity.{k}" for k in metrics.get("fidelity", {})]
+    keys += ["time_per_epoch_s", "trainable"]
+    return [{"metric": k, "title": k} for k in keys]
+
+
+def write_study_report(section: dict, planned: list[StudyRun]) -> Path:
+    out: Path = section["out"]
+    out.mkdir(parents=True, exist_ok=True)
+    finished = [(item, json.loads((item.folder / "metrics.json").read_text())) for item in planned
+                if (item.folder / "metrics.json").exists()]
+    factors = section["factors"]
+    columns = section.get("columns") or factors[:1]
+    rows = section.get("rows") or [f for f in factors if f not in columns]
+    lines = [f"# Study {section['name']}", "",
+             f"{len(finished)} of {len(planned)} runs finished; {section['repeats']} seed(s) per configuration. "
+             f"Cells: mean (M) and standard deviation (Std) over the seeds; rows {' x '.join(rows) or '-'}, "
+             f"columns {' x '.join(columns) or '-'}.", ""]
+    extractors = sorted({m.get("protocol", {}).get("extractor") for _, m in finished if m.get("protocol")})
+    for table in _tables(section, finished):
+        grid = _grid(finished, table["metric"], rows, columns)
+        lines += _markdown_table(table, grid, rows, columns, section.get("order", {}))
+        if table["metric"].startswith("fidelity.") and extractors:
+            lines += [f"Feature extractor: {'; '.join(extractors)}.", ""]
+        _write_csv(out / f"study_{_slug(table['metric'])}.csv", grid, rows, columns, table["metric"])
+    lines += ["## Runs", "", "| run | seed | " + " | ".join(["report", "samples", "reconstructions", "interpolations"]) + " |",
+              "|---|---|---|---|---|---|"]
+    for item in planned:
+        rel = item.folder.relative_to(out)
+        links = [f"[{name}]({rel}/{file})" if (item.folder / file).exists() else "-" for name, file in
+                 (("report", "report.md"), ("samples", "samples.png"), ("recon.", "reconstructions.png"),
+                  ("interp.", "interpolations.png"))]
+        lines.append(f"| {item.run.id or item.spec.name} | {item.seed} | " + " | ".join(links) + " |")
+    path = out / "study.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _grid(finished, metric: str, rows: list, columns: list) -> dict:
+    """{(row levels, column levels): [values over seeds]}"""
+    grid: dict = {}
+    for item, metrics in finished:
+        value = metric_value(metrics, metric)
+        key = (tuple(item.run.levels.get(f, "") for f in rows), tuple(item.run.levels.get(f, "") for f in columns))
+        grid.setdefault(key, [])
+        if value is not None:
+            grid[key].append(float(value))
+    return grid
+
+
+def _stats(values: list) -> tuple:
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    return mean, statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _fmt(value) -> str:
+    if value is None or (isinstance(value, float) and not math.isfinite(value)):
+        return "-"
+    return f"{value:,.0f}" if abs(value) >= 1000 else f"{value:.2f}" if abs(value) >= 1 else f"{value:.4f}"
+
+
+def _in_declared_order(keys: set, factors: list, order: dict) -> list:
+    """Levels in the order the sweep declares them (L, PNL, NL, RKS), not alphabetically."""
+    def rank(key):
+        return [order.get(f, []).index(level) if level in order.get(f, []) else 0 for f, level in zip(factors, key)]
+    return sorted(keys, key=rank)
+
+
+def _markdown_table(table: dict, grid: dict, rows: list, columns: list, order: dict) -> list[str]:
+    row_keys = _in_declared_order({k[0] for k in grid}, rows, order)
+    col_keys = _in_declared_order({k[1] for k in grid}, columns, order)
+    head = [*rows] + [f"{','.join(c)} M | {','.join(c)} Std" for c in col_keys]
+    lines = [f"## {table.get('title', table['metric'])}", "", f"`{table['metric']}`", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * (len(rows) + 2 * len(col_keys))]
+    for r in row_keys:
+        cells = []
+        for c in col_keys:
+            mean, std = _stats(grid.get((r, c), []))
+            cells += [_fmt(mean), _fmt(std)]
+        lines.append("| " + " | ".join([*r, *cells]) + " |")
+    return lines + [""]
+
+
+def _write_csv(path: Path, grid: dict, rows: list, columns: list, metric: str) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*rows, *columns, "metric", "mean", "std", "n"])
+        for (r, c), values in sorted(grid.items(), key=lambda kv: [str(x) for x in kv[0][0] + kv[0][1]]):
+            mean, std = _stats(values)
+            writer.writerow([*r, *c, metric, mean, std, len(values)])
+
+
+def _slug(text: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_" else "_" for ch in text)
+
+
+__all__ = ["plan_study", "run_study", "write_study_report", "metric_value", "RunError"]
