@@ -18,7 +18,7 @@ from torch import nn
 from . import expr as E
 from .graph import plan
 from .layers import Gaussian, build_network
-from .ops import TENSOR_OPS, kl_monte_carlo, kl_normal
+from .ops import TENSOR_OPS, SoftLabel, kl_monte_carlo, kl_normal
 from .priors import build_prior
 from .spec import Spec
 
@@ -74,6 +74,9 @@ class Compiler:
         if name in spec.params:
             value = float(spec.params[name])
             return lambda env: value
+        if name in spec.labels:
+            label = SoftLabel(**spec.labels[name])
+            return lambda env: label
         key = f"loss:{name}"
         return lambda env: env[key]
 

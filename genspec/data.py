@@ -9,6 +9,7 @@ where the files go.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,6 +54,8 @@ def load_data(data: dict, seed: int) -> Splits:
         pools = _torchvision_mnist(dataset, data)
     elif dataset == "svhn":
         pools = _svhn(data)
+    elif dataset == "celeba":
+        pools = _celeba(data)
     else:
         pools = [_image_folder(data)]
     pool = data.get("pool", "official")
@@ -119,15 +122,49 @@ def _image_folder(data: dict):
     if not files:
         raise RunError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root.resolve()}")
     size, mode = data["image_size"], "L" if data.get("channels", 3) == 1 else "RGB"
-    images = []
-    for path in files:
-        with Image.open(path) as img:
-            images.append(_centre_crop_resize(img.convert(mode), size))
-    x = torch.stack(images)
+    x = _load_images(files, size, mode)
     # Labels are sub-folder indices when images sit in class folders.
     classes = sorted({p.parent for p in files})
     y = torch.tensor([classes.index(p.parent) for p in files], dtype=torch.int64)
     return x, y
+
+
+def _load_images(files: list, size: int, mode: str) -> torch.Tensor:
+    """Decode, centre-crop and resize images on every core (PIL releases the GIL while decoding)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    def one(path):
+        with Image.open(path) as img:
+            return _centre_crop_resize(img.convert(mode), size)
+
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return torch.stack(list(pool.map(one, files, chunksize=64)))
+
+
+def _celeba(data: dict):
+    """Aligned-and-cropped CelebA with its official partition (162,770 / 19,867 / 19,962 images),
+    centre-cropped and resized to data.image_size. torchvision reads the partition and checks the files."""
+    import torchvision
+
+    root = data_root(data)
+    pools = []
+    for split in ("train", "valid", "test"):
+        try:
+            ds = torchvision.datasets.CelebA(str(root), split=split, target_type=[], download=bool(data.get("download")))
+        except RuntimeError as exc:
+            folder = (root / "celeba").resolve()
+            raise RunError(
+                f"celeba not found under {root.resolve()}: put img_align_celeba/ (the aligned and cropped JPEGs), "
+                "list_eval_partition.txt, list_attr_celeba.txt, identity_CelebA.txt, list_bbox_celeba.txt and "
+                f"list_landmarks_align_celeba.txt in {folder}, or point data.root / GENSPEC_DATA at the folder "
+                f"holding celeba/ ({exc})") from None
+        files = [Path(ds.root) / ds.base_folder / "img_align_celeba" / name for name in ds.filename]
+        print(f"genspec: loading {len(files)} CelebA {split} images", file=sys.stderr, flush=True)
+        x = _load_images(files, data["image_size"], "RGB")
+        pools.append((x, torch.zeros(len(x), dtype=torch.int64)))
+    return pools
 
 
 def _centre_crop_resize(img, size: int) -> torch.Tensor:
@@ -145,7 +182,7 @@ def _centre_crop_resize(img, size: int) -> torch.Tensor:
 def _transform(x: torch.Tensor, data: dict) -> torch.Tensor:
     """x in [0, 1], (N, C, H, W) -> resized, padded, in the spec's range."""
     size = data.get("image_size")
-    if size and data["dataset"] != "image_folder" and x.shape[-1] != size:
+    if size and data["dataset"] not in ("image_folder", "celeba") and x.shape[-1] != size:
         x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False).clamp(0, 1)
     pad = data.get("pad", 0)
     if pad:
@@ -172,6 +209,8 @@ def _split(pools: list, sizes: dict, seed: int) -> Splits:
         parts = [order[:n_train], order[n_train:n_train + n_val], order[n_train + n_val:n_train + n_val + n_test]]
         train, val, test = (Split(x[i], y[i]) for i in parts)
         return Splits(train, val if n_val else None, test, notes)
+    if len(pools) == 3:
+        return _split_partition(pools, sizes, g, notes)
     (x_tr, y_tr), (x_te, y_te) = pools
     n_train = sizes.get("train", len(x_tr) - sizes.get("val", 0))
     n_val = sizes.get("val", 0)
@@ -186,6 +225,19 @@ def _split(pools: list, sizes: dict, seed: int) -> Splits:
     train = Split(x_tr[order[:n_train]], y_tr[order[:n_train]])
     val = Split(x_tr[order[n_train:n_train + n_val]], y_tr[order[n_train:n_train + n_val]]) if n_val else None
     return Splits(train, val, Split(x_te[test_idx], y_te[test_idx]), notes)
+
+
+def _split_partition(pools: list, sizes: dict, g: torch.Generator, notes: list) -> Splits:
+    """An official train / validation / test partition (CelebA); sizes, when given, subsample each part."""
+    parts = []
+    for (x, y), key in zip(pools, ("train", "val", "test")):
+        n = sizes.get(key, len(x))
+        if n > len(x):
+            notes.append(f"{key} split: {len(x)} images available, {n} asked")
+            n = len(x)
+        idx = torch.randperm(len(x), generator=g)[:n] if n < len(x) else torch.arange(len(x))
+        parts.append(Split(x[idx], y[idx]) if n else None)
+    return Splits(parts[0], parts[1], parts[2], notes)
 
 
 def batches(split: Split, batch_size: int, generator: torch.Generator | None):

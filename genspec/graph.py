@@ -48,6 +48,8 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
         g.add_node(f"net:{name}", kind="network", name=name)
     for name in spec.params:
         g.add_node(f"param:{name}", kind="param", name=name)
+    for name in spec.labels:
+        g.add_node(f"label:{name}", kind="label", name=name, value=Value("label"))
     sections = (("graph", "tensor", spec.graph), ("losses", "loss", spec.losses))
     for section, kind, entries in sections:
         for name, node in entries.items():
@@ -154,6 +156,8 @@ def _resolve_name(name: str, spec: Spec, kind: str, path: tuple, problems: Colle
         return f"tensor:{name}"
     if name in spec.params:
         return f"param:{name}"
+    if name in spec.labels:
+        return f"label:{name}"
     if name in spec.losses and kind in ("loss", "objective"):
         return f"loss:{name}"
     if problems is not None:
@@ -241,6 +245,8 @@ class _Infer:
     def binop(self, node: E.BinOp) -> Value:
         a, b = self.value(node.left), self.value(node.right)
         kinds = {a.kind, b.kind}
+        if "label" in kinds:
+            self.fail(f"a named label is a target for bce(p, label), not a value for {node.op!r}")
         if "dist" in kinds or "labels" in kinds:
             self.fail(f"cannot apply {node.op!r} to a {'distribution' if 'dist' in kinds else 'label'}; use rsample(...) or mean_of(...)")
         if kinds == {"number"}:
@@ -280,7 +286,7 @@ class _Infer:
                 self.fail(f"{func}: argument {i + 1} must name a latent (latents: {known})")
             return Value("latent", self.spec.latents[arg.id].shape)
         value = self.value(arg)
-        allowed = {"dist": ("dist",), "tensor": ("tensor",), "target": ("tensor", "number"), "labels": ("labels",),
+        allowed = {"dist": ("dist",), "tensor": ("tensor",), "target": ("tensor", "number", "label"), "labels": ("labels",),
                    "any": ("tensor", "scalar", "number")}[kind]
         if value.kind not in allowed:
             hint = "; draw from it with rsample(...)" if value.kind == "dist" else ""

@@ -28,8 +28,24 @@ def sqerr(a, b):
     return (a - b).pow(2).flatten(1).sum(1).mean()
 
 
+class SoftLabel:
+    """A named target: `value`, swapped to `other` for each example with probability `swap`,
+    drawn anew at every use (so at every step: the loss node is computed once per step)."""
+
+    def __init__(self, value: float, swap: float = 0.0, other: float = 0.0):
+        self.value, self.swap, self.other = value, swap, other
+
+    def like(self, p: torch.Tensor) -> torch.Tensor:
+        target = torch.full_like(p, self.value)
+        if self.swap:
+            target = torch.where(torch.rand_like(p) < self.swap, torch.full_like(p, self.other), target)
+        return target
+
+
 def bce(p, target):
-    if not torch.is_tensor(target):
+    if isinstance(target, SoftLabel):
+        target = target.like(p)
+    elif not torch.is_tensor(target):
         target = torch.full_like(p, float(target))
     return F.binary_cross_entropy(p, target.to(p.dtype))
 

@@ -10,7 +10,7 @@ FORMAT_VERSION = 1
 
 TOP_LEVEL_KEYS = (
     "genspec", "name", "source", "extends", "params", "data", "latent", "networks",
-    "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study",
+    "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study", "labels",
 )
 
 # Activations that may stand as a row of their own or close a row (`conv ..., relu`).
@@ -42,7 +42,7 @@ EXPRESSION_OPS: dict[str, dict] = {
     "sqerr": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "squared error summed per example, mean over the batch"},
     "mse": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "mean squared error over all elements"},
     "l1": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "mean absolute error over all elements"},
-    "bce": {"args": ("tensor", "target"), "result": "scalar", "doc": "binary cross-entropy of probabilities against a target (a number or a tensor), mean"},
+    "bce": {"args": ("tensor", "target"), "result": "scalar", "doc": "binary cross-entropy of probabilities against a target (a number, a tensor or a named label), mean"},
     "nll": {"args": ("tensor", "labels"), "result": "scalar", "doc": "negative log-likelihood of class labels under log-probabilities, mean"},
     "mean": {"args": ("any",), "result": "scalar", "doc": "mean of all elements"},
     "sum": {"args": ("any",), "result": "scalar", "doc": "sum of all elements"},
@@ -76,7 +76,7 @@ PRIORS: dict[str, tuple] = {
 # Keyword parameters of priors, with their defaults: realnvp(flows=6, hidden=64).
 PRIOR_KWARGS: dict[str, dict] = {"realnvp": {"flows": 2, "hidden": 64}}
 
-DATASETS = ("digits", "mnist", "fashion_mnist", "svhn", "image_folder")
+DATASETS = ("digits", "mnist", "fashion_mnist", "svhn", "celeba", "image_folder")
 
 # Native image shape (channels, height, width) of each built-in dataset.
 DATASET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "svhn": (3, 32, 32)}

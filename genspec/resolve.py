@@ -1,7 +1,8 @@
 """Stage 2: resolve `extends` chains and `--set KEY=VALUE` overrides into one document.
 
-Mappings merge deeply (the child's keys win); lists and scalars are replaced whole, so a
-variant that changes one layer table restates that table. Locations follow the data: a key
+Mappings merge deeply (the child's keys win; `key: null` removes an inherited key); lists
+and scalars are replaced whole, so a variant that changes one layer table restates that table
+(or patches single rows with `{N: row}`). Locations follow the data: a key
 that came from the base file still points into the base file.
 """
 
@@ -61,7 +62,10 @@ def merge(base: Document, child: Document) -> Document:
 def _merge_data(base, child, path: tuple, where):
     if isinstance(base, dict) and isinstance(child, dict):
         for key, value in child.items():
-            base[key] = _merge_data(base[key], value, path + (key,), where) if key in base else copy.deepcopy(value)
+            if value is None and key in base:
+                del base[key]  # `key: null` removes what the base spec has (a baseline without its discriminator)
+            else:
+                base[key] = _merge_data(base[key], value, path + (key,), where) if key in base else copy.deepcopy(value)
         return base
     if isinstance(base, list) and isinstance(child, dict) and child and all(_is_index(k) for k in child):
         # {3: ..., -1: ...} patches items of a list: a variant changes one row, not the whole table
@@ -120,7 +124,10 @@ def _apply_override(doc: Document, text: str) -> None:
             raise SpecError([Problem(where, path, f"no item {last} here (the list has {len(target)})")])
     elif not isinstance(target, dict):
         raise SpecError([Problem(where, path, "cannot set a key inside a plain value")])
-    target[last] = value
+    if value is None and isinstance(target, dict):
+        target.pop(last, None)  # `--set evaluate.fid=null` removes the key, as `null` does in a variant
+    else:
+        target[last] = value
     # everything at and below the override now comes from the command line, and so does
     # every key on the way to it that the spec did not have (a misspelt section, say)
     for known in [p for p in doc.locations if p[: len(path)] == path]:

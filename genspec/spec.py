@@ -67,6 +67,7 @@ class Spec:
     train: dict
     phases: list[Phase]
     evaluate: dict
+    labels: dict = field(default_factory=dict)  # name -> {value, swap, other}
     graph_nx: object = None  # the networkx dependency graph, set by pipeline.load_spec
 
     @property

@@ -192,16 +192,22 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
             problems.add(("evaluate", "grids", kind), f"no graph tensor named {tensor!r}" + _suggest(tensor, raw.get("graph", {})))
     if evaluate.get("accuracy") and evaluate["accuracy"] not in raw.get("graph", {}):
         problems.add(("evaluate", "accuracy"), f"no graph tensor named {evaluate['accuracy']!r}")
+    labels = {}
+    for name, entry in raw.get("labels", {}).items():
+        labels[name] = {"value": float(entry["value"]), "swap": float(entry.get("swap", 0.0)),
+                        "other": float(entry.get("other", 1.0 - entry["value"]))}
+        if entry.get("swap") and "other" not in entry:
+            problems.add(("labels", name), "a label with swap needs `other`, the value it is swapped to")
     _check_names_do_not_clash(raw, problems)
     return Spec(raw["name"], doc, params, data, data_shape, num_classes, latents, networks, graph, losses,
-                objectives, train, phases, evaluate)
+                objectives, train, phases, evaluate, labels)
 
 
 def _data_shape(data: dict, problems: Collector) -> tuple:
     dataset = data["dataset"]
-    if dataset == "image_folder":
+    if dataset in ("image_folder", "celeba"):
         if "image_size" not in data:
-            problems.add(("data",), "image_folder needs image_size")
+            problems.add(("data",), f"{dataset} needs image_size")
             return (data.get("channels", 3), 1, 1), None
         c, h, w = data.get("channels", 3), data["image_size"], data["image_size"]
     else:
@@ -409,7 +415,7 @@ def _check_names_do_not_clash(raw: dict, problems: Collector) -> None:
     (sample, kl) read the latent, everything else reads the tensor.
     """
     seen: dict[str, str] = {"x": "the input x", "y": "the labels y"}
-    for section in ("networks", "params", "graph", "losses"):
+    for section in ("networks", "params", "labels", "graph", "losses"):
         for name in raw.get(section, {}):
             if name in seen:
                 problems.add((section, name), f"name {name!r} is already used by {seen[name]}")

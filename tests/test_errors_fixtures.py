@@ -24,7 +24,7 @@ EXPECTED = {
         "wrong_type.yaml:42:3: train.batch_size: expected integer, got string 'sixty-four'",
     ],
     "bad_enum": [
-        "bad_enum.yaml:9:3: data.dataset: 'cifar10' is not one of \"digits\", \"mnist\", \"fashion_mnist\", \"image_folder\"",
+        "bad_enum.yaml:9:3: data.dataset: 'cifar10' is not one of \"digits\", \"mnist\", \"fashion_mnist\", \"svhn\", \"celeba\", \"image_folder\"",
     ],
     "duplicate_key": [
         "duplicate_key.yaml:44:3: train.epochs: duplicate key",

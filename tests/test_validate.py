@@ -96,9 +96,9 @@ SCHEMA = [
     ("name=bad name", "--set name=bad name: name: 'bad name' is not allowed here (Run name; reports go to reports/<name>/.)"),
     ("train.epoch=3", "--set train.epoch=3: train.epoch: unknown key 'epoch'; did you mean 'epochs'?"),
     ("data.bogus=1", "--set data.bogus=1: data.bogus: unknown key 'bogus'; known keys: channels, dataset, download, "
-                     "image_size, labels, on_device, pad, range, root, split"),
+                     "image_size, labels, on_device, pad, pool, range, root, split"),
     ("data.dataset=cifar10", "--set data.dataset=cifar10: data.dataset: 'cifar10' is not one of \"digits\", \"mnist\", "
-                             "\"fashion_mnist\", \"image_folder\""),
+                             "\"fashion_mnist\", \"svhn\", \"celeba\", \"image_folder\""),
     ("data.range=[0, 2]", "--set data.range=[0, 2]: data.range: [0, 2] is not one of [0, 1], [-1, 1]"),
     ("latent.z.shape=eight", "--set latent.z.shape=eight: latent.z.shape: expected integer or list, got string 'eight'"),
     ("latent.z={}", "--set latent.z={}: latent.z: missing required key 'shape'"),
