@@ -180,7 +180,7 @@ def interpolation_images(module, prior, rows: int, steps: int, device) -> torch.
     return module(z.reshape(rows * steps, *shape))
 
 
-def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list) -> dict:
+def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list, progress: bool = False) -> dict:
     import json
 
     began = time.perf_counter()
@@ -202,7 +202,7 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
     if spec.evaluate.get("accuracy"):
         metrics["test_accuracy"] = accuracy(spec, model, splits.test)
     if fidelity.requested(spec.evaluate):
-        metrics.update(_sample_quality(spec, model, splits))
+        metrics.update(_sample_quality(spec, model, splits, progress))
     if spec.evaluate.get("real"):
         metrics["real"] = _real_metrics(spec, model, splits, out)
     metrics["eval_time_s"] = round(time.perf_counter() - began, 3)
@@ -243,7 +243,7 @@ def _reference_images(spec: Spec, splits: Splits) -> torch.Tensor:
     return split.x[: reference.get("size", len(split))]
 
 
-def _sample_quality(spec: Spec, model: Model, splits: Splits) -> dict:
+def _sample_quality(spec: Spec, model: Model, splits: Splits, progress: bool) -> dict:
     source = generator_of(spec)
     if source is None:
         raise RunError("evaluate asks for sample metrics, but no network maps a latent to the data shape")
@@ -257,7 +257,7 @@ def _sample_quality(spec: Spec, model: Model, splits: Splits) -> dict:
     model.train(False)
     with _forked(model):
         torch.manual_seed(EVAL_SEED)
-        result = fidelity.sample_metrics(spec, model, generate, _reference_images(spec, splits), model.device)
+        result = fidelity.sample_metrics(spec, model, generate, _reference_images(spec, splits), model.device, progress)
     model.train(True)
     return {"fidelity": result["metrics"], "protocol": result["protocol"], "fidelity_notes": result["notes"]}
 

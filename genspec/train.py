@@ -56,7 +56,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     # the copy describes the run as it now stands (a resume may have asked for more epochs)
     _atomic_write_text(out / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
     _train_epochs(spec, model, splits, out, start_epoch, history, progress)
-    metrics = final_evaluation(spec, model, splits, out, history)
+    metrics = final_evaluation(spec, model, splits, out, history, progress and sys.stderr.isatty())
     write_report(spec, out, metrics, history)
     return metrics
 
