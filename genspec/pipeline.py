@@ -11,7 +11,7 @@ from .loader import Document
 from .resolve import apply_overrides, resolve
 from .spec import Spec
 from .sweep import STUDY_KEYS, Run, expand, is_sweep
-from .validate import validate
+from .validate import study_problems, validate
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
@@ -42,6 +42,8 @@ def load_runs(path: str | Path, overrides: list[str] | None = None, only: list[s
     overrides apply to each run after its levels. Problems of all runs are reported together."""
     study_level, per_run = split_overrides(overrides or [])
     doc = resolve(path, study_level)
+    if is_sweep(doc):
+        study_problems(doc)
     runs = expand(doc, only) if is_sweep(doc) else [Run("", {}, doc)]
     out, problems, seen = [], [], set()
     for run in runs:

@@ -100,7 +100,8 @@ class RealNVPPrior(nn.Module):
         return standard_normal_log_prob(u) + log_det
 
     def sample(self, n: int, device) -> torch.Tensor:
-        u = torch.randn((n, math.prod(self.shape)), device=device)
+        dtype = next(self.parameters()).dtype
+        u = torch.randn((n, math.prod(self.shape)), device=device, dtype=dtype)
         return self.inverse(u).view(n, *self.shape)
 
 

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .rows import format_row
-from .shapes import fmt
+from .shapes import fmt, prior_parameters
 from .spec import Spec
 
 
@@ -27,8 +27,10 @@ def show_json(spec: Spec) -> dict:
         "networks": {name: {"input": list(net.input), "output": list(net.info.output), "trainable": net.info.trainable,
                             "frozen": net.info.frozen, "init": net.init, "rows": network_rows(spec, name)}
                      for name, net in spec.networks.items()},
-        "latent": {name: {"shape": list(l.shape), "prior": l.prior} for name, l in spec.latents.items()},
-        "objectives": {name: {"networks": o.networks, "optimizer": o.optimizer, **o.optimizer_args}
+        "latent": {name: {"shape": list(l.shape), "prior": l.prior, "trainable": prior_parameters(l)}
+                   for name, l in spec.latents.items()},
+        "objectives": {name: {"networks": o.networks, "optimizer": o.optimizer, **o.optimizer_args,
+                              "trainable": objective_trainable(spec, o)}
                        for name, o in spec.objectives.items()},
     }
 
@@ -46,6 +48,12 @@ def layer_tables(spec: Spec, markdown: bool = False) -> str:
     return "\n\n".join(blocks)
 
 
+def objective_trainable(spec: Spec, objective) -> int:
+    """Parameters an objective's optimiser updates: its networks' trainable ones and any flow prior's."""
+    return sum(spec.networks[n].info.trainable if n in spec.networks else prior_parameters(spec.latents[n])
+               for n in objective.networks if n in spec.networks or n in spec.latents)
+
+
 def optimiser_table(spec: Spec, markdown: bool = False) -> str:
     """Which optimiser trains which parameters: the routing, as plain data."""
     header = ["objective", "minimises", "networks", "optimiser", "trainable"]
@@ -53,7 +61,7 @@ def optimiser_table(spec: Spec, markdown: bool = False) -> str:
 
     body = [[name, to_text(o.minimize), ", ".join(o.networks),
              f"{o.optimizer}(" + ", ".join(f"{k}={v}" for k, v in o.optimizer_args.items()) + ")",
-             f"{sum(spec.networks[n].info.trainable for n in o.networks if n in spec.networks):,}"]
+             f"{objective_trainable(spec, o):,}"]
             for name, o in spec.objectives.items()]
     return _table("optimisers", header, body, markdown, numeric={4})
 

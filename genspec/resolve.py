@@ -54,9 +54,26 @@ def merge(base: Document, child: Document) -> Document:
     if not isinstance(base.data, dict):
         return child
     locations = dict(base.locations)
-    locations.update(child.locations)
+    # a patch {-1: row} is located under the index it lands on, where later stages look it up
+    locations.update({_normalised(base.data, path): loc for path, loc in child.locations.items()})
     data = _merge_data(copy.deepcopy(base.data), child.data, (), child.where)
     return Document(data, locations, child.file)
+
+
+def _normalised(data, path: tuple) -> tuple:
+    out = []
+    for part in path:
+        if isinstance(data, list) and _is_index(part) and -len(data) <= part < 0:
+            part += len(data)
+        out.append(part)
+        data = data[part] if isinstance(data, (dict, list)) and _has(data, part) else None
+    return tuple(out)
+
+
+def _has(container, key) -> bool:
+    if isinstance(container, dict):
+        return key in container
+    return _is_index(key) and -len(container) <= key < len(container)
 
 
 def _merge_data(base, child, path: tuple, where):

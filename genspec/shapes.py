@@ -172,3 +172,17 @@ def _norm_params(norm: str, shape: tuple, i: int) -> int:
 
 def fmt(shape) -> str:
     return "x".join(str(d) for d in shape) if shape else "scalar"
+
+
+def prior_parameters(latent) -> int:
+    """Trainable parameters of a latent's prior (a RealNVP flow: two 3-layer nets per flow)."""
+    if latent.prior != "realnvp":
+        return 0
+    dim, hidden = math.prod(latent.shape), latent.prior_kwargs.get("hidden", 64)
+    total, first = 0, dim // 2
+    for _ in range(latent.prior_kwargs.get("flows", 2)):
+        second = dim - first
+        net = first * hidden + hidden + hidden * hidden + hidden + hidden * second + second
+        total += 2 * net  # scale and shift
+        first = second  # the halves swap between flows
+    return total

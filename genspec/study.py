@@ -66,9 +66,10 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
             print(f"study: {label}: finished earlier, skipped", file=sys.stderr, flush=True)
             skipped += 1
             continue
-        print(f"study: {label}", file=sys.stderr, flush=True)
-        run(item.spec, out=item.folder, resume=status == "interrupted" and not overwrite, overwrite=overwrite,
-            progress=progress)
+        print(f"study: {label}" + (" (resumed)" if status == "interrupted" else ""), file=sys.stderr, flush=True)
+        # "started": stopped before its first checkpoint, so nothing in its folder is worth keeping
+        run(item.spec, out=item.folder, resume=status == "interrupted" and not overwrite,
+            overwrite=overwrite or status == "started", progress=progress)
         done += 1
     report = write_study_report(section, planned)
     print(f"study: {done} run(s) trained, {skipped} skipped; report in {report}", file=sys.stderr, flush=True)
@@ -80,7 +81,7 @@ def _status(folder: Path) -> str:
         return "finished"
     if (folder / "checkpoint.pt").exists():
         return "interrupted"
-    return "new"
+    return "started" if folder.exists() and any(folder.iterdir()) else "new"
 
 
 # ---------------------------------------------------------------- tables

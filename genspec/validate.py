@@ -164,6 +164,28 @@ def _short(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def study_problems(doc: Document) -> None:
+    """The sections only a sweep file has (repeats, study) checked against their schema and factors."""
+    problems = Collector(doc.where)
+    for key in ("repeats", "study"):
+        if key in doc.data:
+            for error in _validator_class()(schema()["properties"][key]).iter_errors(doc.data[key]):
+                error = _deepest(error)
+                path = (key, *error.absolute_path)
+                if error.validator == "additionalProperties":
+                    for extra in _unexpected_keys(error):
+                        problems.add(path + (extra,), f"unknown key {extra!r}; known keys: {', '.join(sorted(error.schema['properties']))}")
+                else:
+                    problems.add(path, _message(error))
+    factors = list(doc.data.get("sweep") or {})
+    study = doc.data.get("study") if isinstance(doc.data.get("study"), dict) else {}
+    for side in ("rows", "columns"):
+        for i, name in enumerate(study.get(side) or []):
+            if name not in factors:
+                problems.add(("study", side, i), f"{name!r} is not a factor of the sweep ({', '.join(factors)})")
+    problems.raise_if_any()
+
+
 # ---------------------------------------------------------------- cross-field checks
 
 def build_spec(doc: Document, problems: Collector) -> Spec:

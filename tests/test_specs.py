@@ -1,9 +1,12 @@
-"""Every shipped spec (specs/*.yaml): validates, graphs, compiles with the inferred shapes, and
-runs end to end when shrunk to a couple of steps.
+"""Every shipped spec (specs/**/*.yaml): validates, graphs, compiles with the inferred shapes, and
+runs end to end when shrunk to a couple of steps. A sweep (specs/encoderless/*_study.yaml) is
+checked run by run: every expanded run validates and compiles, and a shrunk study (`--only` two
+runs, one repeat, one epoch) runs end to end.
 
 MNIST specs read the data from $GENSPEC_DATA (the folder holding MNIST/raw) and are skipped,
 with the reason, when it is not set or the files are absent. Image-folder specs get a small
-folder of generated PNGs.
+folder of generated PNGs. SVHN is expected to be absent unless its files are in $GENSPEC_DATA:
+its study must then stop with exit 1 and a message naming the files, without a traceback.
 """
 
 from __future__ import annotations
@@ -21,11 +24,18 @@ import torch
 
 import genspec
 from genspec import cli
+from genspec import graph as spec_graph
 from genspec.errors import RunError
 from genspec.layers import Gaussian
+from genspec.pipeline import load_runs
+from genspec.priors import build_prior
+from genspec.resolve import resolve
+from genspec.sweep import factors, is_sweep
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECS = sorted((ROOT / "specs").glob("*.yaml"))
+SPECS = sorted((ROOT / "specs").rglob("*.yaml"))
+IDS = [p.relative_to(ROOT / "specs").with_suffix("").as_posix() for p in SPECS]
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 SAMPLE_METRICS = ("is", "fid", "kid", "prc")
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -40,21 +50,39 @@ def run_cli(*args) -> tuple[int, str, str]:
 
 def test_specs_are_shipped():
     assert ROOT / "specs" / "quickstart.yaml" in SPECS
+    assert {"encoderless/mnist_base", "encoderless/mnist_study", "encoderless/svhn_study"} <= set(IDS)
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
+def sweep_spec(path) -> bool:
+    return is_sweep(resolve(path))
+
+
+@pytest.mark.parametrize("path", SPECS, ids=IDS)
 def test_spec_validates_graphs_and_compiles(path):
+    runs = load_runs(path)  # (run, spec) pairs: one for a plain spec, every expanded run of a sweep
+    sweep = sweep_spec(path)
     rc, out, err = run_cli("validate", path)
     assert rc == 0, err
     assert out.startswith(f"{path}: ok (")
-    rc, out, err = run_cli("graph", path, "--format", "json")
-    assert rc == 0, err
-    nodes = {n["id"] for n in json.loads(out)["nodes"]}
-    spec = genspec.load(path)
-    assert {f"net:{n}" for n in spec.networks} | {f"objective:{o}" for o in spec.objectives} <= nodes
+    if sweep:
+        assert out == f"{path}: ok ({runs[0][1].name}: a sweep of {len(runs)} runs, each valid)\n"
+        assert len(runs) == math.prod(len(levels) for levels in factors(resolve(path)).values())
     rc, out, err = run_cli("show", path, "--json")
     assert rc == 0, err
-    shown = json.loads(out)["networks"]
+    shown = json.loads(out)
+    shown = shown["runs"] if sweep else {"": shown}
+    assert list(shown) == [run.id for run, _ in runs]
+    if not sweep:
+        rc, out, err = run_cli("graph", path, "--format", "json")
+        assert rc == 0, err
+        assert {n["id"] for n in json.loads(out)["nodes"]} == {n["id"] for n in spec_graph.to_json(runs[0][1].graph_nx)["nodes"]}
+    for run, spec in runs:
+        check_compiles(spec, shown[run.id]["networks"], run.id or spec.name)
+
+
+def check_compiles(spec, shown: dict, label: str) -> None:
+    nodes = {n["id"] for n in spec_graph.to_json(spec.graph_nx)["nodes"]}
+    assert {f"net:{n}" for n in spec.networks} | {f"objective:{o}" for o in spec.objectives} <= nodes, label
     torch.manual_seed(0)
     nets = genspec.build(spec)
     assert set(nets) == set(spec.networks)
@@ -62,15 +90,19 @@ def test_spec_validates_graphs_and_compiles(path):
         info = spec.networks[name].info
         trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
         frozen = sum(p.numel() for p in module.parameters() if not p.requires_grad)
-        assert (trainable, frozen) == (info.trainable, info.frozen) == (shown[name]["trainable"], shown[name]["frozen"]), name
+        assert (trainable, frozen) == (info.trainable, info.frozen) == (shown[name]["trainable"], shown[name]["frozen"]), (label, name)
         module.eval()
         with torch.no_grad():
             out = module(torch.randn(2, *spec.networks[name].input))
         if info.kind == "dist":
-            assert isinstance(out, Gaussian) and tuple(out.mean.shape) == (2, *info.output), name
+            assert isinstance(out, Gaussian) and tuple(out.mean.shape) == (2, *info.output), (label, name)
         else:
-            assert torch.is_tensor(out) and tuple(out.shape) == (2, *info.output), name
+            assert torch.is_tensor(out) and tuple(out.shape) == (2, *info.output), (label, name)
             assert torch.isfinite(out).all()
+    for name, latent in spec.latents.items():
+        with torch.no_grad():
+            z = build_prior(latent).sample(2, "cpu")
+        assert tuple(z.shape) == (2, *latent.shape), (label, name)
 
 
 # ---------------------------------------------------------------- tiny end-to-end runs
@@ -99,8 +131,17 @@ def make_image_folder(root: Path, channels: int, n: int = 40) -> Path:
     return root
 
 
-def tiny_overrides(spec, tmp_path: Path, depth: int = 0) -> list[str]:
-    """--set values that shrink a spec to two training steps on a few images."""
+def svhn_root(tmp_path: Path) -> Path:
+    return Path(os.environ.get("GENSPEC_DATA") or tmp_path / "no-data")
+
+
+def svhn_present(tmp_path: Path) -> bool:
+    return all((svhn_root(tmp_path) / f).exists() for f in SVHN_FILES)
+
+
+def tiny_overrides(spec, tmp_path: Path, depth: int = 0, classifier: Path | None = None) -> list[str]:
+    """--set values that shrink a spec to two training steps on a few images. `classifier`: a
+    finished classifier run to measure sample metrics with where Inception weights are absent."""
     sets = ["train.device=cpu", "train.epochs=1", "train.max_steps=2", "train.batch_size=16",
             "evaluate.grid_size=2", "evaluate.interpolation_steps=3", "evaluate.batch_size=32"]
     dataset = spec.data["dataset"]
@@ -109,6 +150,8 @@ def tiny_overrides(spec, tmp_path: Path, depth: int = 0) -> list[str]:
         sets += ["data.split.train=64", "data.split.test=32"]
     elif dataset in MNIST_FOLDERS:
         sets += [f"data.root={mnist_root(dataset)}", "data.download=false", "data.split.train=64", "data.split.test=32"]
+    elif dataset == "svhn":
+        sets += [f"data.root={svhn_root(tmp_path)}", "data.download=false", "data.split.train=64", "data.split.test=32"]
     else:
         root = make_image_folder(tmp_path / "images", spec.data.get("channels", 3))
         sets += [f"data.root={root}", "data.split.train=24", "data.split.test=8"]
@@ -130,11 +173,13 @@ def tiny_overrides(spec, tmp_path: Path, depth: int = 0) -> list[str]:
         try:
             inception_weights(spec.evaluate)
         except RunError as exc:
-            pytest.skip(f"{spec.name}: sample metrics need local Inception weights: {exc}")
+            if classifier is None:
+                pytest.skip(f"{spec.name}: sample metrics need local Inception weights: {exc}")
+            sets.append(f"evaluate.extractor.classifier={classifier}")
     elif asked:
         # the extractor is the classifier of another run: train that spec tiny first
         name = Path(extractor["classifier"]).name
-        source = [p for p in SPECS if genspec.load(p).name == name]
+        source = [p for p in SPECS if not sweep_spec(p) and genspec.load(p).name == name]
         if not source or depth > 0:
             pytest.skip(f"{spec.name}: its extractor run {extractor['classifier']} has no spec in specs/")
         classifier = genspec.load(source[0])
@@ -146,21 +191,59 @@ def tiny_overrides(spec, tmp_path: Path, depth: int = 0) -> list[str]:
     return sets
 
 
-@pytest.mark.parametrize("path", SPECS, ids=[p.stem for p in SPECS])
-def test_spec_runs_end_to_end_when_shrunk(path, tmp_path):
+DIGITS_CLASSIFIER = """\
+genspec: 1
+name: digits_classifier
+data: {dataset: digits, labels: true, split: {train: 256, test: 64}}
+networks:
+  classifier:
+    input: x
+    layers: [flatten, "fc 32, relu  as features", "fc 10, log_softmax"]
+graph:
+  logp: classifier(x)
+losses:
+  nll: nll(logp, y)
+objectives:
+  classifier: {minimize: nll, optimizer: adam(1e-2)}
+train: {epochs: 2, batch_size: 64, device: cpu}
+evaluate: {losses: [nll], grids: {}, accuracy: logp}
+"""
+
+
+@pytest.fixture(scope="module")
+def digits_classifier(tmp_path_factory) -> Path:
+    """A finished tiny classifier run on the 8x8 digits: a feature extractor that needs no download."""
+    root = tmp_path_factory.mktemp("digits-classifier")
+    (root / "spec.yaml").write_text(DIGITS_CLASSIFIER)
+    rc, _, err = run_cli("run", root / "spec.yaml", "--out", root / "run", "--no-progress")
+    assert rc == 0, err
+    return root / "run"
+
+
+@pytest.mark.parametrize("path", SPECS, ids=IDS)
+def test_spec_runs_end_to_end_when_shrunk(path, tmp_path, request):
+    if sweep_spec(path):
+        shrunk_study(path, tmp_path, request)
+        return
     spec = genspec.load(path)
     overrides = tiny_overrides(spec, tmp_path)
     out = tmp_path / "run"
     rc, stdout, err = run_cli("run", path, "--out", out, "--no-progress", *[a for o in overrides for a in ("--set", o)])
     assert rc == 0, err
     assert f"{spec.name}: done" in stdout
+    check_run_folder(out, genspec.load(path, overrides))
+    shutil.rmtree(tmp_path)  # some shipped networks are large: do not keep their checkpoints around
+
+
+def check_run_folder(out: Path, shrunk) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
-    shrunk = genspec.load(path, overrides)
     assert metrics["epochs"] == 1 and metrics["device"] == "cpu"
     assert set(metrics["test"]) == set(shrunk.evaluate.get("losses", list(shrunk.losses)))
     assert all(math.isfinite(v) for v in metrics["test"].values()), metrics["test"]
-    assert metrics["params"] == {n: {"trainable": net.info.trainable, "frozen": net.info.frozen}
-                                 for n, net in shrunk.networks.items()}
+    priors = {f"prior:{name}": sum(p.numel() for p in build_prior(latent).parameters()) for name, latent in shrunk.latents.items()}
+    assert metrics["params"] == {**{n: {"trainable": net.info.trainable, "frozen": net.info.frozen}
+                                    for n, net in shrunk.networks.items()},
+                                 **{k: {"trainable": v, "frozen": 0} for k, v in priors.items() if v}}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1]
     for kind, file in metrics["grids"].items():
@@ -168,10 +251,45 @@ def test_spec_runs_end_to_end_when_shrunk(path, tmp_path):
     assert (out / "report.md").is_file() and (out / "spec.resolved.yaml").is_file()
     if "accuracy" in shrunk.evaluate:
         assert 0.0 <= metrics["test_accuracy"] <= 1.0
+    if "fid" in shrunk.evaluate:
+        assert "frechet_inception_distance" in metrics["fidelity"], metrics.get("fidelity")
     for key, value in metrics.get("real", {}).items():
         if isinstance(value, float):
             assert math.isfinite(value), key
     run = genspec.load_run(out)
-    assert run.epoch == 1 and set(run.networks) == set(spec.networks)
-    del run
-    shutil.rmtree(tmp_path)  # some shipped networks are large: do not keep their checkpoints around
+    assert run.epoch == 1 and set(run.networks) == set(shrunk.networks)
+
+
+def shrink_levels(path) -> list[str]:
+    """--only values that keep two runs of a sweep: the last level of every factor, and the
+    first level of the last factor too (for the thesis's studies: an L and an RKS encoder)."""
+    levels = factors(resolve(path))
+    names = list(levels)
+    return [f"{f}={levels[f][-1]}" for f in names] + [f"{names[-1]}={levels[names[-1]][0]}"]
+
+
+def shrunk_study(path, tmp_path: Path, request) -> None:
+    only = shrink_levels(path)
+    runs = load_runs(path, only=only)
+    assert len(runs) == 2
+    spec = runs[0][1]
+    svhn = spec.data["dataset"] == "svhn"
+    classifier = request.getfixturevalue("digits_classifier") if svhn else None
+    overrides = tiny_overrides(spec, tmp_path, classifier=classifier) + ["repeats=1"]
+    out = tmp_path / "study"
+    args = ["run", path, "--out", out, "--no-progress", *[a for o in only for a in ("--only", o)],
+            *[a for o in overrides for a in ("--set", o)]]
+    rc, stdout, err = run_cli(*args)
+    if svhn and not svhn_present(tmp_path):
+        assert rc == 1, err
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("genspec: svhn not found under ") and all(f in last for f in SVHN_FILES), err
+        assert "Traceback" not in err and "Traceback" not in stdout
+        assert not out.exists() or not list(out.rglob("metrics.json"))
+        return
+    assert rc == 0, err
+    assert f"study: {len(runs)} run(s) trained, 0 skipped" in err
+    for run, shrunk in load_runs(path, overrides, only):
+        check_run_folder(out / run.id / f"seed{shrunk.train['seed']}", shrunk)
+    assert f"{len(runs)} of {len(runs)} runs finished" in (out / "study.md").read_text()
+    shutil.rmtree(tmp_path)

@@ -1,0 +1,272 @@
+"""Studies end to end: a 2 x 2 sweep with 2 repeats of one epoch on the 8x8 digits, run through
+`genspec run`: the run folders, study.md (rows x columns, M and Std, declared level order), one
+CSV per table, standard deviations checked against the runs' own metrics.json, links, skipping
+finished runs and resuming an interrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import json
+import re
+import shutil
+import statistics
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from genspec import cli
+from genspec.study import StudyRun, metric_value, write_study_report
+from genspec.sweep import Run
+from spec_helpers import run_cli as run_subprocess
+
+ENCODERS, PRIORS = ["L", "NL"], ["normal", "flow2"]  # declared order; alphabetical would put flow2 first
+SEEDS = [0, 1]
+SPEC = textwrap.dedent("""\
+    genspec: 1
+    name: tiny_study
+    data: {dataset: digits, split: {train: 64, test: 32}}
+    latent:
+      z: {shape: [2], prior: normal}
+    networks:
+      enc:
+        input: x
+        layers: [flatten, "fc 16, relu", gaussian 2]
+      dec:
+        input: z
+        layers: ["fc 16, relu", "fc 64, sigmoid", reshape 1 8 8]
+    graph:
+      q: enc(x)
+      z: rsample(q)
+      x_rec: dec(z)
+    losses:
+      rec: sqerr(x_rec, x)
+      kl: kl(q, z)
+      nelbo: rec + kl
+    objectives:
+      vae: {networks: [enc, dec], minimize: nelbo, optimizer: adam(1e-3)}
+    train: {epochs: 1, batch_size: 32, seed: 0, device: cpu}
+    evaluate:
+      losses: [rec, kl, nelbo]
+      grids: [samples, reconstructions]
+      grid_size: 2
+    sweep:
+      encoder:
+        L: {}
+        NL: {networks: {enc: {freeze: true, layers: {-1: "gaussian 2 var=1e-6"}}}}
+      prior:
+        normal: {}
+        flow2: {latent: {z: {prior: "realnvp(flows=2, hidden=8)"}}, objectives: {vae: {networks: [enc, dec, z]}}}
+    repeats: 2
+    study:
+      columns: [encoder]
+      rows: [prior]
+      tables:
+        - {metric: test.nelbo, title: "Negative ELBO"}
+        - {metric: trainable, title: "Trainable weights"}
+        - {metric: test.rec, title: "Reconstruction"}
+    """)
+TABLES = {"test.nelbo": "Negative ELBO", "trainable": "Trainable weights", "test.rec": "Reconstruction"}
+ENC_TRAINABLE = {"L": (64 * 16 + 16) + (16 * 4 + 4), "NL": 0}
+DEC_TRAINABLE = (2 * 16 + 16) + (16 * 64 + 64)
+FLOW2 = 2 * 2 * ((1 * 8 + 8) + (8 * 8 + 8) + (8 * 1 + 1))  # 2 flows, each an s and a t net, D = 2, hidden 8
+
+
+def run_cli(*args) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def run_id(encoder: str, prior: str) -> str:
+    return f"encoder={encoder},prior={prior}"
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    root = tmp_path_factory.mktemp("study")
+    spec = root / "tiny_study.yaml"
+    spec.write_text(SPEC)
+    out = root / "out"
+    rc, stdout, err = run_cli("run", spec, "--out", out, "--no-progress")
+    assert rc == 0, err
+    assert "study: 8 run(s) trained, 0 skipped" in err
+    return spec, out, err
+
+
+def metrics_of(out: Path) -> dict:
+    return {(e, p, s): json.loads((out / run_id(e, p) / f"seed{s}" / "metrics.json").read_text())
+            for e in ENCODERS for p in PRIORS for s in SEEDS}
+
+
+def section(markdown: str, title: str) -> list[list[str]]:
+    """The table under `## title` as rows of cells (header first, the --- line dropped)."""
+    block = markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in block.splitlines() if line.startswith("|") and not line.startswith("|---")]
+    return [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+
+
+def close(cell: str, value: float) -> bool:
+    """A printed cell (2,244 / 11.70 / 0.0478) shows `value` to its printed precision."""
+    decimals = len(cell.split(".")[1]) if "." in cell else 0
+    return abs(float(cell.replace(",", "")) - value) <= 0.5 * 10 ** -decimals + 1e-12
+
+
+def test_every_configuration_and_seed_has_a_run_folder(study):
+    _, out, _ = study
+    folders = sorted(p.parent.relative_to(out).as_posix() for p in out.glob("*/*/metrics.json"))
+    assert folders == sorted(f"{run_id(e, p)}/seed{s}" for e in ENCODERS for p in PRIORS for s in SEEDS)
+    for (e, p, s), metrics in metrics_of(out).items():
+        assert metrics["seed"] == s and metrics["epochs"] == 1
+        assert set(metrics["test"]) == {"rec", "kl", "nelbo"}
+        resolved = (out / run_id(e, p) / f"seed{s}" / "spec.resolved.yaml").read_text()
+        assert f"seed: {s}" in resolved and "sweep" not in resolved
+    # the seeds differ: the two repeats are different runs
+    all_metrics = metrics_of(out)
+    assert all_metrics[("L", "normal", 0)]["test"] != all_metrics[("L", "normal", 1)]["test"]
+
+
+def test_study_md_lays_out_each_table(study):
+    _, out, _ = study
+    text = (out / "study.md").read_text()
+    assert text.startswith("# Study tiny_study\n")
+    assert "8 of 8 runs finished; 2 seed(s) per configuration" in text and "rows prior, columns encoder" in text
+    metrics = metrics_of(out)
+    titles = re.findall(r"^## (.+)$", text, re.M)
+    assert titles == [*TABLES.values(), "Runs"]  # the declared tables, in order
+    for metric, title in TABLES.items():
+        table = section(text, title)
+        assert table[0] == ["prior", "L M", "L Std", "NL M", "NL Std"]  # columns in declared order
+        assert [row[0] for row in table[1:]] == PRIORS  # rows in declared order (normal before flow2)
+        for row in table[1:]:
+            for i, encoder in enumerate(ENCODERS):
+                values = [metric_value(metrics[(encoder, row[0], s)], metric) for s in SEEDS]
+                assert close(row[1 + 2 * i], statistics.fmean(values)), (title, row)
+                assert close(row[2 + 2 * i], statistics.stdev(values)), (title, row)
+        assert f"`{metric}`" in text
+
+
+def test_csv_per_table_with_mean_std_and_n(study):
+    _, out, _ = study
+    metrics = metrics_of(out)
+    for metric in TABLES:
+        path = out / f"study_{metric.replace('.', '_')}.csv"
+        rows = list(csv.DictReader(path.open()))
+        assert list(rows[0]) == ["prior", "encoder", "metric", "mean", "std", "n"]
+        assert sorted((r["prior"], r["encoder"]) for r in rows) == sorted((p, e) for p in PRIORS for e in ENCODERS)
+        for r in rows:
+            values = [metric_value(metrics[(r["encoder"], r["prior"], s)], metric) for s in SEEDS]
+            assert r["metric"] == metric and int(r["n"]) == 2
+            assert float(r["mean"]) == pytest.approx(statistics.fmean(values), rel=1e-12)
+            # the sample standard deviation of the two seeds: |a - b| / sqrt(2)
+            assert float(r["std"]) == pytest.approx(abs(values[0] - values[1]) / 2 ** 0.5, rel=1e-9)
+            if metric.startswith("test."):
+                assert float(r["std"]) > 0
+
+
+def test_trainable_counts_include_the_flow(study):
+    _, out, _ = study
+    metrics = metrics_of(out)
+    for (e, p, s), m in metrics.items():
+        expected = ENC_TRAINABLE[e] + DEC_TRAINABLE + (FLOW2 if p == "flow2" else 0)
+        assert metric_value(m, "trainable") == expected, (e, p)
+        assert m["params"]["enc"]["frozen"] == (0 if e == "L" else 16 * 2 + 2 + 64 * 16 + 16)
+    table = section((out / "study.md").read_text(), "Trainable weights")
+    cells = {row[0]: row[1:] for row in table[1:]}
+    assert cells["flow2"][0] == f"{ENC_TRAINABLE['L'] + DEC_TRAINABLE + FLOW2:,}"
+    assert cells["normal"][2] == f"{DEC_TRAINABLE:,}"
+
+
+def test_study_md_links_every_run(study):
+    _, out, _ = study
+    runs = (out / "study.md").read_text().split("## Runs\n", 1)[1]
+    rows = [line for line in runs.splitlines() if line.startswith("| encoder=")]
+    assert len(rows) == 8
+    links = re.findall(r"\[(\w+\.?)\]\(([^)]+)\)", runs)
+    assert len([name for name, _ in links if name == "report"]) == 8
+    assert len([name for name, _ in links if name == "samples"]) == 8
+    for _, target in links:
+        assert (out / target).is_file(), target
+
+
+def test_a_second_run_skips_every_finished_run(study, tmp_path):
+    spec, out, _ = study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("*/*/*") if p.name in ("metrics.json", "checkpoint.pt")}
+    result = run_subprocess(["run", str(spec), "--out", str(copy), "--no-progress"], timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count("finished earlier, skipped") == 8
+    assert "study: 0 run(s) trained, 8 skipped" in result.stderr and "Traceback" not in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps
+    assert "8 of 8 runs finished" in (copy / "study.md").read_text()
+
+
+def test_a_run_without_metrics_is_resumed_alone(study, tmp_path):
+    spec, out, _ = study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    folder = copy / run_id("L", "flow2") / "seed1"
+    before = json.loads((folder / "metrics.json").read_text())
+    (folder / "metrics.json").unlink()
+    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("*/*/*") if p.name in ("metrics.json", "checkpoint.pt")}
+    assert (folder / "checkpoint.pt") in stamps
+    rc, _, err = run_cli("run", spec, "--out", copy, "--no-progress")
+    assert rc == 0, err
+    assert "study: 1 run(s) trained, 7 skipped" in err
+    assert re.search(r"^study: \[4/8\] encoder=L,prior=flow2 seed 1 \(resumed\)$", err, re.M), err
+    assert err.count("finished earlier, skipped") == 7
+    assert "epoch 1/1" not in err  # resumed after its one finished epoch: nothing retrained
+    after = json.loads((folder / "metrics.json").read_text())
+    assert after["test"] == before["test"] and after["params"] == before["params"]
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the checkpoint and the other runs untouched
+    rc, _, err = run_cli("run", spec, "--out", copy, "--resume")
+    assert rc == 1 and "a study resumes by itself" in err
+
+
+def test_a_study_stopped_before_a_runs_first_checkpoint_goes_on(study, tmp_path, monkeypatch):
+    import genspec.train
+
+    spec, _, _ = study
+    out = tmp_path / "out"
+    args = ["run", spec, "--out", out, "--no-progress", "--only", "encoder=L", "--only", "prior=normal",
+            "--set", "repeats=1"]
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        rc, _, err = run_cli(*args)
+    assert rc == 130 and "interrupted" in err
+    folder = out / run_id("L", "normal") / "seed0"
+    assert folder.is_dir() and not (folder / "checkpoint.pt").exists()
+    rc, _, err = run_cli(*args)
+    assert rc == 0, err
+    assert (folder / "metrics.json").is_file()
+
+
+def test_report_orders_levels_as_declared_and_marks_missing_cells(tmp_path):
+    order = {"layers": ["fc", "conv"], "encoder": ["L", "PNL", "NL", "RKS"]}
+    planned = []
+    for layers in ("conv", "fc"):
+        for encoder in ("RKS", "NL", "L", "PNL"):
+            folder = tmp_path / f"layers={layers},encoder={encoder}" / "seed0"
+            folder.mkdir(parents=True)
+            if (layers, encoder) != ("conv", "PNL"):  # one run not finished
+                value = 10.0 * (order["layers"].index(layers) + 1) + order["encoder"].index(encoder)
+                (folder / "metrics.json").write_text(json.dumps({"test": {"nelbo": value}}))
+            run = Run(f"layers={layers},encoder={encoder}", {"layers": layers, "encoder": encoder}, None)
+            planned.append(StudyRun(run, None, 0, folder))
+    section_ = {"out": tmp_path, "name": "ordered", "repeats": 1, "factors": ["layers", "encoder"], "order": order,
+                "columns": ["encoder"], "rows": ["layers"], "tables": [{"metric": "test.nelbo", "title": "NELBO"}]}
+    text = write_study_report(section_, planned).read_text()
+    assert "7 of 8 runs finished" in text
+    table = section(text, "NELBO")
+    assert table[0] == ["layers", "L M", "L Std", "PNL M", "PNL Std", "NL M", "NL Std", "RKS M", "RKS Std"]
+    assert table[1] == ["fc", "10.00", "0.0000", "11.00", "0.0000", "12.00", "0.0000", "13.00", "0.0000"]
+    assert table[2] == ["conv", "20.00", "0.0000", "-", "-", "22.00", "0.0000", "23.00", "0.0000"]
