@@ -164,11 +164,15 @@ def _reported_lines(spec: Spec, metrics: dict) -> list[str]:
     if not reported:
         return []
     results = flat_results(metrics)
+    extractor = (metrics.get("protocol") or {}).get("extractor", "")
     lines = ["## Paper and run", "", "| metric | paper | run | run - paper |", "|---|---|---|---|"]
     for key, paper in reported.items():
         run = results.get(REPORTED_ALIASES.get(key, key))
         diff = "" if run is None else f"{run - paper:+.4g}"
         lines.append(f"| {key} | {paper:.4g} | {'not measured' if run is None else f'{run:.4g}'} | {diff} |")
+    if extractor and not extractor.startswith("inception") and any(REPORTED_ALIASES.get(k, k) in metrics.get("fidelity", {})
+                                                                    for k in reported):
+        lines += ["", f"> The run's sample metrics use {extractor}, not Inception: they are not on the paper's scale."]
     return lines + [""]
 
 
