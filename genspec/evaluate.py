@@ -12,7 +12,6 @@ import math
 import time
 from pathlib import Path
 
-import networkx as nx
 import torch
 
 from . import expr as E
@@ -20,7 +19,7 @@ from . import fidelity
 from .compile import Env, Model
 from .data import Split, Splits, batches
 from .errors import RunError
-from .graph import plan
+from .graph import compute_order, data_ancestors
 from .spec import Spec
 
 EVAL_SEED = 12345
@@ -36,8 +35,7 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
     names = spec.evaluate.get("losses", list(spec.losses))
     if not names or len(split) == 0:
         return {}
-    order = plan_losses(spec, names)
-    nodes = [(n, model.node_fns[n]) for n in order]
+    nodes = [(n, model.node_fns[n]) for n in compute_order(spec.graph_nx, [f"loss:{name}" for name in names])]
     sums = {name: 0.0 for name in names}
     count = 0
     model.train(False)
@@ -50,23 +48,6 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
             count += len(x)
     model.train(True)
     return {name: total / count for name, total in sums.items()}
-
-
-def plan_losses(spec: Spec, names: list[str]) -> list[str]:
-    g = spec.graph_nx
-    data = g.edge_subgraph([(u, v) for u, v, rel in g.edges(data="rel") if rel == "data"])
-    needed = set()
-    for name in names:
-        node = f"loss:{name}"
-        needed |= (nx.ancestors(data, node) if node in data else set()) | {node}
-    return [n for n in plan_order(g, needed)]
-
-
-def plan_order(g: nx.DiGraph, needed: set) -> list[str]:
-    sub = g.subgraph(needed)
-    sub = sub.edge_subgraph([(u, v) for u, v, rel in sub.edges(data="rel") if rel == "data"]).copy()
-    sub.add_nodes_from(needed)
-    return [n for n in nx.topological_sort(sub) if g.nodes[n]["kind"] in ("tensor", "loss")]
 
 
 # ---------------------------------------------------------------- grids
@@ -90,7 +71,7 @@ def reconstruction_of(spec: Spec, generator: str | None) -> str | None:
         value = g.nodes[node].get("value")
         if value is None or value.kind != "tensor" or tuple(value.shape) != tuple(spec.data_shape):
             continue
-        ancestors = nx.ancestors(g, node)
+        ancestors = data_ancestors(g, node)
         if "input:x" in ancestors and (generator is None or f"net:{generator}" in ancestors):
             if isinstance(spec.graph[name], E.Call) and spec.graph[name].func == generator:
                 return name
@@ -157,7 +138,7 @@ def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple
     n = min(spec.evaluate.get("reconstruction_images", default) if kind == "reconstructions" else default, len(test))
     x = test.x[:n]
     y = None if test.y is None else test.y[:n]
-    order = plan_order(spec.graph_nx, nx.ancestors(spec.graph_nx, f"tensor:{name}") | {f"tensor:{name}"})
+    order = compute_order(spec.graph_nx, [f"tensor:{name}"])
     env = model.compute(Env(x, y), [(n_, model.node_fns[n_]) for n_ in order])
     images = env[f"tensor:{name}"]
     if kind == "reconstructions":
@@ -226,8 +207,7 @@ def accuracy(spec: Spec, model: Model, split: Split) -> float:
     if split.y is None:
         raise RunError("evaluate.accuracy needs class labels (data.labels: true)")
     name = f"tensor:{spec.evaluate['accuracy']}"
-    order = plan_order(spec.graph_nx, nx.ancestors(spec.graph_nx, name) | {name})
-    nodes = [(n, model.node_fns[n]) for n in order]
+    nodes = [(n, model.node_fns[n]) for n in compute_order(spec.graph_nx, [name])]
     correct = 0
     model.train(False)
     with _forked(model), torch.no_grad():
@@ -281,4 +261,4 @@ class _SpecView:
         self.data, self.evaluate = spec.data, evaluate
 
 
-__all__ = ["evaluate_losses", "final_evaluation", "grid_sources", "plan", "RunError"]
+__all__ = ["evaluate_losses", "final_evaluation", "grid_sources", "RunError"]

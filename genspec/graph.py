@@ -356,13 +356,24 @@ def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collec
 
 def plan(g: nx.DiGraph, objective_names: list[str]) -> list[str]:
     """Tensor and loss node ids an update of these objectives needs, in the order to compute them."""
+    return compute_order(g, [f"objective:{name}" for name in objective_names])
+
+
+def data_ancestors(g: nx.DiGraph, node: str) -> set[str]:
+    """What a node's value is computed from (data edges only; updates edges close the training loop)."""
     data = _data_graph(g)
-    needed: set[str] = set()
-    for name in objective_names:
-        node = f"objective:{name}"
-        needed |= nx.ancestors(data, node) if node in data else set()
-    sub = data.subgraph(needed)
-    return [n for n in nx.topological_sort(sub) if g.nodes[n]["kind"] in ("tensor", "loss")]
+    return nx.ancestors(data, node) if node in data else set()
+
+
+def compute_order(g: nx.DiGraph, targets: list[str]) -> list[str]:
+    """The tensor and loss nodes that `targets` (and the targets themselves) need, in data-flow
+    order: only what is asked for is computed (networkx ancestors over data edges)."""
+    data = _data_graph(g)
+    data.add_nodes_from(targets)
+    needed: set[str] = set(targets)
+    for node in targets:
+        needed |= nx.ancestors(data, node)
+    return [n for n in nx.topological_sort(data.subgraph(needed)) if g.nodes[n]["kind"] in ("tensor", "loss")]
 
 
 def to_text(g: nx.DiGraph) -> str:

@@ -16,7 +16,7 @@ import torch
 import genspec
 from genspec.compile import Env, Model
 from genspec.data import load_data
-from genspec.evaluate import plan_losses
+from genspec.graph import compute_order
 from genspec.priors import NormalPrior, RealNVPPrior, build_prior
 from genspec.spec import Latent
 
@@ -185,7 +185,7 @@ def tiny_model(tmp_path, prior: str):
 
 def loss_of(spec, model, x, name: str, seed: int) -> float:
     """genspec's value of one loss: only the nodes that loss needs, computed on an Env."""
-    nodes = [(n, model.node_fns[n]) for n in plan_losses(spec, [name])]
+    nodes = [(n, model.node_fns[n]) for n in compute_order(spec.graph_nx, [f"loss:{name}"])]
     torch.manual_seed(seed)
     with torch.no_grad():
         env = model.compute(Env(x), nodes)
