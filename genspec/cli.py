@@ -155,6 +155,25 @@ def cmd_tune(args) -> int:
     return 0
 
 
+def cmd_is_splits(args) -> int:
+    import csv
+
+    from . import load_run
+    from .fidelity import inception_score_by_splits
+
+    run = load_run(args.run_dir)
+    rows = inception_score_by_splits(run, args.splits, args.samples, args.seed)
+    lines = ["| splits | IS mean | IS std |", "|---|---|---|"] + [
+        f"| {r['splits']} | {r['inception_score_mean']:.4f} | {r['inception_score_std']:.4f} |" for r in rows]
+    print("\n".join(lines))
+    (Path(args.run_dir) / "is_splits.md").write_text(f"# Inception score by number of splits\n\n" + "\n".join(lines) + "\n")
+    with open(Path(args.run_dir) / "is_splits.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genspec", description="Compile model specs (papers' tables as YAML) into training runs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -209,6 +228,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_tune)
+    i = sub.add_parser("is-splits", help="IS of a finished run's samples for several split counts (the n_splits table)")
+    i.add_argument("run_dir")
+    i.add_argument("--splits", type=int, nargs="+", default=[1, 2, 5, 10, 20, 50, 100, 200])
+    i.add_argument("--samples", type=int, help="samples to score (default: evaluate.is.samples)")
+    i.add_argument("--seed", type=int, default=0)
+    i.set_defaults(func=cmd_is_splits)
     r = with_only(with_set(sub.add_parser("run", help="train and evaluate a spec (or every run of a sweep), writing a report")))
     r.add_argument("spec")
     r.add_argument("--out", help="output folder (default reports/<name>/)")

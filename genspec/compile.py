@@ -18,7 +18,7 @@ from torch import nn
 from . import expr as E
 from .graph import plan
 from .layers import Gaussian, build_network
-from .ops import TENSOR_OPS, SoftLabel, kl_monte_carlo, kl_normal
+from .ops import TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
 from .priors import build_prior
 from .spec import Spec
 
@@ -93,6 +93,10 @@ class Compiler:
                 return lambda env: kl_normal(q(env))
             prior = self.priors[node.args[1].id]
             return lambda env: kl_monte_carlo(q(env), prior)
+        if node.func == "gp":
+            critic = self.networks[node.args[0].id]
+            real, fake = self._compile(node.args[1], kind), self._compile(node.args[2], kind)
+            return lambda env: gradient_penalty(critic, real(env), fake(env))
         fn = TENSOR_OPS[node.func]
         args = [self._compile(a, kind) for a in node.args]
         if len(args) == 1:

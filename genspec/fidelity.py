@@ -245,3 +245,45 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
             save_cpu_ram=True, samples_shuffle=True, **options, **kwargs)
         results.update({k: float(v) for k, v in out.items()})
     return {"metrics": results, "protocol": protocol, "notes": notes}
+
+
+def inception_score_by_splits(run, splits: list[int], samples: int | None = None, seed: int = 0) -> list[dict]:
+    """IS of a finished run's samples for several split counts (the coursework's n_splits table),
+    with the run's own extractor: features extracted once, then torch-fidelity's IS per split count."""
+    tf = _torch_fidelity()
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
+
+    from .evaluate import generator_of, sample_images
+
+    evaluate = run.spec.evaluate
+    source = generator_of(run.spec)
+    if source is None:
+        raise RunError(f"{run.folder}: no network of this run maps a latent to the data shape")
+    extractor = choose_extractor(evaluate)
+    if extractor == "inception":
+        weights = inception_weights(evaluate)
+        _safe_check(weights)
+        name, options = "inception-v3-compat", {"feature_extractor_weights_path": str(weights)}
+    else:
+        name, _ = classifier_extractor(extractor["classifier"], extractor.get("network"))
+        options = {}
+    n = samples or (evaluate.get("is") or {}).get("samples", DEFAULT_SAMPLES)
+    torch.manual_seed(seed)
+    module, prior = run.networks[source[0]], run.priors[source[1]]
+    with torch.no_grad():
+        images = torch.cat([sample_images(module, prior, min(256, n - i), "cpu") for i in range(0, n, 256)])
+        images = to_uint8(images, run.spec.data.get("range", [0, 1]))
+        if extractor == "inception" and images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1).contiguous()
+        layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("isc")
+        model = tf.registry.FEATURE_EXTRACTORS_REGISTRY[name](name, [layer], **options).eval()
+        features = torch.cat([model(images[i:i + 256])[0] for i in range(0, n, 256)])
+    rows = []
+    for k in splits:
+        if k > n:
+            raise RunError(f"{k} splits of {n} samples: ask for fewer splits or more samples (--samples)")
+        out = isc_features_to_metric(features, splits=k, shuffle=True, rng_seed=2020)
+        rows.append({"splits": k, "inception_score_mean": float(out["inception_score_mean"]),
+                     "inception_score_std": float(out["inception_score_std"])})
+    return rows

@@ -121,6 +121,9 @@ def _dependencies(node, spec: Spec, kind: str, path: tuple, problems: Collector,
         elif func in EXPRESSION_OPS:
             kinds = EXPRESSION_OPS[func]["args"]
             for i, arg in enumerate(node.args):
+                if i < len(kinds) and kinds[i] == "network" and isinstance(arg, E.Name) and arg.id in spec.networks:
+                    deps.append(f"net:{arg.id}")  # an op that runs a network itself (gp)
+                    continue
                 is_latent = i < len(kinds) and kinds[i] == "latent"
                 deps += _dependencies(arg, spec, kind, path, problems, latent_arg=is_latent)
             return [d for d in deps if d]
@@ -268,6 +271,10 @@ class _Infer:
         values = [self.argument(arg, kind, node.func, i) for i, (arg, kind) in enumerate(zip(node.args, kinds))]
         if node.func in ("sqerr", "mse", "l1") or (node.func == "bce" and values[1].kind == "tensor"):
             self.same_shape(node.func, values[0], values[1])
+        if node.func == "gp":
+            for value in values[1:]:
+                if value.shape != values[0].shape:
+                    self.fail(f"gp: the critic {node.args[0].id} takes {fmt(values[0].shape)}, got {fmt(value.shape)}")
         result = op["result"]
         if result == "same":
             return values[0]
@@ -280,6 +287,10 @@ class _Infer:
         return Value("scalar")
 
     def argument(self, arg, kind: str, func: str, i: int) -> Value | None:
+        if kind == "network":
+            if not isinstance(arg, E.Name) or arg.id not in self.spec.networks:
+                self.fail(f"{func}: argument {i + 1} must name a network (networks: {', '.join(self.spec.networks)})")
+            return Value("network", tuple(self.spec.networks[arg.id].input))
         if kind == "latent":
             if not isinstance(arg, E.Name) or arg.id not in self.spec.latents:
                 known = ", ".join(self.spec.latents) or "none declared"

@@ -113,7 +113,40 @@ def _activation(name: str, slope: float = 0.01) -> nn.Module:
     }[name]()
 
 
+class VirtualBatchNorm(nn.Module):
+    """Virtual batch normalisation (Salimans et al. 2016): each example is normalised with the
+    statistics of a fixed reference batch plus itself, so examples in a batch do not depend on
+    one another. The network runs its reference batch in front of every batch (TableNet does)."""
+
+    def __init__(self, channels: int, spatial: bool, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.spatial, self.eps = spatial, eps
+        self.reference_size = 0  # set by the network before each pass
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        r = self.reference_size
+        if r == 0:
+            raise RuntimeError("virtual batch norm needs the network's reference batch in front of the batch")
+        per_example = (lambda t: t.mean((2, 3))) if self.spatial else (lambda t: t)  # (N, C)
+        mean_x, square_x = per_example(h), per_example(h * h)
+        w = 1.0 / (r + 1)
+        mean = (1 - w) * mean_x[:r].mean(0) + w * mean_x
+        var = ((1 - w) * square_x[:r].mean(0) + w * square_x - mean * mean).clamp_min(0)
+        if self.spatial:
+            mean, var = mean[:, :, None, None], var[:, :, None, None]
+            weight, bias = self.weight[:, None, None], self.bias[:, None, None]
+        else:
+            weight, bias = self.weight, self.bias
+        return weight * (h - mean) / torch.sqrt(var + self.eps) + bias
+
+
 def _norm(name: str, shape: tuple) -> nn.Module:
+    if name == "vbn":
+        if len(shape) not in (1, 3):
+            raise ValueError("virtual batch norm needs a flat or CxHxW input")
+        return VirtualBatchNorm(shape[0], spatial=len(shape) == 3)
     if name == "bn":
         return nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0])
     return nn.LayerNorm(list(shape))
@@ -159,7 +192,7 @@ def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
         main = Reshape(row["shape"])
     elif op == "crop":
         main = Crop(row["p"])
-    elif op in ("bn", "ln"):
+    elif op in ("bn", "ln", "vbn"):
         main = _norm(op, in_shape)
     elif op == "identity":
         main = nn.Identity()
@@ -178,6 +211,17 @@ def _conv(row: dict, in_shape: tuple, channels: int, bias: bool) -> nn.Module:
                          nn.Conv2d(in_shape[0], channels, row["kernel"], row["stride"], 0, bias=bias))
 
 
+REFERENCE_BATCH = 64
+
+
+def _drop(value, n: int):
+    if not n:
+        return value
+    if isinstance(value, Gaussian):
+        return Gaussian(value.mean[n:], value.logvar[n:])
+    return value[n:]
+
+
 class TableNet(nn.Module):
     """A network built from a layer table. `forward(x)` gives the last row's output;
     `forward_taps(x)` also gives every named tap, from one pass."""
@@ -188,6 +232,10 @@ class TableNet(nn.Module):
         self.taps = dict(net.info.taps)
         self._tap_at = {i: name for name, i in self.taps.items()}
         self._frozen_rows = [i for i, r in enumerate(net.info.rows) if r.frozen]
+        self._virtual_norms = [m for m in self.rows.modules() if isinstance(m, VirtualBatchNorm)]
+        if self._virtual_norms:
+            # the reference batch: fixed draws of N(0, I) of the input (a generator's noise), taken once
+            self.register_buffer("reference", torch.randn(REFERENCE_BATCH, *net.input))
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -199,18 +247,22 @@ class TableNet(nn.Module):
         return self
 
     def forward(self, x):
-        for row in self.rows:
-            x = row(x)
-        return x
+        return self.forward_taps(x)[None]
 
     def forward_taps(self, x) -> dict:
         """Outputs of every named tap, and the final output under the key None."""
+        skip = 0
+        if self._virtual_norms:  # the reference batch rides in front of the batch, then is dropped
+            skip = len(self.reference)
+            x = torch.cat([self.reference.to(x.dtype), x])
+            for norm in self._virtual_norms:
+                norm.reference_size = skip
         out = {}
         for i, row in enumerate(self.rows):
             x = row(x)
             if i in self._tap_at:
-                out[self._tap_at[i]] = x
-        out[None] = x
+                out[self._tap_at[i]] = _drop(x, skip)
+        out[None] = _drop(x, skip)
         return out
 
 

@@ -63,3 +63,15 @@ TENSOR_OPS = {
     "abs": lambda a: a.abs() if torch.is_tensor(a) else abs(a),
     "detach": lambda a: a.detach() if hasattr(a, "detach") else a,
 }
+
+
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x critic(x_hat)||_2 - 1)^2] at x_hat = e real + (1 - e) fake,
+    e ~ U[0, 1] per example. The graph is kept (create_graph) so the penalty trains the critic."""
+    training = torch.is_grad_enabled()  # in evaluation (no_grad) the penalty is still measured
+    e = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype)
+    with torch.enable_grad():
+        x_hat = (e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True)
+        (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=training)
+        penalty = (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+    return penalty if training else penalty.detach()

@@ -15,7 +15,7 @@ TOP_LEVEL_KEYS = (
 
 # Activations that may stand as a row of their own or close a row (`conv ..., relu`).
 ACTIVATIONS = ("relu", "lrelu", "tanh", "sigmoid", "elu", "gelu", "silu", "softplus", "softmax", "log_softmax")
-NORMS = ("bn", "ln")
+NORMS = ("bn", "ln", "vbn")  # vbn: virtual batch norm against a reference batch fixed at construction
 
 # Layer ops that may open a row. Activations and norms may also stand alone.
 LAYER_OPS = (
@@ -48,6 +48,8 @@ EXPRESSION_OPS: dict[str, dict] = {
     "sum": {"args": ("any",), "result": "scalar", "doc": "sum of all elements"},
     "abs": {"args": ("any",), "result": "same", "doc": "absolute value"},
     "detach": {"args": ("any",), "result": "same", "doc": "stop gradients (also written x.detach())"},
+    "gp": {"args": ("network", "tensor", "tensor"), "result": "scalar",
+           "doc": "gradient penalty of a critic: mean (||grad critic(x_hat)|| - 1)^2 at random interpolates of real and fake (WGAN-GP)"},
 }
 
 # Optimisers: name -> keyword arguments they accept (the first positional is lr).

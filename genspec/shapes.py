@@ -157,13 +157,13 @@ def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
         if math.prod(target) != math.prod(shape):
             raise ShapeError(i, f"cannot reshape {fmt(shape)} ({math.prod(shape)} values) to {fmt(target)} ({math.prod(target)})")
         return target, 0
-    if op in ("bn", "ln"):
+    if op in ("bn", "ln", "vbn"):
         return shape, _norm_params(op, shape, i)
     return shape, 0  # activations, dropout, identity
 
 
 def _norm_params(norm: str, shape: tuple, i: int) -> int:
-    if norm == "bn":
+    if norm in ("bn", "vbn"):
         if len(shape) not in (1, 3):
             raise ShapeError(i, f"batch norm needs a flat or CxHxW input, got {fmt(shape)}")
         return 2 * shape[0]

@@ -1,0 +1,132 @@
+"""Pieces of the GAN family: the gradient-penalty op, virtual batch norm, and the DCGAN/WGAN-GP specs."""
+
+import torch
+from torch import nn
+
+import genspec
+from genspec.compile import Env, Model
+from genspec.layers import VirtualBatchNorm, build_network
+from genspec.ops import gradient_penalty
+from genspec.rows import parse_row
+from genspec.shapes import infer_network
+from genspec.spec import Network
+
+
+def test_gradient_penalty_matches_a_hand_computation():
+    torch.manual_seed(0)
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 1))
+    real, fake = torch.randn(6, 3, 2, 2), torch.randn(6, 3, 2, 2)
+    torch.manual_seed(1)
+    got = gradient_penalty(critic, real, fake)
+    torch.manual_seed(1)
+    e = torch.rand(6, 1, 1, 1)
+    want = []
+    for i in range(6):  # one example at a time, with autograd's plain gradient
+        x_hat = (e[i] * real[i] + (1 - e[i]) * fake[i]).unsqueeze(0).requires_grad_(True)
+        (g,) = torch.autograd.grad(critic(x_hat).sum(), x_hat)
+        want.append((g.norm() - 1) ** 2)
+    assert torch.allclose(got, torch.stack(want).mean(), atol=1e-6)
+    assert got.requires_grad  # it trains the critic: the penalty's graph is kept
+
+
+def test_gradient_penalty_is_measured_without_grad_in_evaluation():
+    critic = nn.Sequential(nn.Flatten(), nn.Linear(4, 1))
+    with torch.no_grad():
+        value = gradient_penalty(critic, torch.randn(3, 1, 2, 2), torch.randn(3, 1, 2, 2))
+    assert value.item() >= 0 and not value.requires_grad
+
+
+def _generator():
+    rows = [parse_row(r) for r in ["fc 4x4x8, vbn, relu", "deconv 4 3x3 x2, vbn, relu", "deconv 1 3x3 x2, tanh"]]
+    return build_network(Network("g", (6,), rows, infer_network((6,), rows)))
+
+
+def test_virtual_batch_norm_makes_examples_independent_of_their_batch():
+    torch.manual_seed(0)
+    gen = _generator()
+    z = torch.randn(5, 6)
+    alone = gen(z[:1])
+    assert torch.allclose(gen(z)[:1], alone, atol=1e-6)  # batch norm would mix the five
+    assert gen(z).shape == (5, 1, 16, 16)
+
+
+def test_virtual_batch_norm_reference_batch_is_fixed_across_steps():
+    torch.manual_seed(0)
+    gen = _generator()
+    reference = gen.reference.clone()
+    opt = torch.optim.Adam(gen.parameters(), 1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        gen(torch.randn(4, 6)).pow(2).mean().backward()
+        opt.step()
+    assert torch.equal(gen.reference, reference)
+    assert "reference" in gen.state_dict()  # saved with the checkpoint, so a resume keeps it
+    norms = [m for m in gen.modules() if isinstance(m, VirtualBatchNorm)]
+    assert len(norms) == 2 and all(m.weight.grad is not None for m in norms)
+
+
+def test_virtual_batch_norm_counts_two_parameters_per_channel():
+    spec = genspec.load("specs/dcgan.yaml")
+    nets = genspec.build(spec)
+    for name, net in spec.networks.items():
+        assert sum(p.numel() for p in nets[name].parameters()) == net.info.trainable
+
+
+def test_wgan_gp_critic_is_updated_five_times_per_generator_update():
+    spec = genspec.load("specs/wgan_gp.yaml")
+    assert [(p.update, p.repeat) for p in spec.phases] == [(["dis"], 5), (["gen"], 1)]
+    model = Model(spec, torch.device("cpu"))
+    x = torch.rand(4, 1, 28, 28) * 2 - 1
+    losses = model.step(model.phases[0], x)
+    assert set(losses) >= {"d_loss"} and torch.isfinite(losses["d_loss"])
+    env = model.compute(Env(x), [(n, model.node_fns[n]) for n in ("tensor:x_fake", "tensor:d_real", "tensor:d_fake")])
+    assert env["tensor:d_real"].shape == (4, 1)
+
+
+def test_dcgan_variants_differ_only_in_their_schedule_or_learning_rates():
+    from genspec.diff import diff_specs
+
+    base = genspec.load("specs/dcgan.yaml")
+    for variant, paths in {"specs/dcgan/ttur.yaml": {("params", "lr_d"), ("params", "lr_g"),
+                                                     ("objectives", "dis", "optimizer"), ("objectives", "gen", "optimizer")},
+                           "specs/dcgan/ratio_1_5.yaml": None}.items():
+        result = diff_specs(base, genspec.load(variant))
+        assert not result["networks"]
+        if paths:
+            assert {tuple(c["path"]) for c in result["changes"]} == paths
+        else:
+            assert ("phases",) in {tuple(c["path"][:1]) for c in result["changes"]}
+
+
+CLASSIFIER = """
+genspec: 1
+name: tiny_digits_classifier
+data: {dataset: digits, labels: true, split: {train: 400, test: 100}}
+networks:
+  clf:
+    input: x
+    layers: [flatten, "fc 32, relu  as features", "fc 10, log_softmax"]
+graph: {logp: clf(x)}
+losses: {nll: "nll(logp, y)"}
+objectives: {clf: {minimize: nll, optimizer: adam(1e-2)}}
+train: {epochs: 2, batch_size: 50}
+evaluate: {grids: {}, accuracy: logp}
+"""
+
+
+def test_is_splits_table_from_a_finished_run(tmp_path, capsys):
+    from genspec.cli import main
+
+    (tmp_path / "clf.yaml").write_text(CLASSIFIER)
+    assert main(["run", str(tmp_path / "clf.yaml"), "--out", str(tmp_path / "clf"), "--no-progress"]) == 0
+    assert main(["run", "specs/quickstart.yaml", "--out", str(tmp_path / "vae"), "--no-progress",
+                 "--set", "train.epochs=1", "--set", "evaluate.is.samples=60", "--set", "evaluate.is.splits=2",
+                 "--set", f"evaluate.extractor.classifier={tmp_path / 'clf'}"]) == 0
+    capsys.readouterr()
+    assert main(["is-splits", str(tmp_path / "vae"), "--splits", "1", "2", "5", "--samples", "60"]) == 0
+    table = (tmp_path / "vae" / "is_splits.md").read_text()
+    rows = [line for line in table.splitlines() if line.startswith("| ") and line[2].isdigit()]
+    assert [r.split("|")[1].strip() for r in rows] == ["1", "2", "5"]
+    one_split = rows[0].split("|")
+    assert 1 <= float(one_split[2]) <= 10 and float(one_split[3]) == 0.0  # one split: no spread
+    assert main(["is-splits", str(tmp_path / "vae"), "--splits", "100", "--samples", "60"]) == 1
