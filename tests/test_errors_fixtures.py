@@ -33,7 +33,7 @@ EXPECTED = {
         "missing_required.yaml:2:1: (top level): missing required key 'name'",
     ],
     "undefined_network": [
-        "undefined_network.yaml:32:3: graph.x_rec: unknown op or network 'decoder'; known: abs, bce, detach, kl, l1, "
+        "undefined_network.yaml:32:3: graph.x_rec: unknown op or network 'decoder'; known: abs, bce, detach, gp, kl, l1, "
         "mean, mean_of, mse, nll, rsample, sample, sqerr, sum, dec, enc",
     ],
     "undefined_network_objective": [

@@ -174,10 +174,10 @@ ERRORS = [
     ("relu 3", "relu takes no arguments, got '3'"),
     ("flatten 2 3", "flatten takes no arguments, got '2 3'"),
     ("lrelu a", "lrelu: expected a negative slope, e.g. 'lrelu 0.2'"),
-    ("fc 10, relu 2", "unexpected 'relu 2' after the layer; expected a norm (bn, ln), an activation (relu, lrelu, tanh, "
+    ("fc 10, relu 2", "unexpected 'relu 2' after the layer; expected a norm (bn, ln, vbn), an activation (relu, lrelu, tanh, "
                       "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen' or 'as NAME'"),
     ("fc 10, as h", "empty part between commas"),  # the tap is taken off first, leaving 'fc 10,'
-    ("fc 10, bn as", "unexpected 'bn as' after the layer; expected a norm (bn, ln), an activation (relu, lrelu, tanh, "
+    ("fc 10, bn as", "unexpected 'bn as' after the layer; expected a norm (bn, ln, vbn), an activation (relu, lrelu, tanh, "
                      "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen' or 'as NAME'"),
     ("fc 10, relu as 1x", "tap name '1x' must be a plain name"),
     ("fc 10,, relu", "empty part between commas"),

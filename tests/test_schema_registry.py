@@ -83,7 +83,7 @@ def test_freeze_modes_and_grids():
 
 
 def test_expression_ops_have_known_argument_kinds():
-    kinds = {"dist", "latent", "tensor", "target", "labels", "any"}
+    kinds = {"dist", "latent", "tensor", "target", "labels", "any", "network"}
     for name, op in R.EXPRESSION_OPS.items():
         assert set(op["args"]) <= kinds, name
         assert op["result"] in {"tensor", "scalar", "same"}, name
@@ -110,3 +110,9 @@ def test_every_fixture_names_the_schema_on_its_first_line(spec: Path):
     prefix = "# yaml-language-server: $schema="
     assert first.startswith(prefix), first
     assert (spec.parent / first[len(prefix):].strip()).resolve() == SCHEMA_PATH
+
+
+def test_grid_kinds_are_the_registry_grids():
+    grids = SCHEMA["properties"]["evaluate"]["properties"]["grids"]["oneOf"]
+    assert grids[0]["items"]["enum"] == list(R.GRIDS)
+    assert sorted(grids[1]["properties"]) == sorted(R.GRIDS)

@@ -96,7 +96,7 @@ SCHEMA = [
     ("name=bad name", "--set name=bad name: name: 'bad name' is not allowed here (Run name; reports go to reports/<name>/.)"),
     ("train.epoch=3", "--set train.epoch=3: train.epoch: unknown key 'epoch'; did you mean 'epochs'?"),
     ("data.bogus=1", "--set data.bogus=1: data.bogus: unknown key 'bogus'; known keys: channels, dataset, download, "
-                     "image_size, labels, on_device, pad, pool, range, root, split"),
+                     "image_size, labels, pad, pool, range, root, split"),
     ("data.dataset=cifar10", "--set data.dataset=cifar10: data.dataset: 'cifar10' is not one of \"digits\", \"mnist\", "
                              "\"fashion_mnist\", \"svhn\", \"celeba\", \"image_folder\""),
     ("data.range=[0, 2]", "--set data.range=[0, 2]: data.range: [0, 2] is not one of [0, 1], [-1, 1]"),
@@ -155,8 +155,8 @@ SCHEMA_WRONG_BRANCH = [
      "norm, op, out, p, padding, scale, shape, slope, stride, var"),
     ("networks.enc.layers[0]={op: convolution, out: 8, kernel: 3}",
      "networks.enc.layers[0].op: 'convolution' is not one of \"conv\", \"deconv\", \"fc\", \"gaussian\", \"maxpool\", "
-     "\"avgpool\", \"upsample\", \"dropout\", \"flatten\", \"reshape\", \"crop\", \"identity\", \"bn\", \"ln\", \"relu\", "
-     "\"lrelu\", \"tanh\", \"sigmoid\", \"elu\", \"gelu\", \"silu\", \"softplus\", \"softmax\", \"log_softmax\""),
+     "\"avgpool\", \"upsample\", \"dropout\", \"flatten\", \"reshape\", \"crop\", \"identity\", \"bn\", \"ln\", \"vbn\", "
+     "\"relu\", \"lrelu\", \"tanh\", \"sigmoid\", \"elu\", \"gelu\", \"silu\", \"softplus\", \"softmax\", \"log_softmax\""),
     ("networks.enc.layers[0]={op: dropout, p: -1}", "networks.enc.layers[0].p: -1 is out of range (minimum 0)"),
     ("networks.enc.input=[1, 0]", "networks.enc.input[1]: 0 is out of range (minimum 1)"),
     ("latent.z.shape=0", "latent.z.shape: 0 is out of range (minimum 1)"),
