@@ -166,7 +166,7 @@ def cmd_is_splits(args) -> int:
     lines = ["| splits | IS mean | IS std |", "|---|---|---|"] + [
         f"| {r['splits']} | {r['inception_score_mean']:.4f} | {r['inception_score_std']:.4f} |" for r in rows]
     print("\n".join(lines))
-    (Path(args.run_dir) / "is_splits.md").write_text(f"# Inception score by number of splits\n\n" + "\n".join(lines) + "\n")
+    (Path(args.run_dir) / "is_splits.md").write_text("# Inception score by number of splits\n\n" + "\n".join(lines) + "\n")
     with open(Path(args.run_dir) / "is_splits.csv", "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

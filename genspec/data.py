@@ -113,8 +113,6 @@ def _svhn(data: dict):
 
 
 def _image_folder(data: dict):
-    from PIL import Image
-
     root = data_root(data)
     if not root.is_dir():
         raise RunError(f"image folder {root.resolve()} does not exist: set data.root to a folder of images")

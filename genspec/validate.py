@@ -45,8 +45,6 @@ def validate(doc: Document) -> Spec:
 # ---------------------------------------------------------------- JSON Schema
 
 def schema_problems(doc: Document, problems: Collector) -> None:
-    import jsonschema
-
     validator = _validator_class()(schema())
     if not isinstance(doc.data, dict):
         problems.add((), "a spec is a mapping of sections (genspec, name, data, networks, ...)")

@@ -1,10 +1,12 @@
-"""Shared helpers for the torch-free spec tests (loader, resolve, validate, graph, CLI).
+"""Shared helpers for the tests: spec texts, the front-half check, and the CLI in and out of process.
 
 Imported by the test modules as a plain module (pytest puts tests/ on sys.path).
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -53,3 +55,70 @@ def run_cli(args: list[str], cwd: Path | str = REPO, timeout: float = 60) -> sub
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run([sys.executable, "-m", "genspec", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=timeout)
+
+
+def cli_in_process(*args) -> tuple[int, str, str]:
+    """`genspec ARGS` through genspec.cli.main in this process (spares torch's import): (status, stdout, stderr)."""
+    from genspec import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = cli.main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def genspec_subprocess(*args, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`python -m genspec ARGS` as a user runs it, from the repository root."""
+    return run_cli([str(a) for a in args], timeout=timeout)
+
+
+# A small VAE on the 8x8 digits that trains in well under a second; tests append their own sections.
+TINY_DIGITS_VAE = """\
+genspec: 1
+name: NAME
+data: {dataset: digits, split: {train: 64, test: 32}}
+latent:
+  z: {shape: [2], prior: normal}
+networks:
+  enc:
+    input: x
+    layers: [flatten, "fc 16, relu", gaussian 2]
+  dec:
+    input: z
+    layers: ["fc 16, relu", "fc 64, sigmoid", reshape 1 8 8]
+graph:
+  q: enc(x)
+  z: rsample(q)
+  x_rec: dec(z)
+losses:
+  rec: sqerr(x_rec, x)
+  kl: kl(q, z)
+  nelbo: rec + kl
+objectives:
+  vae: {networks: [enc, dec], minimize: nelbo, optimizer: adam(1e-3)}
+train: {epochs: 1, batch_size: 32, seed: 0, device: cpu}
+"""
+
+
+def tiny_digits_vae(name: str, tail: str = "") -> str:
+    """TINY_DIGITS_VAE named `name`, with `tail` (more top-level sections) appended."""
+    return TINY_DIGITS_VAE.replace("name: NAME", f"name: {name}") + tail
+
+
+def tiny_gan_doc(name: str, lr: float, phases: list, epochs: int = 1, **train) -> dict:
+    """A two-network GAN on the digits as a spec mapping: routing and phase tests count its updates."""
+    return {
+        "genspec": 1, "name": name,
+        "params": {"lr": lr},
+        "data": {"dataset": "digits", "range": [-1, 1], "split": {"train": 160, "test": 32}},
+        "latent": {"z": {"shape": [8]}},
+        "networks": {
+            "gen": {"input": "z", "layers": ["fc 32, relu", "fc 64, tanh", "reshape 1 8 8"]},
+            "dis": {"input": "x", "layers": ["flatten", "fc 32, lrelu 0.2", "fc 1, sigmoid"]},
+        },
+        "graph": {"fake": "gen(sample(z))"},
+        "losses": {"d_real": "bce(dis(x), 1)", "d_fake": "bce(dis(fake.detach()), 0)", "g_adv": "bce(dis(fake), 1)"},
+        "objectives": {"dis": {"minimize": "d_real + d_fake", "optimizer": "adam(lr)"},
+                       "gen": {"minimize": "g_adv", "optimizer": "adam(lr)"}},
+        "train": {"epochs": epochs, "batch_size": 16, "seed": 0, "device": "cpu", "phases": phases, **train},
+    }

@@ -3,8 +3,6 @@ stays torch-free)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import subprocess
 import sys
@@ -15,9 +13,9 @@ import torch
 from torch import nn
 
 import genspec
-from genspec import cli
 from genspec.layers import Gaussian, TableNet
 from genspec.spec import Spec
+from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
@@ -25,11 +23,6 @@ TINY = ["train.device=cpu", "data.split.train=64", "data.split.test=32", "train.
         "train.epochs=2", "evaluate.grids=[]"]
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def test_load_returns_the_resolved_spec():

@@ -17,6 +17,7 @@ from genspec import cli
 from genspec.compile import Env, Model
 from genspec.data import batches, load_data
 from genspec.layers import Gaussian, TableNet
+from spec_helpers import tiny_gan_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
@@ -329,22 +330,7 @@ def test_default_init_keeps_torch_defaults(tmp_path):
 
 # ---------------------------------------------------------------- routing
 
-GAN = {
-    "genspec": 1, "name": "tinygan",
-    "params": {"lr": 0.01},
-    "data": {"dataset": "digits", "range": [-1, 1], "split": {"train": 160, "test": 32}},
-    "latent": {"z": {"shape": [8]}},
-    "networks": {
-        "gen": {"input": "z", "layers": ["fc 32, relu", "fc 64, tanh", "reshape 1 8 8"]},
-        "dis": {"input": "x", "layers": ["flatten", "fc 32, lrelu 0.2", "fc 1, sigmoid"]},
-    },
-    "graph": {"fake": "gen(sample(z))"},
-    "losses": {"d_real": "bce(dis(x), 1)", "d_fake": "bce(dis(fake.detach()), 0)", "g_adv": "bce(dis(fake), 1)"},
-    "objectives": {"dis": {"minimize": "d_real + d_fake", "optimizer": "adam(lr)"},
-                   "gen": {"minimize": "g_adv", "optimizer": "adam(lr)"}},
-    "train": {"epochs": 1, "batch_size": 16, "seed": 0, "device": "cpu",
-              "phases": [{"update": ["dis"]}, {"update": ["gen"]}, {"update": ["dis", "gen"]}]},
-}
+GAN = tiny_gan_doc("tinygan", 0.01, [{"update": ["dis"]}, {"update": ["gen"]}, {"update": ["dis", "gen"]}])
 
 VAEGAN = {
     "genspec": 1, "name": "tinyvaegan",

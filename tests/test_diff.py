@@ -8,16 +8,15 @@ the command line (a subprocess, as a user runs it) and through `genspec.diff.dif
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 import genspec
 from genspec.diff import diff_specs, is_equivalent, render_text
+from spec_helpers import genspec_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "specs" / "quickstart.yaml"
@@ -26,10 +25,7 @@ QUICKSTART_TEXT = QUICKSTART.read_text()
 
 
 def genspec_cli(*args, timeout: float = 60) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "genspec", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return genspec_subprocess(*args, timeout=timeout)
 
 
 def quickstart_with(*replacements: tuple[str, str]) -> str:

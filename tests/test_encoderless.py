@@ -9,8 +9,6 @@ reason, when it is absent.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -22,7 +20,6 @@ import torch
 from torch import nn
 
 import genspec
-from genspec import cli
 from genspec.compile import Model
 from genspec.data import load_data
 from genspec.errors import RunError
@@ -30,17 +27,13 @@ from genspec.layers import ConvGaussianHead, GaussianHead, build_row
 from genspec.pipeline import load_runs
 from genspec.rows import parse_row
 from genspec.shapes import infer_network
+from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "specs" / "encoderless" / "mnist_study.yaml"
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,7 @@ is ever downloaded.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import math
 import socket
@@ -20,9 +18,9 @@ import pytest
 import torch
 
 import genspec
-from genspec import cli
 from genspec import fidelity as gf
 from genspec.errors import RunError
+from spec_helpers import cli_in_process as main
 
 REPO = Path(__file__).resolve().parent.parent
 CPU = torch.device("cpu")
@@ -104,11 +102,6 @@ FIDELITY_EVALUATE = """\
 """
 
 
-def main(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def vae_spec(folder: Path, evaluate: str, name: str = "vae.yaml") -> Path:

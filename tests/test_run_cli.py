@@ -3,8 +3,6 @@ grids, and how an existing folder is refused, replaced or kept."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 from pathlib import Path
@@ -16,10 +14,10 @@ import yaml
 from PIL import Image
 
 import genspec
-from genspec import cli
 from genspec.compile import Model
 from genspec.data import load_data
 from genspec.evaluate import make_grids
+from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
@@ -35,11 +33,6 @@ def sets(overrides) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def folder_bytes(folder: Path) -> dict:

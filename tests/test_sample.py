@@ -6,11 +6,7 @@ so a grid of C columns of 8x8 images is C * (8 + 2) + 2 pixels wide.
 
 from __future__ import annotations
 
-import contextlib
-import io
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,8 +15,8 @@ import torch
 from PIL import Image
 
 import genspec
-from genspec import cli
 from genspec.evaluate import sample_images, to_unit
+from spec_helpers import cli_in_process as main, genspec_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "specs" / "quickstart.yaml"
@@ -29,18 +25,10 @@ RUN_SETS = ["train.device=cpu", "train.epochs=1", "train.max_steps=2", "train.ba
             "data.split.test=32", "evaluate.grids=[]", f"evaluate.interpolation_steps={STEPS}"]
 
 
-def main(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def genspec_cli(*args, timeout: float = 120) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "genspec", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return genspec_subprocess(*args, timeout=timeout)
 
 
 def side(cells: int, image: int = 8, padding: int = 2) -> int:

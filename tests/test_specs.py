@@ -11,8 +11,6 @@ its study must then stop with exit 1 and a message naming the files, without a t
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -23,7 +21,6 @@ import pytest
 import torch
 
 import genspec
-from genspec import cli
 from genspec import graph as spec_graph
 from genspec.errors import RunError
 from genspec.layers import Gaussian
@@ -31,6 +28,7 @@ from genspec.pipeline import load_runs
 from genspec.priors import build_prior
 from genspec.resolve import resolve
 from genspec.sweep import factors, is_sweep
+from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").rglob("*.yaml"))
@@ -41,11 +39,6 @@ MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def test_specs_are_shipped():

@@ -6,9 +6,7 @@ finished runs and resuming an interrupted one.
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import re
 import shutil
@@ -18,37 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from genspec import cli
 from genspec.study import StudyRun, metric_value, write_study_report
 from genspec.sweep import Run
-from spec_helpers import run_cli as run_subprocess
+from spec_helpers import run_cli as run_subprocess, tiny_digits_vae
+from spec_helpers import cli_in_process as run_cli
 
 ENCODERS, PRIORS = ["L", "NL"], ["normal", "flow2"]  # declared order; alphabetical would put flow2 first
 SEEDS = [0, 1]
-SPEC = textwrap.dedent("""\
-    genspec: 1
-    name: tiny_study
-    data: {dataset: digits, split: {train: 64, test: 32}}
-    latent:
-      z: {shape: [2], prior: normal}
-    networks:
-      enc:
-        input: x
-        layers: [flatten, "fc 16, relu", gaussian 2]
-      dec:
-        input: z
-        layers: ["fc 16, relu", "fc 64, sigmoid", reshape 1 8 8]
-    graph:
-      q: enc(x)
-      z: rsample(q)
-      x_rec: dec(z)
-    losses:
-      rec: sqerr(x_rec, x)
-      kl: kl(q, z)
-      nelbo: rec + kl
-    objectives:
-      vae: {networks: [enc, dec], minimize: nelbo, optimizer: adam(1e-3)}
-    train: {epochs: 1, batch_size: 32, seed: 0, device: cpu}
+SPEC = tiny_digits_vae("tiny_study", textwrap.dedent("""\
     evaluate:
       losses: [rec, kl, nelbo]
       grids: [samples, reconstructions]
@@ -68,18 +43,13 @@ SPEC = textwrap.dedent("""\
         - {metric: test.nelbo, title: "Negative ELBO"}
         - {metric: trainable, title: "Trainable weights"}
         - {metric: test.rec, title: "Reconstruction"}
-    """)
+    """))
 TABLES = {"test.nelbo": "Negative ELBO", "trainable": "Trainable weights", "test.rec": "Reconstruction"}
 ENC_TRAINABLE = {"L": (64 * 16 + 16) + (16 * 4 + 4), "NL": 0}
 DEC_TRAINABLE = (2 * 16 + 16) + (16 * 64 + 64)
 FLOW2 = 2 * 2 * ((1 * 8 + 8) + (8 * 8 + 8) + (8 * 1 + 1))  # 2 flows, each an s and a t net, D = 2, hidden 8
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def run_id(encoder: str, prior: str) -> str:

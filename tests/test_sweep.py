@@ -7,8 +7,6 @@ Torch-free: expansion, validation and `show` never build a network.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import re
 import textwrap
@@ -16,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from genspec import cli
 from genspec.errors import SpecError
 from genspec.pipeline import load_runs, split_overrides
 from genspec.study import plan_study
+from spec_helpers import cli_in_process as run_cli, tiny_digits_vae
 
 ROOT = Path(__file__).resolve().parent.parent
 STUDY = ROOT / "specs" / "encoderless" / "mnist_study.yaml"
@@ -27,11 +25,6 @@ STUDY_TEXT = STUDY.read_text()
 LAYERS, PRIORS, ENCODERS = ["fc", "conv"], ["normal", "flow2", "flow6"], ["L", "PNL", "NL", "RKS"]
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def line_of(text: str, needle: str) -> int:
@@ -190,30 +183,7 @@ def test_show_optimiser_table_counts_the_flow_it_trains():
 
 # ---------------------------------------------------------------- a small sweep of our own
 
-TINY = textwrap.dedent("""\
-    genspec: 1
-    name: tiny_sweep
-    data: {dataset: digits, split: {train: 64, test: 32}}
-    latent:
-      z: {shape: [2], prior: normal}
-    networks:
-      enc:
-        input: x
-        layers: [flatten, "fc 16, relu", gaussian 2]
-      dec:
-        input: z
-        layers: ["fc 16, relu", "fc 64, sigmoid", reshape 1 8 8]
-    graph:
-      q: enc(x)
-      z: rsample(q)
-      x_rec: dec(z)
-    losses:
-      rec: sqerr(x_rec, x)
-      kl: kl(q, z)
-      nelbo: rec + kl
-    objectives:
-      vae: {networks: [enc, dec], minimize: nelbo, optimizer: adam(1e-3)}
-    train: {epochs: 1, batch_size: 32, seed: 0, device: cpu}
+TINY = tiny_digits_vae("tiny_sweep", textwrap.dedent("""\
     sweep:
       encoder:
         L: {}
@@ -225,7 +195,7 @@ TINY = textwrap.dedent("""\
     study:
       columns: [encoder]
       rows: [prior]
-    """)
+    """))
 NL_LEVEL = '    NL: {networks: {enc: {freeze: true, layers: {-1: "gaussian 2 var=1e-6"}}}}'
 
 

@@ -3,8 +3,6 @@ data stage (splits, ranges, padding, MNIST and image folders)."""
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import re
@@ -18,10 +16,10 @@ import torch
 import yaml
 
 import genspec
-from genspec import cli
 from genspec.data import load_data
 from genspec.errors import RunError
 from genspec.validate import DATA_DEFAULTS
+from spec_helpers import cli_in_process as run_cli, tiny_gan_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
@@ -34,12 +32,6 @@ def sets(overrides) -> list[str]:
     return [a for o in overrides for a in ("--set", o)]
 
 
-def run_cli(*args) -> tuple[int, str, str]:
-    """`genspec ARGS` in this process: (exit status, stdout, stderr)."""
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def run_spec(spec, out, *overrides, extra=()) -> tuple[int, str, str]:
@@ -85,21 +77,7 @@ def write_yaml(path: Path, doc: dict) -> Path:
 # ---------------------------------------------------------------- phases
 
 def gan_doc(phases, epochs=1, **train) -> dict:
-    return {
-        "genspec": 1, "name": "phasegan",
-        "params": {"lr": 0.002},
-        "data": {"dataset": "digits", "range": [-1, 1], "split": {"train": 160, "test": 32}},
-        "latent": {"z": {"shape": [8]}},
-        "networks": {
-            "gen": {"input": "z", "layers": ["fc 32, relu", "fc 64, tanh", "reshape 1 8 8"]},
-            "dis": {"input": "x", "layers": ["flatten", "fc 32, lrelu 0.2", "fc 1, sigmoid"]},
-        },
-        "graph": {"fake": "gen(sample(z))"},
-        "losses": {"d_real": "bce(dis(x), 1)", "d_fake": "bce(dis(fake.detach()), 0)", "g_adv": "bce(dis(fake), 1)"},
-        "objectives": {"dis": {"minimize": "d_real + d_fake", "optimizer": "adam(lr)"},
-                       "gen": {"minimize": "g_adv", "optimizer": "adam(lr)"}},
-        "train": {"epochs": epochs, "batch_size": 16, "seed": 0, "device": "cpu", "phases": phases, **train},
-    }
+    return tiny_gan_doc("phasegan", 0.002, phases, epochs, **train)
 
 
 def optimizer_steps(folder: Path) -> dict[str, set]:

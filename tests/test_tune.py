@@ -7,22 +7,18 @@ spare the interpreter start-up, and a few inject a failure or an interrupt into 
 
 from __future__ import annotations
 
-import contextlib
 import csv
-import io
 import json
 import math
-import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from genspec import cli
 from genspec.errors import RunError
+from spec_helpers import cli_in_process as main, genspec_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 BETA_VAE = REPO / "specs" / "beta_vae_digits.yaml"
@@ -33,17 +29,9 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.f
 
 
 def genspec_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "genspec", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return genspec_subprocess(*args, timeout=timeout)
 
 
-def main(*args) -> tuple[int, str, str]:
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        rc = cli.main([str(a) for a in args])
-    return rc, out.getvalue(), err.getvalue()
 
 
 def read_trials(folder: Path) -> list[dict]:

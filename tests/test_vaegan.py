@@ -19,14 +19,12 @@ CelebA is never present and nothing is downloaded. The networks are big (the enc
 from __future__ import annotations
 
 import contextlib
-import copy
 import csv
 import io
 import json
 import math
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +41,7 @@ from genspec.compile import Env, Model
 from genspec.data import load_data
 from genspec.ops import SoftLabel, bce
 from genspec.resolve import resolve
+from spec_helpers import genspec_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
 SPECS = REPO / "specs"
@@ -59,11 +58,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore::FutureWarning"), pytest.mark.f
 # ---------------------------------------------------------------- helpers
 
 def genspec_cli(*args, timeout: float = 300) -> subprocess.CompletedProcess:
-    """`python -m genspec ARGS` as a user runs it, from the repository root."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "genspec", *map(str, args)], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+    return genspec_subprocess(*args, timeout=timeout)
 
 
 def genspec_main(*args) -> tuple[int, str, str]:
