@@ -250,7 +250,7 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
 def inception_score_by_splits(run, splits: list[int], samples: int | None = None, seed: int = 0) -> list[dict]:
     """IS of a finished run's samples for several split counts (the coursework's n_splits table),
     with the run's own extractor: features extracted once, then torch-fidelity's IS per split count."""
-    tf = _torch_fidelity()
+    _torch_fidelity()  # a clear install hint if it is missing
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
@@ -276,8 +276,9 @@ def inception_score_by_splits(run, splits: list[int], samples: int | None = None
         images = to_uint8(images, run.spec.data.get("range", [0, 1]))
         if extractor == "inception" and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1).contiguous()
-        layer = FEATURE_EXTRACTORS_REGISTRY[name].get_default_feature_layer_for_metric("isc")
-        model = tf.registry.FEATURE_EXTRACTORS_REGISTRY[name](name, [layer], **options).eval()
+        extractor_class = FEATURE_EXTRACTORS_REGISTRY[name]
+        layer = extractor_class.get_default_feature_layer_for_metric("isc")
+        model = extractor_class(name, [layer], **options).eval()
         features = torch.cat([model(images[i:i + 256])[0] for i in range(0, n, 256)])
     rows = []
     for k in splits:
