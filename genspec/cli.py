@@ -116,7 +116,7 @@ def cmd_sample(args) -> int:
     from torchvision.utils import save_image
 
     from . import load_run
-    from .evaluate import generator_of, interpolation_images, sample_images, to_unit
+    from .evaluate import generator_of, generator_parts, interpolation_images, sample_images, to_unit
 
     if args.n < 1:
         raise RunError(f"--n must be a positive number of images, got {args.n}")
@@ -124,15 +124,15 @@ def cmd_sample(args) -> int:
     source = generator_of(run.spec)
     if source is None:
         raise RunError(f"{args.run_dir}: no network of this run maps a latent to the data shape")
-    module, prior = run.networks[source[0]], run.priors[source[1]]
+    module, prior, conditions = generator_parts(run, source)
     torch.manual_seed(args.seed)
     with torch.no_grad():
         if args.interpolate:
             steps = run.spec.evaluate["interpolation_steps"]
             rows = max(1, args.n // steps)
-            images, nrow = interpolation_images(module, prior, rows, steps, "cpu"), steps
+            images, nrow = interpolation_images(module, prior, rows, steps, "cpu", conditions), steps
         else:
-            images, nrow = sample_images(module, prior, args.n, "cpu"), math.ceil(math.sqrt(args.n))
+            images, nrow = sample_images(module, prior, args.n, "cpu", conditions), math.ceil(math.sqrt(args.n))
     out = args.out or str(Path(args.run_dir) / ("interpolations_new.png" if args.interpolate else "samples_new.png"))
     save_image(to_unit(images, run.spec), out, nrow=nrow, padding=2, pad_value=0.5)
     print(f"wrote {len(images)} images from {source[0]}({source[1]}) to {out}")

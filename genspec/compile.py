@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.nn import functional as F
 
 from . import expr as E
-from .graph import plan
+from .graph import plan, step_extras
 from .layers import Gaussian, build_network
 from .ops import TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
 from .priors import build_prior
@@ -39,10 +40,11 @@ class Env(dict):
 class Compiler:
     """Turns expression ASTs into closures `fn(env) -> value`."""
 
-    def __init__(self, spec: Spec, networks: nn.ModuleDict, priors: nn.ModuleDict):
+    def __init__(self, spec: Spec, networks: nn.ModuleDict, priors: nn.ModuleDict, states: nn.Module):
         self.spec = spec
         self.networks = networks
         self.priors = priors
+        self.states = states
 
     def node_fn(self, kind: str, node):
         return self._compile(node, kind)
@@ -77,13 +79,19 @@ class Compiler:
         if name in spec.labels:
             label = SoftLabel(**spec.labels[name])
             return lambda env: label
+        if name in spec.states:
+            states = self.states
+            return lambda env: getattr(states, name)
         key = f"loss:{name}"
         return lambda env: env[key]
 
     def _call(self, node: E.Call, kind: str):
         net_name, _, tap = node.func.partition(".")
         if net_name in self.spec.networks:
-            return self._network_call(net_name, tap or None, self._compile(node.args[0], kind))
+            return self._network_call(net_name, tap or None, [self._compile(a, kind) for a in node.args])
+        if node.func == "onehot":
+            labels, classes = self._compile(node.args[0], kind), self.spec.num_classes
+            return lambda env: F.one_hot(labels(env), classes).float()
         if node.func == "sample":
             prior = self.priors[node.args[0].id]
             return lambda env: prior.sample(env.batch, env.device)
@@ -105,16 +113,16 @@ class Compiler:
         a0, a1 = args
         return lambda env: fn(a0(env), a1(env))
 
-    def _network_call(self, name: str, tap: str | None, arg):
+    def _network_call(self, name: str, tap: str | None, args: list):
         module = self.networks[name]
 
         def call(env):
-            inp = arg(env)
-            key = (name, id(inp))
+            inputs = [arg(env) for arg in args]
+            key = (name, *map(id, inputs))
             if key not in env.net_cache:
                 # One pass gives the final output and every tap: `dis(x)` and `dis.features(x)`
-                # share it. The input is kept with the outputs so its id stays unique in the step.
-                env.net_cache[key] = (module.forward_taps(inp), inp)
+                # share it. The inputs are kept with the outputs so their ids stay unique in the step.
+                env.net_cache[key] = (module.forward_taps(*inputs), inputs)
             return env.net_cache[key][0][tap]
 
         return call
@@ -133,6 +141,16 @@ class PhasePlan:
     objectives: list[str]
     nodes: list[tuple[str, object]]  # (node id, closure) in computation order
     loss_names: list[str] = field(default_factory=list)
+    state_updates: list[tuple[str, object]] = field(default_factory=list)  # (state, closure), after the step
+
+
+class States(nn.Module):
+    """The spec's states as 0-d buffers: on the model's device, and saved in checkpoints."""
+
+    def __init__(self, states: dict):
+        super().__init__()
+        for name, state in states.items():
+            self.register_buffer(name, torch.tensor(float(state.init)))
 
 
 class Model:
@@ -143,11 +161,13 @@ class Model:
         self.device = device
         self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
         self.priors = nn.ModuleDict({name: build_prior(latent) for name, latent in spec.latents.items()}).to(device)
-        compiler = Compiler(spec, self.networks, self.priors)
+        self.states = States(spec.states).to(device)
+        compiler = Compiler(spec, self.networks, self.priors, self.states)
         self.node_fns = {}
         for node_id, attrs in spec.graph_nx.nodes(data=True):
-            if attrs["kind"] in ("tensor", "loss"):
+            if attrs["kind"] in ("tensor", "loss", "update"):
                 self.node_fns[node_id] = compiler.node_fn(attrs["kind"], attrs["expr"])
+        self.set_references()
         self.objectives = {}
         for name, obj in spec.objectives.items():
             modules = [self.networks[n] if n in self.networks else self.priors[n] for n in obj.networks]
@@ -157,9 +177,51 @@ class Model:
         self.phases = [self._phase_plan(phase.update) for phase in spec.phases]
 
     def _phase_plan(self, objective_names: list[str]) -> PhasePlan:
-        order = plan(self.spec.graph_nx, objective_names)
+        g = self.spec.graph_nx
+        order = plan(g, objective_names)
+        # traced losses and state updates ride along where the phase computes what they read
+        targets = [f"loss:{n}" for n in self.spec.train.get("trace", []) if n in self.spec.losses]
+        targets += [f"update:{n}" for n in self.spec.states]
+        updates = []
+        for target in targets:
+            extra = step_extras(g, set(order), target)
+            if extra is None:
+                continue
+            order += [n for n in extra if n not in order]
+            if target.startswith("update:"):
+                updates.append((target.split(":", 1)[1], self.node_fns[target]))
         nodes = [(n, self.node_fns[n]) for n in order]
-        return PhasePlan(objective_names, nodes, [n.split(":", 1)[1] for n in order if n.startswith("loss:")])
+        return PhasePlan(objective_names, nodes, [n.split(":", 1)[1] for n in order if n.startswith("loss:")], updates)
+
+    def set_references(self, train=None) -> None:
+        """Fix the reference batch of every network with virtual batch norm: draws of its input's
+        latent, or (given the training split) real images and their one-hot labels. Called at
+        construction and once more when training starts; checkpoints keep the batch."""
+        from .layers import REFERENCE_BATCH
+
+        for name, net in self.spec.networks.items():
+            module = self.networks[name]
+            if not module.has_reference:
+                continue
+            rows = None
+            if train is not None:
+                rows = torch.randperm(len(train), device="cpu")[:REFERENCE_BATCH].to(train.x.device)
+            sources = [("input", net.input_source, net.input)] + [(c, src, shape) for c, (shape, src) in net.conditions.items()]
+            for slot, (what, source, shape) in enumerate(sources):
+                value = self._reference_draw(source, shape, rows, train)
+                if value is not None:
+                    module.set_reference(slot, value)
+
+    def _reference_draw(self, source, shape, rows, train):
+        from .layers import REFERENCE_BATCH
+
+        if source in self.priors:
+            return self.priors[source].sample(REFERENCE_BATCH, self.device)
+        if rows is not None and source == "x":
+            return train.x[rows]
+        if rows is not None and source == "y" and train.y is not None:
+            return F.one_hot(train.y[rows], shape[0]).float()
+        return None  # keep the construction-time draw
 
     def compute(self, env: Env, nodes: list[tuple[str, object]]) -> Env:
         for node_id, fn in nodes:
@@ -182,6 +244,20 @@ class Model:
             run.optimizer.step()
         out = {name: env[f"loss:{name}"].detach() for name in phase.loss_names}
         out.update({f"objective/{k}": v.detach() for k, v in values.items() if torch.is_tensor(v)})
+        if phase.state_updates:
+            out.update(self.update_states(phase, env))
+        return out
+
+    def update_states(self, phase: PhasePlan, env: Env) -> dict[str, torch.Tensor]:
+        """Each state takes its update, computed from this step's (detached) losses, clamped to its range."""
+        out = {}
+        with torch.no_grad():
+            new = {name: fn(env) for name, fn in phase.state_updates}  # all read the values before any update
+            for name, value in new.items():
+                state = self.spec.states[name]
+                buffer = getattr(self.states, name)
+                buffer.copy_(torch.as_tensor(value, dtype=buffer.dtype).clamp(state.low, state.high))
+                out[f"state/{name}"] = buffer.clone()
         return out
 
     def train(self, mode: bool = True) -> None:
@@ -189,12 +265,13 @@ class Model:
         self.priors.train(mode)
 
     def state_dict(self) -> dict:
-        return {"networks": self.networks.state_dict(), "priors": self.priors.state_dict(),
+        return {"networks": self.networks.state_dict(), "priors": self.priors.state_dict(), "states": self.states.state_dict(),
                 "optimizers": {name: run.optimizer.state_dict() for name, run in self.objectives.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.networks.load_state_dict(state["networks"])
         self.priors.load_state_dict(state.get("priors", {}))
+        self.states.load_state_dict(state.get("states", {}))
         for name, run in self.objectives.items():
             run.optimizer.load_state_dict(state["optimizers"][name])
 

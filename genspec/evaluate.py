@@ -21,6 +21,7 @@ from .data import Split, Splits, batches
 from .errors import RunError
 from .graph import compute_order, data_ancestors
 from .spec import Spec
+from .trace import collapse_flags
 
 EVAL_SEED = 12345
 
@@ -52,30 +53,57 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
 
 # ---------------------------------------------------------------- grids
 
-def generator_of(spec: Spec) -> tuple[str, str] | None:
-    """(network, latent) that turns a latent draw into an image of the data's shape."""
+def generator_of(spec: Spec) -> tuple | None:
+    """(network, latent, condition latents) that turn latent draws into an image of the data's
+    shape. A conditional generator's conditions must be latents (a CGAN's categorical labels)."""
     for net_name, net in spec.networks.items():
         if tuple(net.info.output) != tuple(spec.data_shape) or net.info.kind != "tensor":
             continue
+        conditions = tuple(source for _, source in net.conditions.values())
+        if not all(source in spec.latents for source in conditions):
+            continue
         for latent_name, latent in spec.latents.items():
-            if tuple(latent.shape) == tuple(net.input):
-                return net_name, latent_name
+            if tuple(latent.shape) == tuple(net.input) and latent_name not in conditions:
+                return net_name, latent_name, conditions
     return None
 
 
+def generator_parts(model_or_run, source: tuple) -> tuple:
+    """(module, latent prior, condition priors) of a generator_of result."""
+    priors = model_or_run.priors
+    return model_or_run.networks[source[0]], priors[source[1]], [priors[c] for c in source[2]]
+
+
+def graph_samples(spec: Spec, model: Model, tensor: str, n: int) -> torch.Tensor:
+    """n values of a graph tensor computed from latent draws alone (no data), in eval mode."""
+    nodes = [(node, model.node_fns[node]) for node in compute_order(spec.graph_nx, [f"tensor:{tensor}"])]
+    batch = spec.evaluate["batch_size"]
+    parts = []
+    model.train(False)
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            size = min(batch, n - start)
+            # the step's batch size comes from x; nothing reads it here
+            env = model.compute(Env(torch.empty((size, 0), device=model.device)), nodes)
+            parts.append(env[f"tensor:{tensor}"])
+    model.train(True)
+    return torch.cat(parts)
+
+
 def reconstruction_of(spec: Spec, generator: str | None) -> str | None:
-    """A graph tensor of the data's shape computed by the generator from the input x."""
+    """A graph tensor of the data's shape computed from the input x by the generator, or else by
+    another network (BEGAN's discriminator decoder, dec(enc(x)))."""
     g = spec.graph_nx
+    candidates = []
     for name in spec.graph:
         node = f"tensor:{name}"
         value = g.nodes[node].get("value")
         if value is None or value.kind != "tensor" or tuple(value.shape) != tuple(spec.data_shape):
             continue
-        ancestors = data_ancestors(g, node)
-        if "input:x" in ancestors and (generator is None or f"net:{generator}" in ancestors):
-            if isinstance(spec.graph[name], E.Call) and spec.graph[name].func == generator:
-                return name
-    return None
+        expr = spec.graph[name]
+        if "input:x" in data_ancestors(g, node) and isinstance(expr, E.Call) and expr.func in spec.networks:
+            candidates.append((expr.func != generator, name))
+    return min(candidates)[1] if candidates else None
 
 
 def grid_sources(spec: Spec) -> dict:
@@ -128,11 +156,12 @@ def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, st
 def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple, side: int):
     device = model.device
     if source[0] == "generator":
-        module, prior = model.networks[source[1]], model.priors[source[2]]
+        module, prior, conditions = generator_parts(model, source[1:])
         if kind == "samples":
-            return sample_images(module, prior, side * side, device), side
+            return sample_images(module, prior, side * side, device, conditions), side
         steps = spec.evaluate["interpolation_steps"]
-        return interpolation_images(module, prior, spec.evaluate.get("interpolation_rows", side), steps, device), steps
+        rows = spec.evaluate.get("interpolation_rows", side)
+        return interpolation_images(module, prior, rows, steps, device, conditions), steps
     name = source[1]
     default = (side + side % 2) * side // 2 if kind == "reconstructions" else side * side
     n = min(spec.evaluate.get("reconstruction_images", default) if kind == "reconstructions" else default, len(test))
@@ -148,17 +177,19 @@ def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple
     return images, side
 
 
-def sample_images(module, prior, n: int, device) -> torch.Tensor:
-    return module(prior.sample(n, device))
+def sample_images(module, prior, n: int, device, conditions=()) -> torch.Tensor:
+    return module(prior.sample(n, device), *[c.sample(n, device) for c in conditions])
 
 
-def interpolation_images(module, prior, rows: int, steps: int, device) -> torch.Tensor:
-    """Each row decodes a straight line in latent space between two prior draws."""
+def interpolation_images(module, prior, rows: int, steps: int, device, conditions=()) -> torch.Tensor:
+    """Each row decodes a straight line in latent space between two prior draws (a conditional
+    generator keeps one draw of its conditions along a row)."""
     shape = prior.shape
     ends = prior.sample(2 * rows, device).view(rows, 2, *shape)
     t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(shape))
     z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
-    return module(z.reshape(rows * steps, *shape))
+    fixed = [c.sample(rows, device).repeat_interleave(steps, dim=0) for c in conditions]
+    return module(z.reshape(rows * steps, *shape), *fixed)
 
 
 def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list, progress: bool = False) -> dict:
@@ -180,6 +211,12 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
                  "val": len(splits.val) if splits.val else 0, "notes": splits.notes},
     }
     metrics["grids"] = make_grids(spec, model, splits.test, out)
+    collapse = spec.evaluate.get("collapse")
+    if collapse:
+        metrics["collapse"] = {"state": collapse["state"], "fall": collapse["fall"], "window": collapse["window"],
+                               "flags": collapse_flags(history, collapse["state"], collapse["fall"], collapse["window"])}
+    if history and "balance" in history[-1]:
+        metrics["balance"] = history[-1]["balance"]
     if spec.evaluate.get("accuracy"):
         metrics["test_accuracy"] = accuracy(spec, model, splits.test)
     if fidelity.requested(spec.evaluate):
@@ -227,12 +264,13 @@ def _sample_quality(spec: Spec, model: Model, splits: Splits, progress: bool) ->
     source = generator_of(spec)
     if source is None:
         raise RunError("evaluate asks for sample metrics, but no network maps a latent to the data shape")
-    module, prior = model.networks[source[0]], model.priors[source[1]]
+    module, prior, conditions = generator_parts(model, source)
     batch = spec.evaluate["batch_size"]
 
     def generate(n: int) -> torch.Tensor:
         with torch.no_grad():
-            return torch.cat([sample_images(module, prior, min(batch, n - i), model.device) for i in range(0, n, batch)])
+            return torch.cat([sample_images(module, prior, min(batch, n - i), model.device, conditions)
+                              for i in range(0, n, batch)])
 
     model.train(False)
     with _forked(model):

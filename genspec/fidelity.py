@@ -254,7 +254,7 @@ def inception_score_by_splits(run, splits: list[int], samples: int | None = None
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
-    from .evaluate import generator_of, sample_images
+    from .evaluate import generator_of, generator_parts, sample_images
 
     evaluate = run.spec.evaluate
     source = generator_of(run.spec)
@@ -270,9 +270,9 @@ def inception_score_by_splits(run, splits: list[int], samples: int | None = None
         options = {}
     n = samples or (evaluate.get("is") or {}).get("samples", DEFAULT_SAMPLES)
     torch.manual_seed(seed)
-    module, prior = run.networks[source[0]], run.priors[source[1]]
+    module, prior, conditions = generator_parts(run, source)
     with torch.no_grad():
-        images = torch.cat([sample_images(module, prior, min(256, n - i), "cpu") for i in range(0, n, 256)])
+        images = torch.cat([sample_images(module, prior, min(256, n - i), "cpu", conditions) for i in range(0, n, 256)])
         images = to_uint8(images, run.spec.data.get("range", [0, 1]))
         if extractor == "inception" and images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1).contiguous()

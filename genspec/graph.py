@@ -50,6 +50,11 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
         g.add_node(f"param:{name}", kind="param", name=name)
     for name in spec.labels:
         g.add_node(f"label:{name}", kind="label", name=name, value=Value("label"))
+    for name, state in spec.states.items():
+        g.add_node(f"state:{name}", kind="state", name=name, value=Value("scalar"))
+        # the update closes a loop across steps, like an objective's updates edge
+        g.add_node(f"update:{name}", kind="update", name=name, section="state", expr=state.update, text=E.to_text(state.update))
+        g.add_edge(f"update:{name}", f"state:{name}", rel="updates")
     sections = (("graph", "tensor", spec.graph), ("losses", "loss", spec.losses))
     for section, kind, entries in sections:
         for name, node in entries.items():
@@ -72,6 +77,7 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
         _infer_types(g, spec, problems)
         if not problems.problems:  # with broken expressions, missing edges would only echo them
             _check_objectives_reach_networks(g, spec, problems)
+            _check_steps_compute(g, spec, problems)
     if own:
         problems.raise_if_any()
     return g
@@ -161,7 +167,9 @@ def _resolve_name(name: str, spec: Spec, kind: str, path: tuple, problems: Colle
         return f"param:{name}"
     if name in spec.labels:
         return f"label:{name}"
-    if name in spec.losses and kind in ("loss", "objective"):
+    if name in spec.states:
+        return f"state:{name}"
+    if name in spec.losses and kind in ("loss", "objective", "update"):
         return f"loss:{name}"
     if problems is not None:
         if name in spec.latents:
@@ -205,14 +213,14 @@ def _infer_types(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
             value = _Infer(spec, g, problems, path).value(attrs["expr"])
         except _Unknown:
             continue
-        if attrs["kind"] in ("loss", "objective") and value.kind not in ("scalar", "number"):
-            problems.add(path + (("minimize",) if attrs["kind"] == "objective" else ()),
+        if attrs["kind"] in ("loss", "objective", "update") and value.kind not in ("scalar", "number"):
+            problems.add(path + {"objective": ("minimize",), "update": ("update",)}.get(attrs["kind"], ()),
                          f"a loss must be a scalar, but this is a {value.kind} of shape {fmt(value.shape)}; reduce it with mean(...) or sum(...)")
             continue
         attrs["value"] = value
 
 
-_SECTION_KIND = {"graph": "tensor", "losses": "loss", "objectives": "objective"}
+_SECTION_KIND = {"graph": "tensor", "losses": "loss", "objectives": "objective", "state": "update"}
 
 
 class _Infer:
@@ -271,6 +279,12 @@ class _Infer:
         values = [self.argument(arg, kind, node.func, i) for i, (arg, kind) in enumerate(zip(node.args, kinds))]
         if node.func in ("sqerr", "mse", "l1") or (node.func == "bce" and values[1].kind == "tensor"):
             self.same_shape(node.func, values[0], values[1])
+        if node.func == "l2dist":
+            self.same_shape(node.func, values[0], values[1])
+        if node.func == "onehot":
+            if self.spec.num_classes is None:
+                self.fail("onehot(y): the dataset has no known number of classes")
+            return Value("tensor", (self.spec.num_classes,))
         if node.func == "gp":
             for value in values[1:]:
                 if value.shape != values[0].shape:
@@ -298,7 +312,7 @@ class _Infer:
             return Value("latent", self.spec.latents[arg.id].shape)
         value = self.value(arg)
         allowed = {"dist": ("dist",), "tensor": ("tensor",), "target": ("tensor", "number", "label"), "labels": ("labels",),
-                   "any": ("tensor", "scalar", "number")}[kind]
+                   "any": ("tensor", "scalar", "number"), "number": ("number",)}[kind]
         if value.kind not in allowed:
             hint = "; draw from it with rsample(...)" if value.kind == "dist" else ""
             self.fail(f"{func}: argument {i + 1} must be a {' or '.join(allowed)}, got a {value.kind}{hint}")
@@ -306,17 +320,12 @@ class _Infer:
 
     def network_call(self, node: E.Call, net_name: str, tap: str) -> Value:
         net = self.spec.networks[net_name]
-        if len(node.args) != 1 or node.kwargs:
-            self.fail(f"network {net_name} takes one input, got {len(node.args) + len(node.kwargs)}")
-        arg = self.value(node.args[0])
-        if arg.kind != "tensor":
-            self.fail(f"{net_name}: its input must be a tensor, got a {arg.kind}" + ("; draw from it with rsample(...)" if arg.kind == "dist" else ""))
-        if arg.shape != net.input:
-            if arg.producer:
-                producer, row = arg.producer
-                self.fail(f"output {fmt(arg.shape)} does not fit {net_name}'s input {fmt(net.input)} ({'.'.join(self.path)})",
-                          ("networks", producer, "layers", row))
-            self.fail(f"{net_name} expects input {fmt(net.input)}, got {fmt(arg.shape)}")
+        expected = [("input", net.input)] + [(c, shape) for c, (shape, _) in net.conditions.items()]
+        if len(node.args) != len(expected) or node.kwargs:
+            takes = "one input" if len(expected) == 1 else f"{len(expected)} inputs ({', '.join(n for n, _ in expected)})"
+            self.fail(f"network {net_name} takes {takes}, got {len(node.args) + len(node.kwargs)}")
+        for arg_node, (what, shape) in zip(node.args, expected):
+            self.network_argument(net_name, what, shape, self.value(arg_node))
         info = net.info
         if tap:
             if tap not in info.taps:
@@ -325,6 +334,18 @@ class _Infer:
             row = info.taps[tap]
             return Value("dist" if info.rows[row].row["op"] == "gaussian" else "tensor", info.rows[row].out_shape, (net_name, row))
         return Value(info.kind, info.output, (net_name, len(info.rows) - 1))
+
+    def network_argument(self, net_name: str, what: str, shape: tuple, arg: Value) -> None:
+        label = f"{net_name}'s {what}" if what != "input" else f"{net_name}'s input"
+        if arg.kind != "tensor":
+            self.fail((f"{label}" if what != "input" else f"{net_name}: its input") + f" must be a tensor, got a {arg.kind}" + ("; draw from it with rsample(...)" if arg.kind == "dist" else ""))
+        if arg.shape != shape:
+            if arg.producer:
+                producer, row = arg.producer
+                self.fail(f"output {fmt(arg.shape)} does not fit {label} {fmt(shape)} ({'.'.join(self.path)})",
+                          ("networks", producer, "layers", row))
+            self.fail(f"{label} is {fmt(shape)}, got {fmt(arg.shape)}" if what != "input"
+                      else f"{net_name} expects input {fmt(shape)}, got {fmt(arg.shape)}")
 
     def same_shape(self, func: str, a: Value, b: Value) -> None:
         if a.shape == b.shape:
@@ -361,6 +382,29 @@ def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collec
             elif f"{kind}:{net}" not in with_gradient:
                 problems.add(("objectives", name, "minimize"),
                              f"the loss reads network {net!r} only through detach(), so this objective cannot train it")
+
+
+def _check_steps_compute(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
+    """Every state is updated, and every traced name recorded, by at least one phase."""
+    plans = [set(plan(g, phase.update)) for phase in spec.phases]
+    for name in spec.states:
+        if not any(step_extras(g, have, f"update:{name}") is not None for have in plans):
+            problems.add(("state", name, "update"), "no training phase computes what this update reads; "
+                         "it may read losses of the objectives that one phase updates")
+    for i, name in enumerate(spec.train.get("trace", [])):
+        if name in spec.losses and not any(step_extras(g, have, f"loss:{name}") is not None for have in plans):
+            problems.add(("train", "trace", i), f"no training phase computes the tensors loss {name!r} reads")
+
+
+def step_extras(g: nx.DiGraph, have: set, target: str) -> list | None:
+    """The extra loss nodes a phase that computes `have` must add to evaluate `target` (a state's
+    update or a traced loss), or None when it would need a tensor the phase does not compute:
+    a trace or a state update never adds network passes to a step."""
+    needed = compute_order(g, [target])
+    extra = [n for n in needed if n not in have and n != target]
+    if any(not n.startswith("loss:") for n in extra):
+        return None
+    return extra + ([target] if target.startswith("loss:") and target not in have else [])
 
 
 # ---------------------------------------------------------------- plans and renderings

@@ -81,6 +81,16 @@ class Crop(nn.Module):
         return x[..., self.p:-self.p, self.p:-self.p]
 
 
+class Concat(nn.Module):
+    """Joins a condition input to the running tensor: end to end for flat tensors, as constant
+    feature maps (broadcast over height and width) or channels for images."""
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and condition.dim() == 2:
+            condition = condition[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+        return torch.cat([x, condition.to(x.dtype)], dim=1)
+
+
 class Dense(nn.Module):
     """A fully connected row: flattens its input and reshapes its output (`fc 8x8x256` -> 256x8x8).
 
@@ -196,6 +206,8 @@ def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
         main = _norm(op, in_shape)
     elif op == "identity":
         main = nn.Identity()
+    elif op == "concat":
+        return Concat()
     else:
         main = _activation(op, row.get("slope", 0.01))
     post = _post(row, out_shape)
@@ -233,9 +245,21 @@ class TableNet(nn.Module):
         self._tap_at = {i: name for name, i in self.taps.items()}
         self._frozen_rows = [i for i, r in enumerate(net.info.rows) if r.frozen]
         self._virtual_norms = [m for m in self.rows.modules() if isinstance(m, VirtualBatchNorm)]
-        if self._virtual_norms:
-            # the reference batch: fixed draws of N(0, I) of the input (a generator's noise), taken once
-            self.register_buffer("reference", torch.randn(REFERENCE_BATCH, *net.input))
+        conditions = list(net.conditions)
+        self._concat_at = {i: conditions.index(r.row["input"]) for i, r in enumerate(net.info.rows) if r.row["op"] == "concat"}
+        self.has_reference = bool(self._virtual_norms)
+        if self.has_reference:
+            # The reference batch: N(0, I) placeholders, replaced by Model.set_references with draws of
+            # the input's latent or real data; one slot for the input and one per condition.
+            shapes = [net.input] + [shape for shape, _ in net.conditions.values()]
+            for slot, shape in enumerate(shapes):
+                self.register_buffer(f"reference_{slot}" if slot else "reference", torch.randn(REFERENCE_BATCH, *shape))
+
+    def set_reference(self, slot: int, value: torch.Tensor) -> None:
+        getattr(self, f"reference_{slot}" if slot else "reference").copy_(value)
+
+    def _references(self, count: int) -> list:
+        return [getattr(self, f"reference_{slot}" if slot else "reference") for slot in range(count)]
 
     def train(self, mode: bool = True):
         super().train(mode)
@@ -246,20 +270,21 @@ class TableNet(nn.Module):
                     m.eval()
         return self
 
-    def forward(self, x):
-        return self.forward_taps(x)[None]
+    def forward(self, x, *conditions):
+        return self.forward_taps(x, *conditions)[None]
 
-    def forward_taps(self, x) -> dict:
+    def forward_taps(self, x, *conditions) -> dict:
         """Outputs of every named tap, and the final output under the key None."""
         skip = 0
         if self._virtual_norms:  # the reference batch rides in front of the batch, then is dropped
             skip = len(self.reference)
-            x = torch.cat([self.reference.to(x.dtype), x])
+            inputs = [torch.cat([ref.to(t.dtype), t]) for ref, t in zip(self._references(1 + len(conditions)), (x, *conditions))]
+            x, conditions = inputs[0], inputs[1:]
             for norm in self._virtual_norms:
                 norm.reference_size = skip
         out = {}
         for i, row in enumerate(self.rows):
-            x = row(x)
+            x = row(x, conditions[self._concat_at[i]]) if i in self._concat_at else row(x)
             if i in self._tap_at:
                 out[self._tap_at[i]] = _drop(x, skip)
         out[None] = _drop(x, skip)

@@ -62,7 +62,17 @@ TENSOR_OPS = {
     "sum": lambda a: a.sum() if torch.is_tensor(a) else a,
     "abs": lambda a: a.abs() if torch.is_tensor(a) else abs(a),
     "detach": lambda a: a.detach() if hasattr(a, "detach") else a,
+    "noisy": lambda p, amount: noisy(p, amount),
+    "l2dist": lambda a, b: (a - b).flatten(1).norm(dim=1).mean(),
 }
+
+
+def noisy(p: torch.Tensor, amount: float) -> torch.Tensor:
+    """Noise injection on a discriminator's probabilities: (1 - a) p + a u with u ~ U[0, 1] per
+    element, drawn at every use. Stays a probability, and the gradient through p scales by 1 - a."""
+    if not 0 <= amount <= 1:
+        raise ValueError(f"noisy: the amount must be in [0, 1], got {amount}")
+    return (1 - amount) * p + amount * torch.rand_like(p)
 
 
 def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:

@@ -105,7 +105,26 @@ class RealNVPPrior(nn.Module):
         return self.inverse(u).view(n, *self.shape)
 
 
+class CategoricalPrior(nn.Module):
+    """One-hot draws over `classes` classes with class weights (a conditional GAN's labels).
+    The weights start uniform; CGAN-MBL's balancing shifts them (a buffer, so checkpoints keep it)."""
+
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.register_buffer("weights", torch.full((shape[0],), 1.0 / shape[0]))
+
+    def sample(self, n: int, device) -> torch.Tensor:
+        classes = torch.multinomial(self.weights, n, replacement=True).to(device)
+        return nn.functional.one_hot(classes, self.shape[0]).float()
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        return (z * self.weights.log()).sum(1)
+
+
 def build_prior(latent: Latent) -> nn.Module:
+    if latent.prior == "categorical":
+        return CategoricalPrior(latent.shape)
     if latent.prior == "uniform":
         return UniformPrior(latent.shape, *latent.prior_args)
     if latent.prior == "realnvp":

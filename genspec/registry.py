@@ -10,7 +10,7 @@ FORMAT_VERSION = 1
 
 TOP_LEVEL_KEYS = (
     "genspec", "name", "source", "extends", "params", "data", "latent", "networks",
-    "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study", "labels",
+    "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study", "labels", "state",
 )
 
 # Activations that may stand as a row of their own or close a row (`conv ..., relu`).
@@ -20,13 +20,13 @@ NORMS = ("bn", "ln", "vbn")  # vbn: virtual batch norm against a reference batch
 # Layer ops that may open a row. Activations and norms may also stand alone.
 LAYER_OPS = (
     "conv", "deconv", "fc", "gaussian", "maxpool", "avgpool", "upsample", "dropout",
-    "flatten", "reshape", "crop", "identity",
+    "flatten", "reshape", "crop", "identity", "concat",
 ) + NORMS + ACTIVATIONS
 
 # Keys of a canonical row mapping (what every compact row expands to).
 ROW_KEYS = (
     "op", "out", "kernel", "stride", "padding", "scale", "mode", "p", "shape", "slope", "var",
-    "bias", "norm", "act", "dropout", "frozen", "name",
+    "bias", "norm", "act", "dropout", "frozen", "name", "input",
 )
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
@@ -50,6 +50,10 @@ EXPRESSION_OPS: dict[str, dict] = {
     "detach": {"args": ("any",), "result": "same", "doc": "stop gradients (also written x.detach())"},
     "gp": {"args": ("network", "tensor", "tensor"), "result": "scalar",
            "doc": "gradient penalty of a critic: mean (||grad critic(x_hat)|| - 1)^2 at random interpolates of real and fake (WGAN-GP)"},
+    "onehot": {"args": ("labels",), "result": "tensor", "doc": "class labels y as one-hot vectors (a network's condition input)"},
+    "noisy": {"args": ("tensor", "number"), "result": "same",
+              "doc": "noise injection on probabilities: (1 - a) p + a u, u ~ U[0, 1] drawn per element at every step"},
+    "l2dist": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "Euclidean distance ||a - b|| per example, mean over the batch"},
 }
 
 # Optimisers: name -> keyword arguments they accept (the first positional is lr).
@@ -74,6 +78,7 @@ PRIORS: dict[str, tuple] = {
     "normal": (),
     "uniform": ("low", "high"),
     "realnvp": (),
+    "categorical": (),  # one-hot draws; class weights start uniform (train.balance may shift them)
 }
 # Keyword parameters of priors, with their defaults: realnvp(flows=6, hidden=64).
 PRIOR_KWARGS: dict[str, dict] = {"realnvp": {"flows": 2, "hidden": 64}}

@@ -11,6 +11,7 @@ from pathlib import Path
 from .rows import format_row
 from .shapes import fmt, prior_parameters
 from .spec import Spec
+from .trace import plot_trace
 
 
 def network_rows(spec: Spec, name: str) -> list[dict]:
@@ -170,9 +171,13 @@ def _reported_lines(spec: Spec, metrics: dict) -> list[str]:
         run = results.get(REPORTED_ALIASES.get(key, key))
         diff = "" if run is None else f"{run - paper:+.4g}"
         lines.append(f"| {key} | {paper:.4g} | {'not measured' if run is None else f'{run:.4g}'} | {diff} |")
-    if extractor and not extractor.startswith("inception") and any(REPORTED_ALIASES.get(k, k) in metrics.get("fidelity", {})
-                                                                    for k in reported):
-        lines += ["", f"> The run's sample metrics use {extractor}, not Inception: they are not on the paper's scale."]
+    measured = any(REPORTED_ALIASES.get(k, k) in metrics.get("fidelity", {}) for k in reported)
+    if measured and extractor and not extractor.startswith("inception"):
+        if source.get("extractor") == "classifier":
+            lines += ["", f"> The paper scored its samples with a classifier of its own; this run uses {extractor}. "
+                          "Same kind of scale (1 to the number of classes), not the same classifier."]
+        else:
+            lines += ["", f"> The run's sample metrics use {extractor}, not Inception: they are not on the paper's scale."]
     return lines + [""]
 
 
@@ -192,6 +197,43 @@ def _quality_lines(metrics: dict) -> list[str]:
         lines += ["", "Protocol: " + "; ".join(f"{k} = {v}" for k, v in (protocol or {}).items()), ""]
         lines += [f"> Note: {n}" for n in notes] + ([""] if notes else [])
     return lines
+
+
+def _trace_lines(spec: Spec, out: Path, metrics: dict, history: list) -> list[str]:
+    names = spec.train.get("trace", [])
+    collapse = metrics.get("collapse")
+    flags = collapse["flags"] if collapse else []
+    if not names or not plot_trace(history, names, out / "trace.png", flags):
+        return []
+    lines = ["## Convergence", "", "Recorded at every step ([trace.csv](trace.csv)); per epoch the mean and the "
+             "min-max band of its steps.", "", "![trace](trace.png)", ""]
+    if history and history[-1].get("trace"):
+        lines += ["| traced | last epoch mean | last step |", "|---|---|---|"]
+        lines += [f"| {name} | {s['mean']:.5g} | {s['last']:.5g} |" for name, s in history[-1]["trace"].items()]
+        lines.append("")
+    if collapse:
+        rule = f"an epoch mean below {1 - collapse['fall']:.2g} x the highest of the {collapse['window']} epochs before"
+        if flags:
+            lines += [f"**Possible mode collapse** ({collapse['state']} fell suddenly; {rule}):", ""]
+            lines += [f"- epoch {f['epoch']}: {collapse['state']} {f['value']:.4g}, down from {f['peak']:.4g} at epoch {f['peak_epoch']}"
+                      for f in flags]
+        else:
+            lines.append(f"No sudden fall of {collapse['state']} ({rule}): no sign of mode collapse by this indicator.")
+        lines.append("")
+    return lines
+
+
+def _balance_lines(metrics: dict) -> list[str]:
+    balance = metrics.get("balance")
+    if not balance:
+        return []
+    classes = range(len(balance["counts"]))
+    return ["## Label balancing (CGAN-MBL)", "",
+            "Generated images of the last balancing, labelled by the nearest class mean in Mahalanobis distance, and the "
+            "label-sampling weights that followed:", "",
+            "| class | " + " | ".join(str(k) for k in classes) + " |", "|---" * (len(balance["counts"]) + 1) + "|",
+            "| images | " + " | ".join(str(c) for c in balance["counts"]) + " |",
+            "| weight | " + " | ".join(f"{w:.3f}" for w in balance["weights"]) + " |", ""]
 
 
 def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
@@ -219,6 +261,8 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
         lines += [f"## {kind.capitalize()}", "", f"![{kind}]({file})", ""]
     if has_curves:
         lines += ["## Loss curves", "", "![losses](losses.png)", ""]
+    lines += _trace_lines(spec, out, metrics, history)
+    lines += _balance_lines(metrics)
     lines += ["## Networks", "", layer_tables(spec, markdown=True), "", optimiser_table(spec, markdown=True), "",
               "## Dependency graph", "", "![graph](graph.png)", "",
               "Per-epoch metrics: [metrics.jsonl](metrics.jsonl); final: [metrics.json](metrics.json).", ""]

@@ -6,6 +6,7 @@
     lrelu 0.2                        -> {op: lrelu, slope: 0.2}
     gaussian 16 var=1e-6             -> {op: gaussian, out: 16, var: 1.0e-06}
     conv 256 5x5 /2, relu  as feats  -> {..., name: feats}
+    concat label                     -> {op: concat, input: label}   (joins a condition input here)
 
 A row may also be written as the canonical mapping itself. Every problem raises RowError
 with a message that says what was expected.
@@ -106,6 +107,10 @@ def _parse_main(words: list[str]) -> dict:
         return {"op": op, "shape": [int(a) for a in args]}
     if op == "lrelu":
         return {"op": op, "slope": _slope(args)}
+    if op == "concat":
+        if len(args) != 1 or not _NAME.match(args[0]):
+            raise RowError("concat takes the name of one of the network's condition inputs, e.g. 'concat label'")
+        return {"op": op, "input": args[0]}
     if args:
         raise RowError(f"{op} takes no arguments, got {' '.join(args)!r}")
     return {"op": op}
@@ -246,7 +251,7 @@ def _check_mapping(row: dict) -> dict:
         raise RowError(f"a mapping row needs 'op', one of: {', '.join(LAYER_OPS)}")
     required = {"conv": ("out", "kernel"), "deconv": ("out", "kernel"), "fc": ("out",), "gaussian": ("out",),
                 "maxpool": ("kernel",), "avgpool": ("kernel",), "upsample": ("scale",), "dropout": ("p",), "crop": ("p",),
-                "reshape": ("shape",)}.get(row["op"], ())
+                "reshape": ("shape",), "concat": ("input",)}.get(row["op"], ())
     missing = [k for k in required if k not in row]
     if missing:
         raise RowError(f"{row['op']} needs {', '.join(missing)}")
@@ -320,6 +325,8 @@ def format_row(row: dict) -> str:
         words += [str(d) for d in row["shape"]]
     elif op == "lrelu":
         words.append(_num(row["slope"]))
+    elif op == "concat":
+        words.append(row["input"])
     if row.get("bias") is False:
         words.append("bias=false")
     parts = [" ".join(words)]

@@ -33,6 +33,7 @@ class NetworkInfo:
     output: tuple
     kind: str  # "tensor", or "dist" for a network that ends in a gaussian head
     taps: dict[str, int] = field(default_factory=dict)  # tap name -> row index
+    conditions: dict[str, tuple] = field(default_factory=dict)  # extra inputs, in call order -> shape
 
     @property
     def trainable(self) -> int:
@@ -78,8 +79,12 @@ def deconv_padding(row: dict, index: int = 0) -> tuple[int, int]:
     return p, extra
 
 
-def infer_network(input_shape: tuple, rows: list[dict], freeze=False) -> NetworkInfo:
-    """Run shape inference over canonical rows. Raises ShapeError naming the row index."""
+def infer_network(input_shape: tuple, rows: list[dict], freeze=False, conditions: dict | None = None) -> NetworkInfo:
+    """Run shape inference over canonical rows. Raises ShapeError naming the row index.
+
+    `conditions` maps the names of extra inputs (a CGAN's one-hot label) to their shapes; a
+    `concat NAME` row joins one to the running tensor."""
+    conditions = conditions or {}
     shape = tuple(input_shape)
     infos: list[RowInfo] = []
     taps: dict[str, int] = {}
@@ -87,7 +92,10 @@ def infer_network(input_shape: tuple, rows: list[dict], freeze=False) -> Network
     for i, row in enumerate(rows):
         if kind == "dist":
             raise ShapeError(i, "rows after a gaussian head: the head must be the last row")
-        out, params = _row_shape(i, row, shape)
+        if row["op"] == "concat":
+            out, params = concat_shape(i, shape, row["input"], conditions), 0
+        else:
+            out, params = _row_shape(i, row, shape)
         if row.get("norm"):
             params += _norm_params(row["norm"], out, i)
         infos.append(RowInfo(i, row, shape, out, params, bool(row.get("frozen")) or freeze is True))
@@ -102,8 +110,24 @@ def infer_network(input_shape: tuple, rows: list[dict], freeze=False) -> Network
         with_params = [r for r in infos if r.params]
         for r in with_params[:-1]:
             r.frozen = True
-    return NetworkInfo(tuple(input_shape), infos, shape, kind, taps)
+    return NetworkInfo(tuple(input_shape), infos, shape, kind, taps, dict(conditions))
 
+
+def concat_shape(i: int, shape: tuple, name: str, conditions: dict) -> tuple:
+    """A flat condition joins a flat tensor end to end, or an image as constant feature maps
+    (one channel per value, as conditional GANs feed labels to a convolutional discriminator);
+    an image condition of the same height and width joins along the channels."""
+    if name not in conditions:
+        known = ", ".join(conditions) if conditions else "none declared (add `condition: {NAME: SHAPE}`)"
+        raise ShapeError(i, f"concat {name}: not a condition input of this network; its conditions: {known}")
+    extra = tuple(conditions[name])
+    if len(shape) == 1 and len(extra) == 1:
+        return (shape[0] + extra[0],)
+    if len(shape) == 3 and len(extra) == 1:
+        return (shape[0] + extra[0], shape[1], shape[2])
+    if len(shape) == 3 and len(extra) == 3 and extra[1:] == shape[1:]:
+        return (shape[0] + extra[0], shape[1], shape[2])
+    raise ShapeError(i, f"concat {name}: cannot join a {fmt(extra)} condition to a {fmt(shape)} tensor")
 
 def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
     op = row["op"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from .loader import Document
@@ -30,6 +31,21 @@ class Network:
     info: NetworkInfo
     init: str = "default"
     init_args: tuple = ()
+    input_source: str | None = None  # "x", a latent's name, or None for a bare shape
+    # extra inputs joined by `concat` rows, in call order: name -> (shape, source "y" / latent / None)
+    conditions: dict = field(default_factory=dict)
+
+
+@dataclass
+class State:
+    """A value carried across steps (BEGAN's k): `update` is computed from the step's losses after
+    the optimisers have stepped, then clamped to `low`..`high`. Loss expressions read its value."""
+
+    name: str
+    init: float
+    update: object  # expression AST
+    low: float = -math.inf
+    high: float = math.inf
 
 
 @dataclass
@@ -68,6 +84,7 @@ class Spec:
     phases: list[Phase]
     evaluate: dict
     labels: dict = field(default_factory=dict)  # name -> {value, swap, other}
+    states: dict = field(default_factory=dict)  # name -> State
     graph_nx: object = None  # the networkx dependency graph, set by pipeline.load_spec
 
     @property

@@ -23,7 +23,9 @@ from .compile import Model, choose_device
 from .data import Splits, batches, load_data
 from .errors import RunError
 from . import fidelity
-from .evaluate import evaluate_losses, final_evaluation
+from . import trace as step_trace
+from .balance import Balancer
+from .evaluate import evaluate_losses, final_evaluation, graph_samples, grid_sources
 from .report import write_layer_tables, write_report
 from .spec import Spec
 
@@ -39,6 +41,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     out = Path(out or Path("reports") / spec.name)
     _check_folder(spec, out, resume, overwrite)
     fidelity.preflight(spec.evaluate)
+    grid_sources(spec)  # a grid with nothing to show fails now, not after training
     device = choose_device(spec.train["device"])
     seed = spec.train["seed"]
     torch.manual_seed(seed)
@@ -46,6 +49,8 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     splits = Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device), splits.notes)
     torch.manual_seed(seed)  # weights do not depend on how much randomness data loading used
     model = Model(spec, device)
+    model.set_references(splits.train)  # virtual batch norm's reference: real images where a network reads x
+    balancer = Balancer(spec, model, splits.train) if spec.train.get("balance") else None
     # Only now, with data and model in hand, is an old run replaced: a failure above leaves it intact.
     _clear_folder(out, resume)
     start_epoch, history = 1, []
@@ -55,7 +60,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
         write_layer_tables(spec, out)
     # the copy describes the run as it now stands (a resume may have asked for more epochs)
     _atomic_write_text(out / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
-    _train_epochs(spec, model, splits, out, start_epoch, history, progress)
+    _train_epochs(spec, model, splits, out, start_epoch, history, progress, balancer)
     metrics = final_evaluation(spec, model, splits, out, history, progress and sys.stderr.isatty())
     write_report(spec, out, metrics, history)
     return metrics
@@ -117,6 +122,7 @@ def _restore(model: Model, out: Path, device, epochs: int) -> tuple[int, list]:
     epoch = int(state["epoch"])
     history = [h for h in _read_history(out) if h["epoch"] <= epoch]  # epochs after the checkpoint are redone
     _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    step_trace.truncate(out, epoch)
     return epoch + 1, history
 
 
@@ -127,17 +133,24 @@ def _read_history(out: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: int, history: list, progress: bool) -> None:
+def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: int, history: list, progress: bool,
+                  balancer: Balancer | None = None) -> None:
     epochs, batch_size = spec.train["epochs"], spec.train["batch_size"]
     steps_per_epoch = max(1, math.ceil(len(splits.train) / batch_size))
     if spec.train.get("max_steps"):
         steps_per_epoch = min(steps_per_epoch, spec.train["max_steps"])
     bar = _progress_bar(spec, epochs, steps_per_epoch, start, progress)
+    trace = step_trace.StepTrace(step_trace.trace_keys(spec), model.device)
     for epoch in range(start, epochs + 1):
         began = time.perf_counter()
-        train_means = _one_epoch(spec, model, splits, epoch, bar)
+        train_means = _one_epoch(spec, model, splits, epoch, bar, trace, (epoch - 1) * steps_per_epoch)
         record = {"epoch": epoch, "time_s": round(time.perf_counter() - began, 4), "train": train_means,
                   "test": evaluate_losses(spec, model, splits.test)}
+        summary = trace.flush(out, epoch)
+        if summary:
+            record["trace"] = summary
+        if balancer is not None and balancer.due(epoch):
+            record["balance"] = balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n))
         bad = [name for name, value in record["test"].items() if not math.isfinite(value)]
         if bad:
             raise RunError(f"test loss {bad[0]!r} is {record['test'][bad[0]]} after epoch {epoch}; the run stopped "
@@ -152,7 +165,7 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         bar.close()
 
 
-def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar) -> dict:
+def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=None, first_step: int = 0) -> dict:
     model.train(True)
     shuffle = torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch)
     active = [(plan, phase.repeat) for plan, phase in zip(model.phases, spec.phases) if phase.active(epoch)]
@@ -167,6 +180,8 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar) -> dic
             break
         losses = model.step(cursor[step % len(cursor)], x, y)
         _check_finite(losses, epoch, step)
+        if trace is not None:
+            trace.record(first_step + step + 1, losses)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0) + value
             counts[name] = counts.get(name, 0) + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,12 +19,14 @@ from .loader import Document
 from .registry import DATASET_CLASSES, DATASET_SHAPES, INITS, OPTIMIZERS, PRIOR_KWARGS, PRIORS
 from .rows import RowError, parse_row
 from .shapes import ShapeError, infer_network
-from .spec import Latent, Network, Objective, Phase, Spec
+from .spec import Latent, Network, Objective, Phase, Spec, State
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "genspec.schema.json"
 
 TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "seed": 0, "device": "auto", "checkpoint_every": 1, "log_every": 10}
 EVALUATE_DEFAULTS = {"grid_size": 8, "interpolation_steps": 8, "batch_size": 256}
+BALANCE_DEFAULTS = {"every": 1, "samples": 1000, "features": "pixels", "shrinkage": 0.1}
+COLLAPSE_DEFAULTS = {"fall": 0.5, "window": 10}
 DATA_DEFAULTS = {"range": [0, 1], "pad": 0, "labels": False, "download": False}
 
 
@@ -194,7 +197,7 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     latents = {name: _latent(name, entry, params, problems) for name, entry in raw.get("latent", {}).items()}
     networks = {}
     for name, entry in raw["networks"].items():
-        net = _network(name, entry, data_shape, latents, params, problems)
+        net = _network(name, entry, data_shape, latents, params, problems, num_classes)
         if net is not None:
             networks[name] = net
     graph = _expressions("graph", raw.get("graph", {}), problems)
@@ -203,6 +206,10 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
     phases = _phases(train, objectives, problems)
     evaluate = {**EVALUATE_DEFAULTS, **raw.get("evaluate", {})}
+    if "balance" in train:
+        train["balance"] = {**BALANCE_DEFAULTS, **train["balance"]}
+    if "collapse" in evaluate:
+        evaluate["collapse"] = {**COLLAPSE_DEFAULTS, **evaluate["collapse"]}
     for i, name in enumerate(evaluate.get("losses", [])):
         if name not in raw.get("losses", {}):
             problems.add(("evaluate", "losses", i), f"no loss named {name!r}")
@@ -218,9 +225,53 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
                         "other": float(entry.get("other", 1.0 - entry["value"]))}
         if entry.get("swap") and "other" not in entry:
             problems.add(("labels", name), "a label with swap needs `other`, the value it is swapped to")
+    states = _states(raw.get("state", {}), params, problems)
+    _check_training_extras(raw, train, evaluate, latents, states, problems)
     _check_names_do_not_clash(raw, problems)
     return Spec(raw["name"], doc, params, data, data_shape, num_classes, latents, networks, graph, losses,
-                objectives, train, phases, evaluate, labels)
+                objectives, train, phases, evaluate, labels, states)
+
+
+def _states(entries: dict, params: dict, problems: Collector) -> dict[str, State]:
+    out = {}
+    for name, entry in entries.items():
+        path = ("state", name)
+        low, high = entry.get("range", [-math.inf, math.inf])
+        if low > high:
+            problems.add(path + ("range",), f"range [{low}, {high}]: low is above high")
+        init = float(entry.get("init", 0.0))
+        if not low <= init <= high:
+            problems.add(path + ("init",), f"init {init:g} is outside the range [{low:g}, {high:g}]")
+        try:
+            update = E.parse(entry["update"])
+        except E.ExprError as exc:
+            problems.add(path + ("update",), f"cannot parse {entry['update']!r}: {exc}")
+            continue
+        out[name] = State(name, init, update, float(low), float(high))
+    return out
+
+
+def _check_training_extras(raw: dict, train: dict, evaluate: dict, latents: dict, states: dict, problems: Collector) -> None:
+    """Names that train.trace, train.balance and evaluate.collapse point at must exist."""
+    losses = raw.get("losses", {})
+    for i, name in enumerate(train.get("trace", [])):
+        if name not in losses and name not in states:
+            problems.add(("train", "trace", i), f"no loss or state named {name!r}" + _suggest(name, list(losses) + list(states)))
+    balance = train.get("balance")
+    if balance:
+        latent = latents.get(balance["latent"])
+        if latent is None or latent.prior != "categorical":
+            problems.add(("train", "balance", "latent"), f"{balance['latent']!r} is not a latent with a categorical prior")
+        if balance["images"] not in raw.get("graph", {}):
+            problems.add(("train", "balance", "images"), f"no graph tensor named {balance['images']!r}")
+        if not raw["data"].get("labels"):
+            problems.add(("train", "balance",), "balancing needs the real class labels (data.labels: true)")
+    collapse = evaluate.get("collapse")
+    if collapse and collapse["state"] not in states:
+        problems.add(("evaluate", "collapse", "state"), f"no state named {collapse['state']!r}")
+    elif collapse and collapse["state"] not in train.get("trace", []):
+        problems.add(("evaluate", "collapse", "state"), f"state {collapse['state']!r} must be traced: add it to train.trace")
+
 
 
 def _data_shape(data: dict, problems: Collector) -> tuple:
@@ -247,6 +298,8 @@ def _latent(name: str, entry: dict, params: dict, problems: Collector) -> Latent
     prior, args, kwargs = _call_of(path, entry.get("prior", "normal"), PRIORS, params, problems, PRIOR_KWARGS)
     if prior == "uniform" and len(args) == 2 and not args[0] < args[1]:
         problems.add(path, "uniform(low, high) needs low < high")
+    if prior == "categorical" and (len(shape) != 1 or shape[0] < 2):
+        problems.add(path, f"a categorical prior draws one-hot vectors: its shape is the number of classes, e.g. [10], not {list(shape)}")
     if prior == "realnvp":
         for key, value in kwargs.items():
             if value != int(value) or value < 1:
@@ -296,9 +349,10 @@ def _call_of(path: tuple, text: str, table: dict, params: dict, problems: Collec
     return name, args, {**allowed, **kwargs}
 
 
-def _network(name, entry, data_shape, latents, params, problems) -> Network | None:
+def _network(name, entry, data_shape, latents, params, problems, num_classes=None) -> Network | None:
     path = ("networks", name)
     input_shape = _input_shape(entry["input"], data_shape, latents, path, problems)
+    conditions = _conditions(entry.get("condition", {}), latents, num_classes, path, problems)
     rows, ok = [], True
     for i, row in enumerate(entry["layers"]):
         try:
@@ -309,12 +363,42 @@ def _network(name, entry, data_shape, latents, params, problems) -> Network | No
     init, init_args, _ = _call_of(path + ("init",), entry.get("init", "default"), INITS, params, problems)
     if not ok or input_shape is None:
         return None
+    if conditions is None:
+        return None
     try:
-        info = infer_network(input_shape, rows, entry.get("freeze", False))
+        info = infer_network(input_shape, rows, entry.get("freeze", False), {k: shape for k, (shape, _) in conditions.items()})
     except ShapeError as exc:
         problems.add(path + ("layers", exc.index), str(exc))
         return None
-    return Network(name, input_shape, rows, info, init or "default", tuple(init_args))
+    joined = {r["input"] for r in rows if r["op"] == "concat"}
+    for unused in [c for c in conditions if c not in joined]:
+        problems.add(path + ("condition", unused), f"condition {unused!r} is never joined: add a row 'concat {unused}'")
+    source = entry["input"] if isinstance(entry["input"], str) else None
+    return Network(name, input_shape, rows, info, init or "default", tuple(init_args), source, conditions)
+
+
+def _conditions(entries: dict, latents: dict, num_classes, path: tuple, problems: Collector) -> dict | None:
+    """Extra inputs of a network (a conditional GAN's labels): name -> (shape, source). A value is a
+    shape, a latent's name (its draws), or y (the data's labels, one-hot)."""
+    out, ok = {}, True
+    for cname, value in entries.items():
+        where = path + ("condition", cname)
+        if isinstance(value, int):
+            out[cname] = ((value,), None)
+        elif isinstance(value, list):
+            out[cname] = (tuple(value), None)
+        elif value == "y":
+            if num_classes is None:
+                problems.add(where, "y (one-hot labels) needs a dataset with classes; give the shape instead")
+                ok = False
+            else:
+                out[cname] = ((num_classes,), "y")
+        elif value in latents:
+            out[cname] = (tuple(latents[value].shape), value)
+        else:
+            problems.add(where, f"condition {value!r} is neither a shape, y (one-hot labels) nor a latent")
+            ok = False
+    return out if ok else None
 
 
 def _input_shape(value, data_shape, latents, path, problems) -> tuple | None:
@@ -435,7 +519,7 @@ def _check_names_do_not_clash(raw: dict, problems: Collector) -> None:
     (sample, kl) read the latent, everything else reads the tensor.
     """
     seen: dict[str, str] = {"x": "the input x", "y": "the labels y"}
-    for section in ("networks", "params", "labels", "graph", "losses"):
+    for section in ("networks", "params", "labels", "state", "graph", "losses"):
         for name in raw.get(section, {}):
             if name in seen:
                 problems.add((section, name), f"name {name!r} is already used by {seen[name]}")

@@ -34,7 +34,7 @@ EXPECTED = {
     ],
     "undefined_network": [
         "undefined_network.yaml:32:3: graph.x_rec: unknown op or network 'decoder'; known: abs, bce, detach, gp, kl, l1, "
-        "mean, mean_of, mse, nll, rsample, sample, sqerr, sum, dec, enc",
+        "l2dist, mean, mean_of, mse, nll, noisy, onehot, rsample, sample, sqerr, sum, dec, enc",
     ],
     "undefined_network_objective": [
         "undefined_network_objective.yaml:39:30: objectives.vae.networks[2]: no network named 'disc' to train",

@@ -9,8 +9,19 @@ from genspec.evaluate import grid_sources
 
 def test_a_vae_shows_its_decoder_on_prior_draws_and_its_reconstruction():
     spec = genspec.load("specs/quickstart.yaml")
-    assert grid_sources(spec) == {"samples": ("generator", "dec", "z"), "reconstructions": ("tensor", "x_rec"),
-                                  "interpolations": ("generator", "dec", "z")}
+    assert grid_sources(spec) == {"samples": ("generator", "dec", "z", ()), "reconstructions": ("tensor", "x_rec"),
+                                  "interpolations": ("generator", "dec", "z", ())}
+
+
+def test_began_reconstructs_through_its_discriminator_autoencoder():
+    spec = genspec.load("specs/began.yaml")
+    assert grid_sources(spec) == {"samples": ("generator", "gen", "z", ()), "reconstructions": ("tensor", "rec_real"),
+                                  "interpolations": ("generator", "gen", "z", ())}
+
+
+def test_a_conditional_generator_draws_its_labels_from_their_latent():
+    spec = genspec.load("specs/cgan.yaml")
+    assert grid_sources(spec)["samples"] == ("generator", "gen", "z", ("c",))
 
 
 def test_a_gan_has_no_reconstruction_even_though_training_links_its_generator_to_x():

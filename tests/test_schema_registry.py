@@ -83,7 +83,7 @@ def test_freeze_modes_and_grids():
 
 
 def test_expression_ops_have_known_argument_kinds():
-    kinds = {"dist", "latent", "tensor", "target", "labels", "any", "network"}
+    kinds = {"dist", "latent", "tensor", "target", "labels", "any", "network", "number"}
     for name, op in R.EXPRESSION_OPS.items():
         assert set(op["args"]) <= kinds, name
         assert op["result"] in {"tensor", "scalar", "same"}, name

@@ -279,7 +279,7 @@ def test_checkpoint_is_complete_and_loads_weights_only(resume_runs):
         assert not list(folder.rglob("*.tmp"))
         state = checkpoint(folder)
         assert {"format", "epoch", "model", "rng"} <= set(state)
-        assert set(state["model"]) == {"networks", "priors", "optimizers"}
+        assert set(state["model"]) == {"networks", "priors", "states", "optimizers"}
         assert {k.split(".")[0] for k in state["model"]["networks"]} == {"enc", "dec"}
         assert set(state["model"]["optimizers"]) == {"vae"}
 

@@ -102,7 +102,7 @@ SCHEMA = [
     ("data.range=[0, 2]", "--set data.range=[0, 2]: data.range: [0, 2] is not one of [0, 1], [-1, 1]"),
     ("latent.z.shape=eight", "--set latent.z.shape=eight: latent.z.shape: expected integer or list, got string 'eight'"),
     ("latent.z={}", "--set latent.z={}: latent.z: missing required key 'shape'"),
-    ("latent.z.prior=gamma", "--set latent.z.prior=gamma: latent.z.prior: 'gamma' is not allowed here (normal, uniform(low, high), or realnvp(flows=K, hidden=H) (a trainable flow prior).)"),
+    ("latent.z.prior=gamma", "--set latent.z.prior=gamma: latent.z.prior: 'gamma' is not allowed here (normal, uniform(low, high), realnvp(flows=K, hidden=H) (a trainable flow prior), or categorical (one-hot draws of shape [classes]).)"),
     ("networks.enc.layers=[]", "--set networks.enc.layers=[]: networks.enc.layers: minItems is 1"),
     ("networks.enc.layers[0]=5", "--set networks.enc.layers[0]=5: networks.enc.layers[0]: expected mapping or string, got integer 5"),
     ("networks.enc.init=orthogonal", "--set networks.enc.init=orthogonal: networks.enc.init: 'orthogonal' is not allowed here "
@@ -151,11 +151,11 @@ def test_each_missing_required_key_is_named():
 # alternative of its own kind, at the key or item that is wrong
 SCHEMA_WRONG_BRANCH = [
     ("networks.enc.layers[0]={op: conv, out: 8, kernel: 3, bogus: 1}",
-     "networks.enc.layers[0].bogus: unknown key 'bogus'; known keys: act, bias, dropout, frozen, kernel, mode, name, "
+     "networks.enc.layers[0].bogus: unknown key 'bogus'; known keys: act, bias, dropout, frozen, input, kernel, mode, name, "
      "norm, op, out, p, padding, scale, shape, slope, stride, var"),
     ("networks.enc.layers[0]={op: convolution, out: 8, kernel: 3}",
      "networks.enc.layers[0].op: 'convolution' is not one of \"conv\", \"deconv\", \"fc\", \"gaussian\", \"maxpool\", "
-     "\"avgpool\", \"upsample\", \"dropout\", \"flatten\", \"reshape\", \"crop\", \"identity\", \"bn\", \"ln\", \"vbn\", "
+     "\"avgpool\", \"upsample\", \"dropout\", \"flatten\", \"reshape\", \"crop\", \"identity\", \"concat\", \"bn\", \"ln\", \"vbn\", "
      "\"relu\", \"lrelu\", \"tanh\", \"sigmoid\", \"elu\", \"gelu\", \"silu\", \"softplus\", \"softmax\", \"log_softmax\""),
     ("networks.enc.layers[0]={op: dropout, p: -1}", "networks.enc.layers[0].p: -1 is out of range (minimum 0)"),
     ("networks.enc.input=[1, 0]", "networks.enc.input[1]: 0 is out of range (minimum 1)"),
