@@ -145,7 +145,7 @@ def cmd_tune(args) -> int:
     settings = settings_from(args.spec, args.param, args.range or [], args.trials, args.initial, args.metric,
                              args.minimize, args.strategy, args.set)
     result = tune(args.spec, settings, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                  progress=not args.no_progress)
+                  progress=not args.no_progress, parallel=args.parallel)
     best = result["best"]
     if best is None:
         print("tune: no trial completed")
@@ -225,6 +225,8 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--strategy", help="gp_ei (default), fast, quality, random_search")
     t.add_argument("--out", help="output folder (default reports/<name>/tune/)")
     t.add_argument("--resume", action="store_true", help="continue a tuning run after a crash or kill")
+    t.add_argument("--parallel", default=1, metavar="K",
+                   help="run K trials at once, each in its own worker process (default 1: one after another)")
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=cmd_tune)

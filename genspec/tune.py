@@ -1,7 +1,9 @@
 """`genspec tune`: Bayesian optimisation of spec params with Ax (the `ax.Client` API).
 
 Each trial is a full run with the params overridden, in `<out>/trial_NNN/`. The Ax client is
-saved after every trial, so `--resume` continues without redoing finished trials. The default
+saved after every trial, so `--resume` continues without redoing finished trials. With
+`--parallel K` (K > 1) K trials run at once, each in its own spawned worker process; a trial is
+completed in Ax as soon as it finishes and a new one is asked for in its place. The default
 strategy is the VAE-GAN paper's: quasi-random (Sobol) initial trials, then a Gaussian process
 with an RBF kernel and expected improvement. Ax and BoTorch are imported only here.
 """
@@ -12,6 +14,7 @@ import csv
 import json
 import logging
 import math
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -130,8 +133,12 @@ def _new_client(settings: TuneSettings, name: str, seed: int):
 
 
 def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume: bool = False,
-         overwrite: bool = False, progress: bool = True) -> dict:
-    """Run the trials; returns {"best": ..., "trials": [...]} and writes the tune report."""
+         overwrite: bool = False, progress: bool = True, parallel: int | str = 1) -> dict:
+    """Run the trials; returns {"best": ..., "trials": [...]} and writes the tune report.
+
+    `parallel` trials run at once when it is more than 1, each in a spawned worker process (so a
+    script that calls this needs the usual `if __name__ == "__main__":` guard)."""
+    parallel = parallel_count(parallel)
     from .train import run
 
     base = load_spec(spec_path, settings.overrides)
@@ -157,6 +164,9 @@ def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume
     # trials that were running when a previous session died are run again with their parameters
     pending = {i: dict(t.arm.parameters) for i, t in client._experiment.trials.items()
                if t.status.is_running and i not in done}
+    if parallel > 1:
+        table = _tune_parallel(spec_path, settings, base.train["device"], client, out, table, done, pending, parallel)
+        return _finish(client, settings, table, out)
     while len(done) < settings.total:
         if not pending:
             pending = client.get_next_trials(max_trials=1)
@@ -171,6 +181,126 @@ def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume
         client.save_to_json_file(str(client_file))  # after every trial: --resume picks up from here
         _write_table(out, table, settings)
     return _finish(client, settings, table, out)
+
+
+def parallel_count(value) -> int:
+    """`--parallel K`: a positive integer (the command line hands it over as text)."""
+    try:
+        count = int(str(value).strip()) if not isinstance(value, (bool, float)) else None
+    except ValueError:
+        count = None
+    if count is None or count < 1:
+        shown = str(value).strip() or repr(value)
+        raise RunError(f"--parallel must be a positive integer (trials run at once), got {shown}")
+    return count
+
+
+def _tune_parallel(spec_path, settings: TuneSettings, device: str, client, out: Path, table: list, done: set,
+                   pending: dict, workers: int) -> list:
+    """Keep `workers` trials running, each in a spawned worker process; record each as it finishes."""
+    import multiprocessing
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+    from concurrent.futures.process import BrokenProcessPool
+
+    from ax.exceptions.core import DataRequiredError
+
+    client_file = out / CLIENT_FILE
+    devices = trial_devices(device, _cuda_count(), workers)  # one per slot; None: the spec's own device
+    executor = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                                   initializer=_init_worker, initargs=(worker_threads(workers),))
+    running: dict = {}  # future -> (trial index, slot)
+    free = list(range(workers))
+    try:
+        while len(done) < settings.total:
+            wanted = min(len(free), settings.total - len(done) - len(running))
+            if wanted > 0 and not pending:
+                try:
+                    pending = client.get_next_trials(max_trials=wanted)
+                except DataRequiredError:  # e.g. quasi-random trials used up, none observed yet: wait for one
+                    if not running:
+                        raise
+                if pending:  # the new trials are `running` in the saved client: --resume runs them again
+                    client.save_to_json_file(str(client_file))
+            while free and pending and len(done) + len(running) < settings.total:
+                index = min(pending)
+                slot = free.pop(0)
+                future = executor.submit(_trial_in_worker, spec_path, settings, index, dict(pending.pop(index)), out,
+                                         devices[slot])
+                running[future] = (index, slot)
+            if not running:
+                raise RunError(f"Ax proposed no new trial after {len(done)} of {settings.total}")
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in sorted(finished, key=lambda f: running[f][0]):
+                index, slot = running.pop(future)
+                free.append(slot)
+                free.sort()
+                try:
+                    row = future.result()
+                except BrokenProcessPool:
+                    raise RunError(f"the worker process running trial {index} stopped unexpectedly; finished trials "
+                                   "are saved, and --resume runs the others again") from None
+                if row["status"] == "completed":
+                    client.complete_trial(index, raw_data={"objective": row["value"]})
+                else:
+                    client.mark_trial_failed(index)
+                table = [r for r in table if r["trial"] != index] + [row]
+                done.add(index)
+                client.save_to_json_file(str(client_file))  # after every trial: --resume picks up from here
+                _write_table(out, table, settings)
+    except BaseException:
+        _stop_workers(executor)  # an interrupt or a failure: the trials still running are dropped
+        raise
+    executor.shutdown(wait=False)  # every trial is in: the idle workers exit while the report is written
+    return table
+
+
+def _init_worker(threads: int) -> None:
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+def _trial_in_worker(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, device) -> dict:
+    from dataclasses import replace
+
+    from .train import run
+
+    if device:
+        settings = replace(settings, overrides=[*settings.overrides, f"train.device={device}"])
+    # no progress bars: several workers share the terminal; each epoch prints a line instead
+    return _run_trial(spec_path, settings, index, parameters, out, run, progress=False)
+
+
+def _stop_workers(executor) -> None:
+    for process in list((getattr(executor, "_processes", None) or {}).values()):
+        if process.is_alive():
+            process.terminate()
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+def worker_threads(workers: int, cpus: int | None = None) -> int:
+    """Torch threads per worker, so that `workers` workers together use the cores once."""
+    if cpus is None:
+        cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cpus // workers)
+
+
+def trial_devices(device: str, cuda_devices: int, workers: int) -> list:
+    """The device override of each worker slot: round-robin `cuda:i` when several CUDA devices exist
+    and the spec would train on CUDA (`auto` or `cuda`); otherwise None (the spec's own device)."""
+    if cuda_devices >= 2 and device in ("auto", "cuda"):
+        return [f"cuda:{slot % cuda_devices}" for slot in range(workers)]
+    return [None] * workers
+
+
+def _cuda_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
 
 
 def _run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, run, progress: bool) -> dict:
