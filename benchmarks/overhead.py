@@ -271,13 +271,14 @@ def genspec_phase_steps(model: Model, bookkeeping: bool) -> list:
     cycle = [plan for plan, phase in zip(model.phases, model.spec.phases) for _ in range(phase.repeat)]
     if not bookkeeping:
         return [lambda x, plan=plan: model.step(plan, x) for plan in cycle]
-    from genspec.train import _check_finite  # train.py's per-step host-side check
+    from genspec.train import FiniteWatch  # train.py's device-side finiteness record
 
     sums: dict = {}
+    finite = FiniteWatch()
 
     def step_with_bookkeeping(x, plan):  # what genspec/train.py's _one_epoch adds around each step
         losses = model.step(plan, x)
-        _check_finite(losses, 1, 0)
+        finite.record(0, losses)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0) + value
 

@@ -159,7 +159,12 @@ class Model:
     def __init__(self, spec: Spec, device: torch.device):
         self.spec = spec
         self.device = device
+        self.fast = fast_path(spec.train, device)
         self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
+        if self.fast.channels_last:
+            for name, net in spec.networks.items():
+                if any(r.row["op"] in ("conv", "deconv") for r in net.info.rows):
+                    self.networks[name].to(memory_format=torch.channels_last)
         self.priors = nn.ModuleDict({name: build_prior(latent) for name, latent in spec.latents.items()}).to(device)
         self.states = States(spec.states).to(device)
         compiler = Compiler(spec, self.networks, self.priors, self.states)
@@ -173,7 +178,10 @@ class Model:
             modules = [self.networks[n] if n in self.networks else self.priors[n] for n in obj.networks]
             params = [p for module in modules for p in module.parameters() if p.requires_grad]
             self.objectives[name] = ObjectiveRun(name, params, compiler.node_fn("objective", obj.minimize),
-                                                 make_optimizer(obj.optimizer, obj.optimizer_args, params))
+                                                 make_optimizer(obj.optimizer, obj.optimizer_args, params, self.fast.fused))
+        if self.fast.compile:
+            for module in self.networks.values():
+                module.forward_taps = torch.compile(module.forward_taps)
         self.phases = [self._phase_plan(phase.update) for phase in spec.phases]
 
     def _phase_plan(self, objective_names: list[str]) -> PhasePlan:
@@ -230,8 +238,11 @@ class Model:
 
     def step(self, phase: PhasePlan, x, y=None) -> dict[str, torch.Tensor]:
         """One update of the phase's objectives on a batch. Returns the losses it computed (detached)."""
-        env = self.compute(Env(x, y), phase.nodes)
-        values = {name: self.objectives[name].loss(env) for name in phase.objectives}
+        if self.fast.channels_last and x.dim() == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast.bf16):
+            env = self.compute(Env(x, y), phase.nodes)
+            values = {name: self.objectives[name].loss(env) for name in phase.objectives}
         runs = [self.objectives[name] for name in phase.objectives]
         for run in runs:
             run.optimizer.zero_grad(set_to_none=True)
@@ -276,8 +287,31 @@ class Model:
             run.optimizer.load_state_dict(state["optimizers"][name])
 
 
-def make_optimizer(name: str, args: dict, params: list) -> torch.optim.Optimizer:
+@dataclass(frozen=True)
+class FastPath:
+    """The train section's speed switches, resolved for a device (see `fast_path`)."""
+
+    bf16: bool
+    channels_last: bool
+    fused: bool
+    compile: bool
+
+
+def fast_path(train: dict, device: torch.device) -> FastPath:
+    """`auto` means on where it is safe and pays: bfloat16 autocast, channels-last convolutions and
+    fused Adam on CUDA; float32 and PyTorch's defaults on CPU, where tests stay bit-exact."""
+    cuda = device.type == "cuda"
+    precision = train.get("precision", "auto")
+    auto = {"channels_last": cuda, "fused": cuda}
+    pick = {key: auto[key] if train.get(key, "auto") == "auto" else bool(train[key]) for key in auto}
+    return FastPath(bf16=precision == "bf16" or (precision == "auto" and cuda), channels_last=pick["channels_last"],
+                    fused=pick["fused"], compile=bool(train.get("compile", False)))
+
+
+def make_optimizer(name: str, args: dict, params: list, fused: bool = False) -> torch.optim.Optimizer:
     kwargs = dict(args)
+    if fused and name in ("adam", "adamw") and params:
+        kwargs["fused"] = True  # one kernel for the whole update instead of several per tensor
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     if "nesterov" in kwargs:

@@ -47,7 +47,9 @@ def bce(p, target):
         target = target.like(p)
     elif not torch.is_tensor(target):
         target = torch.full_like(p, float(target))
-    return F.binary_cross_entropy(p, target.to(p.dtype))
+    # in float32 and outside autocast, which refuses binary_cross_entropy on CUDA (log near 0 and 1)
+    with torch.autocast(p.device.type, enabled=False):
+        return F.binary_cross_entropy(p.float(), target.float())
 
 
 TENSOR_OPS = {

@@ -175,32 +175,57 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     max_steps = spec.train.get("max_steps")
+    finite = FiniteWatch()
+    log_every = spec.train["log_every"]
     for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle)):
         if max_steps and step >= max_steps:
             break
         losses = model.step(cursor[step % len(cursor)], x, y)
-        _check_finite(losses, epoch, step)
+        finite.record(step, losses)
         if trace is not None:
             trace.record(first_step + step + 1, losses)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0) + value
             counts[name] = counts.get(name, 0) + 1
+        if (step + 1) % log_every == 0:  # the only host-device syncs of the loop: once per log interval
+            finite.check(epoch)
+            if bar is not None:
+                bar.set_postfix({k: f"{float(v):.4g}" for k, v in losses.items() if "/" not in k}, refresh=False)
         if bar is not None:
             bar.update(1)
-            if step % spec.train["log_every"] == 0:
-                bar.set_postfix({k: f"{float(v):.4g}" for k, v in losses.items() if "/" not in k}, refresh=False)
+    finite.check(epoch)
     return {name: float(total) / counts[name] for name, total in sums.items()}
 
 
-def _check_finite(losses: dict, epoch: int, step: int) -> None:
-    if not losses:
-        return
-    if bool(torch.isfinite(torch.stack([v.float() for v in losses.values()])).all()):
-        return
-    bad = next(name for name, v in losses.items() if not torch.isfinite(v).all())
-    kept = "the last checkpoint is kept" if epoch > 1 else "no checkpoint was written yet"
-    raise RunError(f"loss {bad!r} became {float(losses[bad])} at epoch {epoch}, step {step + 1}; "
-                   f"the run stopped ({kept}). Try a smaller learning rate.")
+class FiniteWatch:
+    """Remembers, on the device, the first step whose losses were not finite, so the loop never
+    waits for the device inside a step; `check` reads it back (once per log interval) and stops
+    the run with the loss, its value and the step."""
+
+    def __init__(self):
+        self.first: dict[tuple, list] = {}  # loss names of a phase -> [first bad step, its values]
+
+    def record(self, step: int, losses: dict) -> None:
+        if not losses:
+            return
+        values = torch.stack([v.detach().float().reshape(()) for v in losses.values()])
+        entry = self.first.get(tuple(losses))
+        if entry is None:
+            entry = self.first[tuple(losses)] = [torch.full((), -1, device=values.device), torch.zeros_like(values)]
+        new = ~torch.isfinite(values).all() & (entry[0] < 0)
+        entry[0] = torch.where(new, step, entry[0])
+        entry[1] = torch.where(new, values, entry[1])
+
+    def check(self, epoch: int) -> None:
+        for names, (first, values) in self.first.items():
+            step = int(first)
+            if step < 0:
+                continue
+            values = values.tolist()
+            bad = next(i for i, v in enumerate(values) if not math.isfinite(v))
+            kept = "the last checkpoint is kept" if epoch > 1 else "no checkpoint was written yet"
+            raise RunError(f"loss {names[bad]!r} became {values[bad]} at epoch {epoch}, step {step + 1}; "
+                           f"the run stopped ({kept}). Try a smaller learning rate.")
 
 
 def save_checkpoint(model: Model, out: Path, epoch: int) -> None:

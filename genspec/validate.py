@@ -23,7 +23,8 @@ from .spec import Latent, Network, Objective, Phase, Spec, State
 
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "genspec.schema.json"
 
-TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "seed": 0, "device": "auto", "checkpoint_every": 1, "log_every": 10}
+TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "seed": 0, "device": "auto", "checkpoint_every": 1, "log_every": 10,
+                  "precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False}
 EVALUATE_DEFAULTS = {"grid_size": 8, "interpolation_steps": 8, "batch_size": 256}
 BALANCE_DEFAULTS = {"every": 1, "samples": 1000, "features": "pixels", "shrinkage": 0.1}
 COLLAPSE_DEFAULTS = {"fall": 0.5, "window": 10}

@@ -1,0 +1,109 @@
+"""The fast path's switches (train.precision, channels_last, fused, compile) and the loop's
+promise of no host-device synchronisation inside a step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import genspec
+from genspec.compile import Model, fast_path
+from genspec.trace import StepTrace
+from genspec.train import FiniteWatch
+from spec_helpers import REPO, cli_in_process
+
+QUICKSTART = REPO / "specs" / "quickstart.yaml"
+DCGAN_TINY = ["data.dataset=digits", "data.range=[0, 1]", "data.split={train: 64, test: 32}",
+              "networks.gen.layers=[fc 2x2x8, relu, deconv 4 3x3 x2, relu, deconv 1 3x3 x2, sigmoid]",
+              "networks.dis.layers=[conv 8 3x3 /2, lrelu 0.2, flatten, fc 1, sigmoid]",
+              "evaluate={grids: [samples]}", "train.batch_size=16"]
+
+
+def test_auto_switches_are_on_for_cuda_and_off_for_cpu():
+    train = {"precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False}
+    assert fast_path(train, torch.device("cuda")) == fast_path(train, torch.device("cuda")).__class__(True, True, True, False)
+    cpu = fast_path(train, torch.device("cpu"))
+    assert (cpu.bf16, cpu.channels_last, cpu.fused, cpu.compile) == (False, False, False, False)
+    forced = fast_path({"precision": "bf16", "channels_last": True, "fused": True, "compile": True}, torch.device("cpu"))
+    assert (forced.bf16, forced.channels_last, forced.fused, forced.compile) == (True, True, True, True)
+    assert fast_path({"precision": "fp32", "channels_last": False, "fused": False}, torch.device("cuda")).bf16 is False
+
+
+def steps(spec, n: int = 4, seed: int = 0) -> tuple[list, dict]:
+    torch.manual_seed(seed)
+    model = Model(spec, torch.device("cpu"))
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(16, *spec.data_shape, generator=g)
+    losses = []
+    for i in range(n):
+        out = model.step(model.phases[i % len(model.phases)], x)
+        losses.append({k: float(v) for k, v in out.items()})
+    return losses, {k: v.detach().clone() for k, v in model.networks.state_dict().items()}
+
+
+@pytest.mark.parametrize("setting", ["channels_last=true", "fused=true"])
+def test_layout_and_fused_optimiser_keep_the_numbers(setting):
+    base = genspec.load(REPO / "specs" / "dcgan.yaml", DCGAN_TINY + ["train.fused=false", "train.channels_last=false"])
+    fast = genspec.load(REPO / "specs" / "dcgan.yaml", DCGAN_TINY + [f"train.{setting}"])
+    (l0, w0), (l1, w1) = steps(base), steps(fast)
+    for a, b in zip(l0, l1):
+        assert a.keys() == b.keys() and all(a[k] == pytest.approx(b[k], rel=1e-4, abs=1e-6) for k in a)
+    assert all(torch.allclose(w0[k].float(), w1[k].float(), atol=1e-5) for k in w0)
+
+
+def test_bf16_autocast_trains_with_losses_near_float32():
+    (l32, _), (l16, _) = steps(genspec.load(QUICKSTART)), steps(genspec.load(QUICKSTART, ["train.precision=bf16"]))
+    for a, b in zip(l32, l16):
+        assert all(b[k] == pytest.approx(a[k], rel=0.05, abs=0.05) for k in a)
+
+
+def test_bf16_run_end_to_end(tmp_path):
+    rc, out, err = cli_in_process("run", QUICKSTART, "--out", tmp_path / "run", "--no-progress", "--set", "train.epochs=1",
+                                  "--set", "train.precision=bf16", "--set", "train.max_steps=3")
+    assert rc == 0, err
+
+
+class HostReads:
+    """Counts every way a tensor's value reaches Python (each one waits for the device)."""
+
+    NAMES = ("item", "tolist", "__bool__", "__float__", "__int__", "__index__")
+
+    def __init__(self, monkeypatch):
+        self.count = 0
+        for name in self.NAMES:
+            original = getattr(torch.Tensor, name)
+
+            def counted(t, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(t, *args, **kwargs)
+
+            monkeypatch.setattr(torch.Tensor, name, counted)
+
+
+def test_no_host_read_inside_the_steps_of_a_gan_with_trace_and_state(monkeypatch, tmp_path):
+    spec = genspec.load(REPO / "specs" / "began.yaml", [
+        "data.dataset=digits", "data.image_size=null", "latent.z.shape=[4]", "networks.dec.input=4",
+        "networks.gen.layers=[fc 4x4x8, upsample 2, conv 1 3x3]", "networks.dec.layers=[fc 4x4x8, upsample 2, conv 1 3x3]",
+        "networks.enc.layers=[conv 8 3x3 /2, flatten, fc 4]",
+        "train.fused=true"])  # as on CUDA: unfused Adam reads its step counter, a CPU tensor there, with .item()
+    model = Model(spec, torch.device("cpu"))
+    x = torch.rand(8, 1, 8, 8)
+    watch, trace = FiniteWatch(), StepTrace([("k", "state/k"), ("m_global", "m_global")], "cpu")
+    reads = HostReads(monkeypatch)
+    for step in range(5):
+        losses = model.step(model.phases[0], x)
+        watch.record(step, losses)
+        trace.record(step + 1, losses)
+    assert reads.count == 0
+    watch.check(1)  # the read-back, once per log interval
+    assert reads.count > 0
+
+
+def test_finite_watch_names_the_first_bad_step_when_read_later():
+    from genspec.errors import RunError
+
+    watch = FiniteWatch()
+    for step, value in enumerate([1.0, 2.0, float("nan"), float("inf")]):
+        watch.record(step, {"ok": torch.tensor(0.5), "loss": torch.tensor(value)})
+    with pytest.raises(RunError, match=r"loss 'loss' became nan at epoch 3, step 3; the run stopped \(the last checkpoint is kept\)"):
+        watch.check(3)
