@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def cmd_run(args) -> int:
     from .pipeline import load_runs
 
     runs = load_runs(args.spec, args.set, args.only)  # every spec problem surfaces before anything is written
+    nproc = args.nproc
+    if nproc is not None and nproc < 1:
+        raise RunError(f"--nproc must be a positive number of processes, got {nproc}")
+    if nproc is not None and nproc > 1 and os.environ.get("WORLD_SIZE") is None:
+        if runs[0][0].id or len(runs) > 1:
+            raise RunError("--nproc trains one spec across processes; run a study's runs one by one or without it")
+        from .distributed import launch
+
+        return launch(_without_nproc(args.argv), nproc)
     if runs[0][0].id or len(runs) > 1:
         from .study import run_study
 
@@ -82,10 +92,25 @@ def cmd_run(args) -> int:
     from .train import run
 
     metrics = run(spec, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    if not metrics:  # another rank of a distributed run: rank 0 reports
+        return 0
     out = args.out or f"reports/{spec.name}"
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics["test"].items())
     print(f"{spec.name}: done; test {summary}; report in {out}/report.md")
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    """The command line for each launched process: the same, without --nproc."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            out.append(arg)
+    return out
 
 
 def cmd_diff(args) -> int:
@@ -240,6 +265,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("spec")
     r.add_argument("--out", help="output folder (default reports/<name>/)")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
+    r.add_argument("--nproc", type=int, metavar="N", help="data-parallel training in N processes on this machine (torchrun; gloo on CPU, NCCL on GPUs)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     r.set_defaults(func=cmd_run)
@@ -248,6 +274,7 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    args.argv = list(map(str, argv)) if argv is not None else sys.argv[1:]
     try:
         return args.func(args)
     except SpecError as exc:

@@ -156,9 +156,10 @@ class States(nn.Module):
 class Model:
     """Everything a run needs: networks, optimisers and the compiled step of each phase."""
 
-    def __init__(self, spec: Spec, device: torch.device):
+    def __init__(self, spec: Spec, device: torch.device, world=None):
         self.spec = spec
         self.device = device
+        self.distributed = world is not None and world.distributed  # average gradients and states over ranks
         self.fast = fast_path(spec.train, device)
         self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
         if self.fast.channels_last:
@@ -251,6 +252,11 @@ class Model:
             if torch.is_tensor(loss) and loss.requires_grad:
                 # Gradients flow into this objective's own parameters only.
                 loss.backward(inputs=run.params, retain_graph=i < len(runs) - 1)
+        if self.distributed:
+            from .distributed import average_gradients
+
+            for run in runs:
+                average_gradients(run.params)
         for run in runs:
             run.optimizer.step()
         out = {name: env[f"loss:{name}"].detach() for name in phase.loss_names}
@@ -268,7 +274,11 @@ class Model:
                 state = self.spec.states[name]
                 buffer = getattr(self.states, name)
                 buffer.copy_(torch.as_tensor(value, dtype=buffer.dtype).clamp(state.low, state.high))
-                out[f"state/{name}"] = buffer.clone()
+            if self.distributed:  # each rank saw its own slice of the batch: the states follow their mean
+                from .distributed import average_tensors
+
+                average_tensors([getattr(self.states, name) for name in new])
+            out.update({f"state/{name}": getattr(self.states, name).clone() for name in new})
         return out
 
     def train(self, mode: bool = True) -> None:

@@ -23,6 +23,7 @@ from .compile import Model, choose_device
 from .data import Splits, batches, load_data
 from .errors import RunError
 from . import fidelity
+from . import distributed as dist
 from . import trace as step_trace
 from .balance import Balancer
 from .evaluate import evaluate_losses, final_evaluation, graph_samples, grid_sources
@@ -39,28 +40,38 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
         progress: bool = True) -> dict:
     """Train and evaluate a spec, writing everything into its run folder. Returns the final metrics."""
     out = Path(out or Path("reports") / spec.name)
-    _check_folder(spec, out, resume, overwrite)
+    world = dist.from_environment()  # several processes under torchrun (`genspec run --nproc N`)
+    if world.main:
+        _check_folder(spec, out, resume, overwrite)
     fidelity.preflight(spec.evaluate)
     grid_sources(spec)  # a grid with nothing to show fails now, not after training
-    device = choose_device(spec.train["device"])
+    device = dist.setup(world, spec.train["device"]) if world.distributed else choose_device(spec.train["device"])
     seed = spec.train["seed"]
     torch.manual_seed(seed)
     splits = load_data(spec.data, seed)
     splits = Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device), splits.notes)
     torch.manual_seed(seed)  # weights do not depend on how much randomness data loading used
-    model = Model(spec, device)
+    model = Model(spec, device, world)
     model.set_references(splits.train)  # virtual batch norm's reference: real images where a network reads x
+    if world.distributed:
+        dist.broadcast_module_state([model.networks, model.priors, model.states])  # one start for every rank
+        torch.manual_seed(seed + 7919 * world.rank)  # each rank draws its own noise
     balancer = Balancer(spec, model, splits.train) if spec.train.get("balance") else None
     # Only now, with data and model in hand, is an old run replaced: a failure above leaves it intact.
-    _clear_folder(out, resume)
+    if world.main:
+        _clear_folder(out, resume)
+    if world.distributed:
+        dist.barrier()
     start_epoch, history = 1, []
     if resume:
-        start_epoch, history = _restore(model, out, device, spec.train["epochs"])
-    else:
+        start_epoch, history = _restore(model, out, device, spec.train["epochs"], write=world.main)
+    elif world.main:
         write_layer_tables(spec, out)
-    # the copy describes the run as it now stands (a resume may have asked for more epochs)
-    _atomic_write_text(out / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
-    _train_epochs(spec, model, splits, out, start_epoch, history, progress, balancer)
+    if world.main:  # the copy describes the run as it now stands (a resume may have asked for more epochs)
+        _atomic_write_text(out / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
+    _train_epochs(spec, model, splits, out, start_epoch, history, progress and world.main, balancer, world)
+    if not world.main:
+        return {}
     metrics = final_evaluation(spec, model, splits, out, history, progress and sys.stderr.isatty())
     write_report(spec, out, metrics, history)
     return metrics
@@ -109,7 +120,7 @@ def _differences(a, b, path=()) -> list:
     return [] if a == b else [(path, a, b)]
 
 
-def _restore(model: Model, out: Path, device, epochs: int) -> tuple[int, list]:
+def _restore(model: Model, out: Path, device, epochs: int, write: bool = True) -> tuple[int, list]:
     state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
     done = int(state["epoch"])
     if done > epochs:  # equal: training is over, and the final evaluation runs again
@@ -120,6 +131,8 @@ def _restore(model: Model, out: Path, device, epochs: int) -> tuple[int, list]:
     if torch.cuda.is_available() and "cuda_rng" in state:
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     epoch = int(state["epoch"])
+    if not write:  # another rank of a distributed run: rank 0 keeps the folder
+        return epoch + 1, []
     history = [h for h in _read_history(out) if h["epoch"] <= epoch]  # epochs after the checkpoint are redone
     _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     step_trace.truncate(out, epoch)
@@ -134,27 +147,33 @@ def _read_history(out: Path) -> list:
 
 
 def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: int, history: list, progress: bool,
-                  balancer: Balancer | None = None) -> None:
+                  balancer: Balancer | None = None, world: dist.World = dist.SINGLE) -> None:
     epochs, batch_size = spec.train["epochs"], spec.train["batch_size"]
     steps_per_epoch = max(1, math.ceil(len(splits.train) / batch_size))
     if spec.train.get("max_steps"):
         steps_per_epoch = min(steps_per_epoch, spec.train["max_steps"])
     bar = _progress_bar(spec, epochs, steps_per_epoch, start, progress)
-    trace = step_trace.StepTrace(step_trace.trace_keys(spec), model.device)
+    trace = step_trace.StepTrace(step_trace.trace_keys(spec) if world.main else [], model.device)
     for epoch in range(start, epochs + 1):
         began = time.perf_counter()
-        train_means = _one_epoch(spec, model, splits, epoch, bar, trace, (epoch - 1) * steps_per_epoch)
+        train_means = _one_epoch(spec, model, splits, epoch, bar, trace, (epoch - 1) * steps_per_epoch, world)
+        if balancer is not None and balancer.due(epoch):
+            balance = balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n))
+            if world.distributed:
+                dist.broadcast_module_state([model.priors])  # rank 0's label weights for every rank
+        if not world.main:
+            dist.agree(None, world)  # rank 0 evaluates and writes; a stop there stops every rank
+            continue
         record = {"epoch": epoch, "time_s": round(time.perf_counter() - began, 4), "train": train_means,
                   "test": evaluate_losses(spec, model, splits.test)}
         summary = trace.flush(out, epoch)
         if summary:
             record["trace"] = summary
         if balancer is not None and balancer.due(epoch):
-            record["balance"] = balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n))
+            record["balance"] = balance
         bad = [name for name, value in record["test"].items() if not math.isfinite(value)]
-        if bad:
-            raise RunError(f"test loss {bad[0]!r} is {record['test'][bad[0]]} after epoch {epoch}; the run stopped "
-                           "(the last checkpoint is kept). Try a smaller learning rate.")
+        dist.agree(RunError(f"test loss {bad[0]!r} is {record['test'][bad[0]]} after epoch {epoch}; the run stopped "
+                            "(the last checkpoint is kept). Try a smaller learning rate.") if bad else None, world)
         history.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
@@ -165,7 +184,8 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         bar.close()
 
 
-def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=None, first_step: int = 0) -> dict:
+def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=None, first_step: int = 0,
+               world: dist.World = dist.SINGLE) -> dict:
     model.train(True)
     shuffle = torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch)
     active = [(plan, phase.repeat) for plan, phase in zip(model.phases, spec.phases) if phase.active(epoch)]
@@ -180,6 +200,10 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
     for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle)):
         if max_steps and step >= max_steps:
             break
+        if world.distributed:
+            if len(x) < world.size:
+                break  # a last global batch too small to give every rank an example
+            x, y = dist.shard(x, y, world)  # the same global batch everywhere; each rank its slice
         losses = model.step(cursor[step % len(cursor)], x, y)
         finite.record(step, losses)
         if trace is not None:
@@ -188,12 +212,14 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
             sums[name] = sums.get(name, 0) + value
             counts[name] = counts.get(name, 0) + 1
         if (step + 1) % log_every == 0:  # the only host-device syncs of the loop: once per log interval
-            finite.check(epoch)
+            finite.check(epoch, world)
             if bar is not None:
                 bar.set_postfix({k: f"{float(v):.4g}" for k, v in losses.items() if "/" not in k}, refresh=False)
         if bar is not None:
             bar.update(1)
-    finite.check(epoch)
+    finite.check(epoch, world)
+    if world.distributed:
+        dist.average_tensors([t for t in sums.values() if torch.is_tensor(t)])  # means over every rank's examples
     return {name: float(total) / counts[name] for name, total in sums.items()}
 
 
@@ -216,7 +242,10 @@ class FiniteWatch:
         entry[0] = torch.where(new, step, entry[0])
         entry[1] = torch.where(new, values, entry[1])
 
-    def check(self, epoch: int) -> None:
+    def check(self, epoch: int, world: dist.World = dist.SINGLE) -> None:
+        dist.agree(self._problem(epoch), world)  # every rank stops together, or none does
+
+    def _problem(self, epoch: int) -> RunError | None:
         for names, (first, values) in self.first.items():
             step = int(first)
             if step < 0:
@@ -224,8 +253,9 @@ class FiniteWatch:
             values = values.tolist()
             bad = next(i for i, v in enumerate(values) if not math.isfinite(v))
             kept = "the last checkpoint is kept" if epoch > 1 else "no checkpoint was written yet"
-            raise RunError(f"loss {names[bad]!r} became {values[bad]} at epoch {epoch}, step {step + 1}; "
-                           f"the run stopped ({kept}). Try a smaller learning rate.")
+            return RunError(f"loss {names[bad]!r} became {values[bad]} at epoch {epoch}, step {step + 1}; "
+                            f"the run stopped ({kept}). Try a smaller learning rate.")
+        return None
 
 
 def save_checkpoint(model: Model, out: Path, epoch: int) -> None:
