@@ -54,11 +54,14 @@ def plan_study(path: str, overrides: list[str], only: list[str], out: Path | Non
 
 
 def run_study(path: str, overrides: list[str], only: list[str], out: Path | None, overwrite: bool = False,
-              progress: bool = True) -> dict:
-    from .train import run
-
+              progress: bool = True, parallel: int = 1, stack: bool = False) -> dict:
+    """Train every planned run (skipping finished ones, resuming interrupted ones), `parallel` at
+    a time in worker processes when asked, the seeds of a configuration as one stacked model with
+    `stack`, then write the study report."""
+    if parallel < 1:
+        raise RunError(f"--parallel must be a positive number of runs at once, got {parallel}")
     section, planned = plan_study(path, overrides, only, out)
-    done = skipped = 0
+    todo, skipped = [], 0
     for i, item in enumerate(planned, 1):
         status = _status(item.folder)
         label = f"[{i}/{len(planned)}] {item.run.id or item.spec.name} seed {item.seed}"
@@ -66,14 +69,94 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
             print(f"study: {label}: finished earlier, skipped", file=sys.stderr, flush=True)
             skipped += 1
             continue
-        print(f"study: {label}" + (" (resumed)" if status == "interrupted" else ""), file=sys.stderr, flush=True)
         # "started": stopped before its first checkpoint, so nothing in its folder is worth keeping
-        run(item.spec, out=item.folder, resume=status == "interrupted" and not overwrite,
-            overwrite=overwrite or status == "started", progress=progress)
-        done += 1
+        todo.append((label + (" (resumed)" if status == "interrupted" else ""), item,
+                     {"resume": status == "interrupted" and not overwrite, "overwrite": overwrite or status == "started"}))
+    if stack:
+        todo = _train_stacked_groups(todo, progress)
+    if parallel == 1 or len(todo) <= 1:
+        for label, item, options in todo:
+            print(f"study: {label}", file=sys.stderr, flush=True)
+            _train(item.spec, item.folder, progress=progress, **options)
+    else:
+        _train_in_workers(todo, parallel)
+    done = sum(1 for item in planned if _status(item.folder) == "finished") - skipped
     report = write_study_report(section, planned)
     print(f"study: {done} run(s) trained, {skipped} skipped; report in {report}", file=sys.stderr, flush=True)
     return {"runs": len(planned), "trained": done, "skipped": skipped, "report": str(report)}
+
+
+def _train_stacked_groups(todo: list, progress: bool) -> list:
+    """Train the new seeds of each configuration together (genspec/stack.py); returns what is left
+    for the usual way: resumed runs, lone seeds, and configurations that cannot stack."""
+    from .stack import cannot_stack, train_stacked
+
+    groups: dict[str, list] = {}
+    for entry in todo:
+        groups.setdefault(entry[1].run.id, []).append(entry)
+    left = []
+    for run_id, entries in groups.items():
+        fresh = [e for e in entries if not e[2]["resume"]]
+        reason = cannot_stack(fresh[0][1].spec) if fresh else None
+        if len(fresh) < 2 or reason:
+            if reason:
+                print(f"study: {run_id}: trained one seed at a time ({reason})", file=sys.stderr, flush=True)
+            left += entries
+            continue
+        left += [e for e in entries if e[2]["resume"]]
+        print(f"study: {run_id}: {len(fresh)} seeds as one stacked model", file=sys.stderr, flush=True)
+        for _, item, _options in fresh:
+            if item.folder.exists():
+                import shutil
+
+                shutil.rmtree(item.folder)  # new or started-but-empty folders only (finished runs were skipped)
+        train_stacked([item.spec for _, item, _ in fresh], [item.folder for _, item, _ in fresh], progress)
+    return left
+
+
+def _train(spec: Spec, folder: Path, resume: bool, overwrite: bool, progress: bool) -> None:
+    from .train import run
+
+    run(spec, out=folder, resume=resume, overwrite=overwrite, progress=progress)
+
+
+def _train_in_workers(todo: list, parallel: int) -> None:
+    """Several small runs at once, one per worker process, each with its share of the CPU
+    threads (on a GPU they share the device, which one small model leaves mostly idle). Each run
+    is the same computation as in a sequential study, in its own folder."""
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    threads = max(1, cpus // parallel)
+    print(f"study: {len(todo)} run(s), {parallel} at a time, {threads} CPU thread(s) each", file=sys.stderr, flush=True)
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=parallel, mp_context=context) as pool:
+        running = {}
+        for label, item, options in todo:
+            doc = item.spec.doc
+            job = pool.submit(_worker, (doc.data, dict(doc.locations), doc.file), str(item.folder), options, threads)
+            running[job] = label
+        while running:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for job in finished:
+                label = running.pop(job)
+                try:
+                    job.result()
+                except RunError as exc:
+                    for other in running:
+                        other.cancel()
+                    raise RunError(f"{label}: {exc}") from None
+                print(f"study: {label}: done", file=sys.stderr, flush=True)
+
+
+def _worker(document: tuple, folder: str, options: dict, threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    spec = check(Document(*document))
+    _train(spec, Path(folder), progress=False, **options)
 
 
 def _status(folder: Path) -> str:

@@ -240,3 +240,41 @@ def test_report_orders_levels_as_declared_and_marks_missing_cells(tmp_path):
     assert table[0] == ["layers", "L M", "L Std", "PNL M", "PNL Std", "NL M", "NL Std", "RKS M", "RKS Std"]
     assert table[1] == ["fc", "10.00", "0.0000", "11.00", "0.0000", "12.00", "0.0000", "13.00", "0.0000"]
     assert table[2] == ["conv", "20.00", "0.0000", "-", "-", "22.00", "0.0000", "23.00", "0.0000"]
+
+
+def test_parallel_study_trains_the_same_runs_as_the_sequential_one(study, tmp_path):
+    """`--parallel 2`: two runs at a time in worker processes; every run is the same computation
+    (the same seed and data) as in the sequential study, so its metrics agree."""
+    spec, sequential, _ = study
+    out = tmp_path / "parallel"
+    result = run_subprocess(["run", str(spec), "--out", str(out), "--no-progress", "--parallel", "2"], timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "8 run(s), 2 at a time" in result.stderr and "study: 8 run(s) trained, 0 skipped" in result.stderr
+    before, after = metrics_of(sequential), metrics_of(out)
+    for key, metrics in before.items():
+        for name, value in metrics["test"].items():
+            assert after[key]["test"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, name)
+    assert (out / "study.md").is_file()
+
+
+def test_parallel_is_for_studies_and_positive(tmp_path):
+    (tmp_path / "s.yaml").write_text(SPEC)
+    rc, _, err = run_cli("run", tmp_path / "s.yaml", "--out", tmp_path / "o", "--parallel", "0")
+    assert rc == 1 and "--parallel must be a positive number of runs at once, got 0" in err
+    rc, _, err = run_cli("run", "specs/quickstart.yaml", "--out", tmp_path / "q", "--parallel", "2")
+    assert rc == 1 and "--parallel and --stack train the runs of a study" in err
+
+
+def test_stacked_study_trains_each_configurations_seeds_together(study, tmp_path):
+    """`--stack`: the two seeds of every configuration as one stacked model; each run's folder is
+    complete, and its results are those of the sequential study up to the noise draws."""
+    spec, sequential, _ = study
+    out = tmp_path / "stacked"
+    rc, _, err = run_cli("run", spec, "--out", out, "--no-progress", "--stack")
+    assert rc == 0, err
+    assert err.count("2 seeds as one stacked model") == 4 and "study: 8 run(s) trained, 0 skipped" in err
+    before, after = metrics_of(sequential), metrics_of(out)
+    for key, metrics in before.items():
+        assert after[key]["params"] == metrics["params"]
+        assert after[key]["test"]["nelbo"] == pytest.approx(metrics["test"]["nelbo"], rel=0.15), key
+    assert "8 of 8 runs finished" in (out / "study.md").read_text()

@@ -1,0 +1,208 @@
+"""Many small models at once: the seeds of one study configuration trained as one stacked model.
+
+Replicas of a spec share its architecture, so their parameters stack along a leading model
+dimension (`torch.func.stack_module_state`) and each phase's step runs once for all of them
+(`torch.func.vmap` over `functional_call`, with different random draws per replica). Each
+objective's loss is summed over replicas before its backward pass: the gradient of a replica's
+slice is exactly that replica's own gradient. One optimiser per objective then updates the
+stacked tensors; Adam, AdamW, RMSprop and SGD act elementwise, so this is K independent
+optimisers. Every replica keeps its own seed, data split, shuffles and noise, and its folder is
+written as a sequential run writes it (metrics.jsonl, checkpoint with its own optimiser state,
+report), so the results are those of separate runs up to float rounding and random draws.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
+
+from .compile import Env, Model, choose_device, make_optimizer
+from .data import Splits, load_data
+from .evaluate import evaluate_losses, final_evaluation
+from .report import write_layer_tables, write_report
+from .spec import Spec
+
+
+def cannot_stack(spec: Spec) -> str | None:
+    """Why this spec's replicas cannot train as one stacked model, or None."""
+    text = json.dumps(spec.raw.get("losses", {})) + json.dumps(spec.raw.get("graph", {}))
+    if "gp(" in text:
+        return "the gradient penalty differentiates inside the step"
+    if spec.states or spec.train.get("trace") or spec.train.get("balance"):
+        return "states, traces and balancing run outside the step"
+    if any(latent.prior == "categorical" for latent in spec.latents.values()):
+        return "categorical draws"
+    if any(r.row.get("norm") in ("bn", "vbn") or r.row["op"] in ("bn", "vbn") for net in spec.networks.values() for r in net.info.rows):
+        return "batch statistics"
+    return None
+
+
+class _Phase(nn.Module):
+    """One replica's phase step as a module call: the objectives' losses and the logged losses."""
+
+    def __init__(self, model: Model, plan):
+        super().__init__()
+        self.model, self.plan = model, plan
+        self.networks, self.priors = model.networks, model.priors
+
+    def forward(self, x, y):
+        env = self.model.compute(Env(x, y), self.plan.nodes)
+        out = {f"objective/{name}": torch.as_tensor(self.model.objectives[name].loss(env)) for name in self.plan.objectives}
+        out.update({name: env[f"loss:{name}"] for name in self.plan.loss_names})
+        return out
+
+
+class StackedRuns:
+    """K replicas of one architecture (different seeds), trained together."""
+
+    def __init__(self, specs: list[Spec], device: torch.device):
+        self.specs, self.device = specs, device
+        self.models, self.splits = [], []
+        for spec in specs:
+            seed = spec.train["seed"]
+            torch.manual_seed(seed)
+            splits = load_data(spec.data, seed)
+            self.splits.append(Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device),
+                                      splits.notes))
+            torch.manual_seed(seed)  # the same initial weights as a sequential run of this seed
+            self.models.append(Model(spec, device))
+        holders = [nn.ModuleDict({"networks": m.networks, "priors": m.priors}) for m in self.models]
+        params, self.buffers = stack_module_state(holders)
+        self.params = {k: v.detach().requires_grad_(True) for k, v in params.items() if self._trainable(holders[0], k)}
+        self.frozen = {k: v.detach() for k, v in params.items() if k not in self.params}
+        base = self.models[0]
+        self.steps = [self._functional(_Phase(base, plan)) for plan in base.phases]
+        self.optimizers = {}
+        for name, obj in specs[0].objectives.items():
+            keys = self._objective_keys(holders[0], obj.networks)
+            self.optimizers[name] = (keys, make_optimizer(obj.optimizer, obj.optimizer_args, [self.params[k] for k in keys],
+                                                          base.fast.fused))
+
+    @staticmethod
+    def _trainable(holder: nn.Module, key: str) -> bool:
+        return dict(holder.named_parameters())[key].requires_grad
+
+    def _objective_keys(self, holder: nn.Module, owners: list[str]) -> list[str]:
+        """Stacked parameter names of an objective, in the order its own optimiser lists them."""
+        prefixes = [f"networks.{n}." if n in self.specs[0].networks else f"priors.{n}." for n in owners]
+        return [k for p in prefixes for k in self.params if k.startswith(p)]
+
+    def _functional(self, module: nn.Module):
+        def step(params, frozen, buffers, x, y):
+            return functional_call(module, ({**params, **frozen}, buffers), (x, y), strict=False)
+
+        return step
+
+    def step(self, phase_index: int, xs: torch.Tensor, ys) -> dict:
+        batched = vmap(self.steps[phase_index], in_dims=(0, 0, 0, 0, None if ys is None else 0), randomness="different")
+        out = batched(self.params, self.frozen, self.buffers, xs, ys)
+        plan = self.models[0].phases[phase_index]
+        for name in plan.objectives:
+            self.optimizers[name][1].zero_grad(set_to_none=True)
+        for i, name in enumerate(plan.objectives):
+            loss = out[f"objective/{name}"]
+            keys = self.optimizers[name][0]
+            if loss.requires_grad:
+                # the sum over replicas: each slice's gradient is its own replica's
+                loss.sum().backward(inputs=[self.params[k] for k in keys], retain_graph=i < len(plan.objectives) - 1)
+        for name in plan.objectives:
+            self.optimizers[name][1].step()
+        return {k: v.detach() for k, v in out.items()}
+
+    def unstack(self) -> None:
+        """Write each replica's slice back into its own Model (weights and optimiser state)."""
+        with torch.no_grad():
+            for r, model in enumerate(self.models):
+                named = dict(model.networks.named_parameters(prefix="networks")) | dict(model.priors.named_parameters(prefix="priors"))
+                for key, value in {**self.params, **self.frozen}.items():
+                    named[key].copy_(value[r])
+                buffers = dict(model.networks.named_buffers(prefix="networks")) | dict(model.priors.named_buffers(prefix="priors"))
+                for key, value in self.buffers.items():
+                    buffers[key].copy_(value[r])
+                for name, (keys, optimizer) in self.optimizers.items():
+                    self._slice_optimizer(optimizer, model.objectives[name].optimizer, r)
+
+    @staticmethod
+    def _slice_optimizer(stacked, own, r: int) -> None:
+        state = stacked.state_dict()
+        sliced = {i: {k: (v[r].clone() if torch.is_tensor(v) and v.dim() > 0 else v) for k, v in s.items()}
+                  for i, s in state["state"].items()}
+        own.load_state_dict({"state": sliced, "param_groups": own.state_dict()["param_groups"]})
+
+
+def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True) -> list[dict]:
+    """Train replicas of one spec (different seeds) at once; each folder ends as a sequential run's."""
+    from .train import RESOLVED, _atomic_write_text, save_checkpoint
+    import yaml
+
+    device = choose_device(specs[0].train["device"])
+    stacked = StackedRuns(specs, device)
+    for spec, folder in zip(specs, folders):
+        folder.mkdir(parents=True, exist_ok=True)
+        write_layer_tables(spec, folder)
+        _atomic_write_text(folder / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
+    histories = [[] for _ in specs]
+    train = specs[0].train
+    for epoch in range(1, train["epochs"] + 1):
+        began = time.perf_counter()
+        means = _one_epoch(stacked, epoch)
+        stacked.unstack()
+        seconds = round((time.perf_counter() - began) / len(specs), 4)  # per run, as a sequential study counts it
+        for r, (spec, model, splits, folder) in enumerate(zip(specs, stacked.models, stacked.splits, folders)):
+            record = {"epoch": epoch, "time_s": seconds, "train": means[r], "test": evaluate_losses(spec, model, splits.test)}
+            histories[r].append(record)
+            with open(folder / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if epoch % train["checkpoint_every"] == 0 or epoch == train["epochs"]:
+                save_checkpoint(model, folder, epoch)
+        if progress:
+            line = "; ".join(f"seed {s.train['seed']}: " + ", ".join(f"{k} {v:.4g}" for k, v in h[-1]["test"].items())
+                             for s, h in zip(specs, histories))
+            print(f"{specs[0].name} (stacked x{len(specs)}) epoch {epoch}/{train['epochs']}: {line}", file=sys.stderr, flush=True)
+    results = []
+    for spec, model, splits, folder, history in zip(specs, stacked.models, stacked.splits, folders, histories):
+        metrics = final_evaluation(spec, model, splits, folder, history)
+        write_report(spec, folder, metrics, history)
+        results.append(metrics)
+    return results
+
+
+def _one_epoch(stacked: StackedRuns, epoch: int) -> list[dict]:
+    specs, train = stacked.specs, stacked.specs[0].train
+    for model in stacked.models:
+        model.train(True)
+    active = [(i, phase.repeat) for i, phase in enumerate(specs[0].phases) if phase.active(epoch)]
+    cursor = [i for i, repeat in active for _ in range(repeat)]
+    if not cursor:
+        return [{} for _ in specs]
+    # each replica shuffles its own split exactly as a sequential run of its seed does
+    orders = [torch.randperm(len(s.train), generator=torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch))
+              .to(stacked.device) for s, spec in zip(stacked.splits, specs)]
+    n, size = len(stacked.splits[0].train), train["batch_size"]
+    sums, count = {}, {}
+    for step, start in enumerate(range(0, n, size)):
+        if train.get("max_steps") and step >= train["max_steps"]:
+            break
+        idx = [order[start:start + size] for order in orders]
+        if len(idx[0]) < 2 and n > 1:
+            break
+        xs = torch.stack([s.train.x[i] for s, i in zip(stacked.splits, idx)])
+        ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[i] for s, i in zip(stacked.splits, idx)])
+        out = stacked.step(cursor[step % len(cursor)], xs, ys)
+        for name, value in out.items():
+            sums[name] = sums.get(name, 0) + value
+            count[name] = count.get(name, 0) + 1
+    table = {name: (total / count[name]).tolist() for name, total in sums.items()}  # one read-back per epoch
+    bad = [(name, v) for name, values in table.items() for v in values if not math.isfinite(v)]
+    if bad:
+        from .errors import RunError
+
+        raise RunError(f"loss {bad[0][0]!r} became {bad[0][1]} in epoch {epoch} of a stacked run; the runs stopped")
+    return [{name: values[r] for name, values in table.items()} for r in range(len(specs))]
