@@ -1,0 +1,120 @@
+#!/usr/bin/env python
+"""Wall time of the encoderless MNIST study (24 configurations) trained one run after another
+against genspec's faster ways: K runs at once in worker processes (`genspec run STUDY
+--parallel K`) and each configuration's seeds as one stacked model (`--stack`, torch.func).
+Measures and prints; asserts nothing.
+
+    .venv/bin/python benchmarks/study.py --quick          # the 12 FC configurations x 2 seeds, 1 epoch of 40 steps
+    .venv/bin/python benchmarks/study.py --epochs 5 --parallel 8 --repeats 5
+
+Each result is one JSON line on stdout, also appended to reports/benchmarks/study.jsonl, with
+the machine, torch version, device and settings; `ratio` is the sequential wall time divided by
+that way's (above 1: faster than one run after another). Every way trains the same runs with the
+same seeds into its own folder, and the script reports how far their test losses are apart
+(parallel: float rounding only; stacked: the noise draws differ too).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDY = ROOT / "specs" / "encoderless" / "mnist_study.yaml"
+
+
+def arguments() -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="1 epoch of at most 40 steps per run, a 2,000-image test split")
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (default: the whole split)")
+    p.add_argument("--repeats", type=int, default=2, help="seeds per configuration (the thesis: 5; stacking needs 2 or more)")
+    p.add_argument("--parallel", type=int, default=None, help="runs at once (default: CPU cores, 4 on a GPU)")
+    p.add_argument("--ways", default="parallel,stack", help="ways to compare with sequential: parallel, stack")
+    p.add_argument("--only", action="append", default=[], help="a --only filter for the study, e.g. layers=fc")
+    p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "study")
+    return p.parse_args()
+
+
+def machine() -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    return {"machine": f"{platform.system()} {platform.machine()}, {os.cpu_count()} CPUs", "torch": torch.__version__,
+            "device": torch.cuda.get_device_name(0) if cuda else "cpu", "python": platform.python_version()}
+
+
+def train(out: Path, sets: list[str], only: list[str], way: list[str]) -> float:
+    """Seconds for `genspec run STUDY [way flags]` into a fresh folder."""
+    shutil.rmtree(out, ignore_errors=True)
+    command = [sys.executable, "-m", "genspec", "run", str(STUDY), "--out", str(out), "--no-progress", *way,
+               *[a for s in sets for a in ("--set", s)], *[a for o in only for a in ("--only", o)]]
+    began = time.perf_counter()
+    result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    seconds = time.perf_counter() - began
+    if result.returncode != 0:
+        sys.exit(f"benchmark: the study failed ({' '.join(command)}):\n{result.stderr[-3000:]}")
+    return seconds
+
+
+def test_losses(out: Path) -> dict:
+    return {str(p.parent.relative_to(out)): json.loads(p.read_text())["test"] for p in sorted(out.rglob("metrics.json"))}
+
+
+def largest_difference(a: dict, b: dict) -> float:
+    worst = 0.0
+    for run, losses in a.items():
+        for name, value in losses.items():
+            worst = max(worst, abs(value - b[run][name]) / max(1e-12, abs(value)))
+    return worst
+
+
+def main() -> None:
+    args = arguments()
+    import torch
+
+    epochs = 1 if args.quick else args.epochs
+    max_steps = 40 if args.quick and args.max_steps is None else args.max_steps
+    parallel = args.parallel or (4 if torch.cuda.is_available() else (os.cpu_count() or 2))
+    # training is what is timed: no FID at the end (it needs a classifier run) and grids of 16
+    sets = [f"train.epochs={epochs}", f"repeats={args.repeats}", "evaluate.grid_size=4", "evaluate.fid=null",
+            "evaluate.reference=null", "evaluate.extractor=null"]
+    if max_steps:
+        sets.append(f"train.max_steps={max_steps}")
+    only = list(args.only)
+    if args.quick:
+        sets += ["data.split.test=2000", "data.split.val=0"]
+        only = only or ["layers=fc"]  # the 12 fully connected configurations
+    if not os.environ.get("GENSPEC_DATA") and (ROOT.parent / "shared" / "data").is_dir():
+        os.environ["GENSPEC_DATA"] = str(ROOT.parent / "shared" / "data")
+    ways = {"parallel": ["--parallel", str(parallel)], "stack": ["--stack"]}
+    chosen = [w for w in args.ways.split(",") if w]
+    print(f"benchmark: encoderless MNIST study, {epochs} epoch(s): sequential, then {', '.join(chosen)}", file=sys.stderr)
+    sequential = train(args.out / "sequential", sets, only, [])
+    print(f"benchmark: sequential {sequential:.1f} s", file=sys.stderr)
+    base = test_losses(args.out / "sequential")
+    (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
+    for way in chosen:
+        seconds = train(args.out / way, sets, only, ways[way])
+        print(f"benchmark: {way} {seconds:.1f} s", file=sys.stderr)
+        other = test_losses(args.out / way)
+        result = {"benchmark": "study", "way": way, "spec": "specs/encoderless/mnist_study.yaml", **machine(),
+                  "runs": len(base), "only": only, "epochs": epochs, "max_steps": max_steps, "repeats": args.repeats,
+                  "parallel": parallel if way == "parallel" else 1, "sequential_s": round(sequential, 2),
+                  "way_s": round(seconds, 2), "ratio": round(sequential / seconds, 3), "same_runs": sorted(base) == sorted(other),
+                  "max_rel_test_loss_difference": largest_difference(base, other) if sorted(base) == sorted(other) else None}
+        line = json.dumps(result)
+        print(line, flush=True)
+        with open(ROOT / "reports" / "benchmarks" / "study.jsonl", "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    main()
