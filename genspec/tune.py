@@ -172,15 +172,22 @@ def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume
             pending = client.get_next_trials(max_trials=1)
         index, parameters = pending.popitem()
         row = _run_trial(spec_path, settings, index, parameters, out, run, progress)
-        if row["status"] == "completed":
-            client.complete_trial(index, raw_data={"objective": row["value"]})
-        else:
-            client.mark_trial_failed(index)
-        table = [r for r in table if r["trial"] != index] + [row]
-        done.add(index)
-        client.save_to_json_file(str(client_file))  # after every trial: --resume picks up from here
-        _write_table(out, table, settings)
+        table = _record(client, client_file, out, settings, table, done, index, row)
     return _finish(client, settings, table, out)
+
+
+def _record(client, client_file: Path, out: Path, settings, table: list, done: set, index: int, row: dict) -> list:
+    """Tell Ax how a trial ended and save the client and trials.csv at once (--resume starts
+    from here). Returns the updated table."""
+    if row["status"] == "completed":
+        client.complete_trial(index, raw_data={"objective": row["value"]})
+    else:
+        client.mark_trial_failed(index)
+    done.add(index)
+    client.save_to_json_file(str(client_file))
+    table = [r for r in table if r["trial"] != index] + [row]
+    _write_table(out, table, settings)
+    return table
 
 
 def parallel_count(value) -> int:
@@ -239,14 +246,7 @@ def _tune_parallel(spec_path, settings: TuneSettings, device: str, client, out: 
                 except BrokenProcessPool:
                     raise RunError(f"the worker process running trial {index} stopped unexpectedly; finished trials "
                                    "are saved, and --resume runs the others again") from None
-                if row["status"] == "completed":
-                    client.complete_trial(index, raw_data={"objective": row["value"]})
-                else:
-                    client.mark_trial_failed(index)
-                table = [r for r in table if r["trial"] != index] + [row]
-                done.add(index)
-                client.save_to_json_file(str(client_file))  # after every trial: --resume picks up from here
-                _write_table(out, table, settings)
+                table = _record(client, client_file, out, settings, table, done, index, row)
     except BaseException:
         _stop_workers(executor)  # an interrupt or a failure: the trials still running are dropped
         raise
