@@ -59,15 +59,16 @@ def assign_labels(features: torch.Tensor, stats: ClassStatistics) -> torch.Tenso
     return mahalanobis(features, stats).argmin(dim=1)
 
 
-def rebalanced_weights(weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-    """Shift label-sampling weights towards the minority: each class's weight is multiplied by
-    its target share (uniform) over its observed share of the labelled images (add-one smoothed,
-    so an empty class gets a large but finite boost), then renormalised. Balanced counts leave the
-    weights as they are."""
-    counts = counts.to(weights.dtype)
-    share = (counts + 1) / (counts.sum() + len(counts))
-    new = weights * (1.0 / len(counts)) / share
-    return new / new.sum()
+def rebalanced_weights(counts: torch.Tensor, mix: float = 0.5) -> torch.Tensor:
+    """Label-sampling weights that favour the minority: inversely proportional to each class's
+    share of the labelled images (add-one smoothed), mixed with the uniform distribution. Set
+    afresh from each labelling rather than compounded across them, so a class the generator
+    has abandoned keeps at least (1 - mix) / K of the draws and can come back. Balanced counts
+    give uniform weights."""
+    counts = counts.double()
+    inverse = 1.0 / (counts + 1)
+    uniform = torch.full_like(inverse, 1.0 / len(counts))
+    return (1 - mix) * uniform + mix * inverse / inverse.sum()
 
 
 def pixel_features(images: torch.Tensor) -> torch.Tensor:
@@ -119,6 +120,5 @@ class Balancer:
         images = generate(self.options["samples"])
         labels = assign_labels(self.features(images), self.stats)
         counts = torch.bincount(labels, minlength=self.classes)
-        new = rebalanced_weights(self.prior.weights.double(), counts.to(self.prior.weights.device))
-        self.prior.weights.copy_(new.to(self.prior.weights.dtype))
+        self.prior.weights.copy_(rebalanced_weights(counts).to(self.prior.weights))
         return {"counts": counts.tolist(), "weights": [round(w, 5) for w in self.prior.weights.tolist()]}

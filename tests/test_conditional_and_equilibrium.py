@@ -270,16 +270,14 @@ def test_mahalanobis_distance_matches_the_textbook_formula():
         assert torch.allclose(mahalanobis(f, stats)[:, k], expected)
 
 
-def test_rebalancing_shifts_weight_to_the_minority():
-    uniform = torch.full((3,), 1 / 3, dtype=torch.float64)
-    new = rebalanced_weights(uniform, torch.tensor([80, 15, 5]))
+def test_rebalancing_shifts_weight_to_the_minority_without_abandoning_a_class():
+    new = rebalanced_weights(torch.tensor([80, 15, 5]))
     assert new[2] > new[1] > new[0] and float(new.sum()) == pytest.approx(1.0)
-    assert torch.allclose(rebalanced_weights(uniform, torch.tensor([30, 30, 30])), uniform)
-    # a generator that ignores its label except for class 2, which it never draws right: weights flow to 2
-    weights = uniform
-    for _ in range(3):
-        weights = rebalanced_weights(weights, torch.tensor([50, 50, 0]))
-    assert weights[2] > 0.9
+    assert torch.allclose(rebalanced_weights(torch.tensor([30, 30, 30])), torch.full((3,), 1 / 3, dtype=torch.float64))
+    # a collapsed generator (every image labelled 0): class 0 is drawn least, but never less than half of uniform
+    collapsed = rebalanced_weights(torch.tensor([100, 0, 0, 0]))
+    assert collapsed[0] == collapsed.min() and float(collapsed.min()) >= 0.5 / 4
+    assert torch.allclose(collapsed[1:], collapsed[1:2].expand(3))
 
 
 def test_balancer_reweights_the_generators_labels_during_a_run(tmp_path, mnist_root):
