@@ -18,7 +18,7 @@ from torch.nn import functional as F
 
 from . import expr as E
 from .graph import plan, step_extras
-from .layers import Gaussian, build_network
+from .layers import REFERENCE_BATCH, Gaussian, build_network
 from .ops import TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
 from .priors import build_prior
 from .spec import Spec
@@ -203,11 +203,9 @@ class Model:
         return PhasePlan(objective_names, nodes, [n.split(":", 1)[1] for n in order if n.startswith("loss:")], updates)
 
     def set_references(self, train=None) -> None:
-        """Fix the reference batch of every network with virtual batch norm: draws of its input's
-        latent, or (given the training split) real images and their one-hot labels. Called at
-        construction and once more when training starts; checkpoints keep the batch."""
-        from .layers import REFERENCE_BATCH
-
+        """Fix the reference batch of every network with virtual batch norm: at construction, draws
+        of the latents that feed it; given the training split (when training starts), real images
+        and their one-hot labels for inputs x and y. Checkpoints keep the batch."""
         for name, net in self.spec.networks.items():
             module = self.networks[name]
             if not module.has_reference:
@@ -222,9 +220,7 @@ class Model:
                     module.set_reference(slot, value)
 
     def _reference_draw(self, source, shape, rows, train):
-        from .layers import REFERENCE_BATCH
-
-        if source in self.priors:
+        if train is None and source in self.priors:
             return self.priors[source].sample(REFERENCE_BATCH, self.device)
         if rows is not None and source == "x":
             return train.x[rows]

@@ -21,19 +21,36 @@ from pathlib import Path
 
 import torch
 from torch import nn
+import yaml
 from torch.func import functional_call, stack_module_state, vmap
 
+from . import expr as E
 from .compile import Env, Model, choose_device, make_optimizer
 from .data import Splits, load_data
 from .evaluate import evaluate_losses, final_evaluation
 from .report import write_layer_tables, write_report
+from .errors import RunError
 from .spec import Spec
+from .train import RESOLVED, _atomic_write_text, save_checkpoint
+
+
+def _calls(node):
+    """Names of every op or network an expression calls."""
+    if isinstance(node, E.Call):
+        yield node.func
+        for arg in node.args:
+            yield from _calls(arg)
+    elif isinstance(node, E.BinOp):
+        yield from _calls(node.left)
+        yield from _calls(node.right)
+    elif isinstance(node, E.Neg):
+        yield from _calls(node.operand)
 
 
 def cannot_stack(spec: Spec) -> str | None:
     """Why this spec's replicas cannot train as one stacked model, or None."""
-    text = json.dumps(spec.raw.get("losses", {})) + json.dumps(spec.raw.get("graph", {}))
-    if "gp(" in text:
+    expressions = [*spec.graph.values(), *spec.losses.values(), *(o.minimize for o in spec.objectives.values())]
+    if any(func == "gp" for node in expressions for func in _calls(node)):
         return "the gradient penalty differentiates inside the step"
     if spec.states or spec.train.get("trace") or spec.train.get("balance"):
         return "states, traces and balancing run outside the step"
@@ -139,9 +156,6 @@ class StackedRuns:
 
 def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True) -> list[dict]:
     """Train replicas of one spec (different seeds) at once; each folder ends as a sequential run's."""
-    from .train import RESOLVED, _atomic_write_text, save_checkpoint
-    import yaml
-
     device = choose_device(specs[0].train["device"])
     stacked = StackedRuns(specs, device)
     for spec, folder in zip(specs, folders):
@@ -202,7 +216,5 @@ def _one_epoch(stacked: StackedRuns, epoch: int) -> list[dict]:
     table = {name: (total / count[name]).tolist() for name, total in sums.items()}  # one read-back per epoch
     bad = [(name, v) for name, values in table.items() for v in values if not math.isfinite(v)]
     if bad:
-        from .errors import RunError
-
         raise RunError(f"loss {bad[0][0]!r} became {bad[0][1]} in epoch {epoch} of a stacked run; the runs stopped")
     return [{name: values[r] for name, values in table.items()} for r in range(len(specs))]

@@ -12,6 +12,7 @@ import copy
 import csv
 import json
 import math
+import shutil
 import statistics
 import sys
 from dataclasses import dataclass
@@ -107,8 +108,6 @@ def _train_stacked_groups(todo: list, progress: bool) -> list:
         print(f"study: {run_id}: {len(fresh)} seeds as one stacked model", file=sys.stderr, flush=True)
         for _, item, _options in fresh:
             if item.folder.exists():
-                import shutil
-
                 shutil.rmtree(item.folder)  # new or started-but-empty folders only (finished runs were skipped)
         train_stacked([item.spec for _, item, _ in fresh], [item.folder for _, item, _ in fresh], progress)
     return left

@@ -157,6 +157,7 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
     for epoch in range(start, epochs + 1):
         began = time.perf_counter()
         train_means = _one_epoch(spec, model, splits, epoch, bar, trace, (epoch - 1) * steps_per_epoch, world)
+        balance = None
         if balancer is not None and balancer.due(epoch):
             balance = balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n))
             if world.distributed:
@@ -169,7 +170,7 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         summary = trace.flush(out, epoch)
         if summary:
             record["trace"] = summary
-        if balancer is not None and balancer.due(epoch):
+        if balance is not None:
             record["balance"] = balance
         bad = [name for name, value in record["test"].items() if not math.isfinite(value)]
         dist.agree(RunError(f"test loss {bad[0]!r} is {record['test'][bad[0]]} after epoch {epoch}; the run stopped "
@@ -246,16 +247,16 @@ class FiniteWatch:
         dist.agree(self._problem(epoch), world)  # every rank stops together, or none does
 
     def _problem(self, epoch: int) -> RunError | None:
-        for names, (first, values) in self.first.items():
-            step = int(first)
-            if step < 0:
-                continue
-            values = values.tolist()
-            bad = next(i for i, v in enumerate(values) if not math.isfinite(v))
-            kept = "the last checkpoint is kept" if epoch > 1 else "no checkpoint was written yet"
-            return RunError(f"loss {names[bad]!r} became {values[bad]} at epoch {epoch}, step {step + 1}; "
-                            f"the run stopped ({kept}). Try a smaller learning rate.")
-        return None
+        found = [(int(first), names, values) for names, (first, values) in self.first.items()]
+        found = [f for f in found if f[0] >= 0]
+        if not found:
+            return None
+        step, names, values = min(found, key=lambda f: f[0])  # the earliest, whichever phase it was in
+        values = values.tolist()
+        bad = next(i for i, v in enumerate(values) if not math.isfinite(v))
+        kept = "the last checkpoint is kept" if epoch > 1 else "no checkpoint was written yet"
+        return RunError(f"loss {names[bad]!r} became {values[bad]} at epoch {epoch}, step {step + 1}; "
+                        f"the run stopped ({kept}). Try a smaller learning rate.")
 
 
 def save_checkpoint(model: Model, out: Path, epoch: int) -> None:

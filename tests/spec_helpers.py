@@ -122,3 +122,23 @@ def tiny_gan_doc(name: str, lr: float, phases: list, epochs: int = 1, **train) -
                        "gen": {"minimize": "g_adv", "optimizer": "adam(lr)"}},
         "train": {"epochs": epochs, "batch_size": 16, "seed": 0, "device": "cpu", "phases": phases, **train},
     }
+
+
+# A classifier on the 8x8 digits with a feature tap: a feature extractor, or a run with no random draws.
+TINY_DIGITS_CLASSIFIER = """\
+genspec: 1
+name: digits_classifier
+data: {dataset: digits, labels: true, split: {train: 256, test: 64}}
+networks:
+  classifier:
+    input: x
+    layers: [flatten, "fc 32, relu  as features", "fc 10, log_softmax"]
+graph:
+  logp: classifier(x)
+losses:
+  nll: nll(logp, y)
+objectives:
+  classifier: {minimize: nll, optimizer: adam(1e-2)}
+train: {epochs: 2, batch_size: 64, device: cpu}
+evaluate: {losses: [nll], grids: {}, accuracy: logp}
+"""

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import genspec
-from genspec.compile import Model, fast_path
+from genspec.compile import FastPath, Model, fast_path
 from genspec.trace import StepTrace
 from genspec.train import FiniteWatch
 from spec_helpers import REPO, cli_in_process
@@ -21,11 +21,10 @@ DCGAN_TINY = ["data.dataset=digits", "data.range=[0, 1]", "data.split={train: 64
 
 def test_auto_switches_are_on_for_cuda_and_off_for_cpu():
     train = {"precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False}
-    assert fast_path(train, torch.device("cuda")) == fast_path(train, torch.device("cuda")).__class__(True, True, True, False)
-    cpu = fast_path(train, torch.device("cpu"))
-    assert (cpu.bf16, cpu.channels_last, cpu.fused, cpu.compile) == (False, False, False, False)
-    forced = fast_path({"precision": "bf16", "channels_last": True, "fused": True, "compile": True}, torch.device("cpu"))
-    assert (forced.bf16, forced.channels_last, forced.fused, forced.compile) == (True, True, True, True)
+    assert fast_path(train, torch.device("cuda")) == FastPath(bf16=True, channels_last=True, fused=True, compile=False)
+    assert fast_path(train, torch.device("cpu")) == FastPath(False, False, False, False)
+    forced = {"precision": "bf16", "channels_last": True, "fused": True, "compile": True}
+    assert fast_path(forced, torch.device("cpu")) == FastPath(True, True, True, True)
     assert fast_path({"precision": "fp32", "channels_last": False, "fused": False}, torch.device("cuda")).bf16 is False
 
 
@@ -107,3 +106,14 @@ def test_finite_watch_names_the_first_bad_step_when_read_later():
         watch.record(step, {"ok": torch.tensor(0.5), "loss": torch.tensor(value)})
     with pytest.raises(RunError, match=r"loss 'loss' became nan at epoch 3, step 3; the run stopped \(the last checkpoint is kept\)"):
         watch.check(3)
+
+
+def test_finite_watch_reports_the_earliest_step_across_phases():
+    from genspec.errors import RunError
+
+    watch = FiniteWatch()  # a GAN: the generator's phase goes bad first, the critic's later
+    watch.record(0, {"d_loss": torch.tensor(1.0)})
+    watch.record(1, {"g_loss": torch.tensor(float("inf"))})
+    watch.record(2, {"d_loss": torch.tensor(float("nan"))})
+    with pytest.raises(RunError, match=r"loss 'g_loss' became inf at epoch 1, step 2;"):
+        watch.check(1)

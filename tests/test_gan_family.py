@@ -10,6 +10,7 @@ from genspec.ops import gradient_penalty
 from genspec.rows import parse_row
 from genspec.shapes import infer_network
 from genspec.spec import Network
+from spec_helpers import TINY_DIGITS_CLASSIFIER
 
 
 def test_gradient_penalty_matches_a_hand_computation():
@@ -98,26 +99,12 @@ def test_dcgan_variants_differ_only_in_their_schedule_or_learning_rates():
             assert ("phases",) in {tuple(c["path"][:1]) for c in result["changes"]}
 
 
-CLASSIFIER = """
-genspec: 1
-name: tiny_digits_classifier
-data: {dataset: digits, labels: true, split: {train: 400, test: 100}}
-networks:
-  clf:
-    input: x
-    layers: [flatten, "fc 32, relu  as features", "fc 10, log_softmax"]
-graph: {logp: clf(x)}
-losses: {nll: "nll(logp, y)"}
-objectives: {clf: {minimize: nll, optimizer: adam(1e-2)}}
-train: {epochs: 2, batch_size: 50}
-evaluate: {grids: {}, accuracy: logp}
-"""
 
 
 def test_is_splits_table_from_a_finished_run(tmp_path, capsys):
     from genspec.cli import main
 
-    (tmp_path / "clf.yaml").write_text(CLASSIFIER)
+    (tmp_path / "clf.yaml").write_text(TINY_DIGITS_CLASSIFIER)
     assert main(["run", str(tmp_path / "clf.yaml"), "--out", str(tmp_path / "clf"), "--no-progress"]) == 0
     assert main(["run", "specs/quickstart.yaml", "--out", str(tmp_path / "vae"), "--no-progress",
                  "--set", "train.epochs=1", "--set", "evaluate.is.samples=60", "--set", "evaluate.is.splits=2",

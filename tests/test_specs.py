@@ -28,7 +28,7 @@ from genspec.pipeline import load_runs
 from genspec.priors import build_prior
 from genspec.resolve import resolve
 from genspec.sweep import factors, is_sweep
-from spec_helpers import cli_in_process as run_cli
+from spec_helpers import TINY_DIGITS_CLASSIFIER, cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = sorted((ROOT / "specs").rglob("*.yaml"))
@@ -187,30 +187,13 @@ def tiny_overrides(spec, tmp_path: Path, depth: int = 0, classifier: Path | None
     return sets
 
 
-DIGITS_CLASSIFIER = """\
-genspec: 1
-name: digits_classifier
-data: {dataset: digits, labels: true, split: {train: 256, test: 64}}
-networks:
-  classifier:
-    input: x
-    layers: [flatten, "fc 32, relu  as features", "fc 10, log_softmax"]
-graph:
-  logp: classifier(x)
-losses:
-  nll: nll(logp, y)
-objectives:
-  classifier: {minimize: nll, optimizer: adam(1e-2)}
-train: {epochs: 2, batch_size: 64, device: cpu}
-evaluate: {losses: [nll], grids: {}, accuracy: logp}
-"""
 
 
 @pytest.fixture(scope="module")
 def digits_classifier(tmp_path_factory) -> Path:
     """A finished tiny classifier run on the 8x8 digits: a feature extractor that needs no download."""
     root = tmp_path_factory.mktemp("digits-classifier")
-    (root / "spec.yaml").write_text(DIGITS_CLASSIFIER)
+    (root / "spec.yaml").write_text(TINY_DIGITS_CLASSIFIER)
     rc, _, err = run_cli("run", root / "spec.yaml", "--out", root / "run", "--no-progress")
     assert rc == 0, err
     return root / "run"

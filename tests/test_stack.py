@@ -12,31 +12,15 @@ import torch
 import genspec
 from genspec.stack import cannot_stack, train_stacked
 from genspec.train import run
-from spec_helpers import REPO
-
-# No random draws inside a step (a classifier): stacked and separate runs must agree to float rounding.
-CLASSIFIER = """
-genspec: 1
-name: tiny_clf
-data: {dataset: digits, labels: true, split: {train: 200, test: 100}}
-networks:
-  clf:
-    input: x
-    layers: [flatten, "fc 32, relu", "fc 10, log_softmax"]
-graph: {logp: clf(x)}
-losses: {nll: "nll(logp, y)"}
-objectives: {clf: {minimize: nll, optimizer: "adam(1e-2, betas=[0.9, 0.99])"}}
-train: {epochs: 2, batch_size: 32, device: cpu}
-evaluate: {grids: {}, accuracy: logp}
-"""
-
+from spec_helpers import REPO, TINY_DIGITS_CLASSIFIER
 
 def replicas(path: Path, seeds, extra=()) -> list:
     return [genspec.load(path, [f"train.seed={s}", *extra]) for s in seeds]
 
 
 def test_stacked_replicas_match_separate_runs(tmp_path):
-    (tmp_path / "clf.yaml").write_text(CLASSIFIER)
+    """A classifier draws nothing at random in a step: stacked and separate runs agree to float rounding."""
+    (tmp_path / "clf.yaml").write_text(TINY_DIGITS_CLASSIFIER)
     specs = replicas(tmp_path / "clf.yaml", (0, 1, 2))
     assert cannot_stack(specs[0]) is None
     stacked = train_stacked(specs, [tmp_path / "stacked" / f"seed{s}" for s in (0, 1, 2)], progress=False)
@@ -50,8 +34,8 @@ def test_stacked_replicas_match_separate_runs(tmp_path):
         for key, value in b["networks"].items():
             assert torch.allclose(a["networks"][key], value, atol=1e-4), key
         # each replica's own Adam state, so `--resume` of a stacked run continues like a separate one
-        moments = [s["exp_avg"] for s in a["optimizers"]["clf"]["state"].values()]
-        expected = [s["exp_avg"] for s in b["optimizers"]["clf"]["state"].values()]
+        moments = [s["exp_avg"] for s in a["optimizers"]["classifier"]["state"].values()]
+        expected = [s["exp_avg"] for s in b["optimizers"]["classifier"]["state"].values()]
         assert all(torch.allclose(m, e, atol=1e-4) for m, e in zip(moments, expected))
         records = [json.loads(line) for line in (tmp_path / "stacked" / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
         assert [r["epoch"] for r in records] == [1, 2]
