@@ -109,7 +109,7 @@ class Balancer:
         self.classes = self.prior.shape[0]
         self.features = (pixel_features if options["features"] == "pixels"
                          else classifier_features(options["features"]["classifier"]))
-        real = self.features(train_split.x)
+        real = self.features(train_split.images())
         self.stats = class_statistics(real, train_split.y, self.classes, options["shrinkage"])
 
     def due(self, epoch: int) -> bool:

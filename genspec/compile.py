@@ -212,7 +212,7 @@ class Model:
                 continue
             rows = None
             if train is not None:
-                rows = torch.randperm(len(train), device="cpu")[:REFERENCE_BATCH].to(train.x.device)
+                rows = torch.randperm(len(train), device="cpu")[:REFERENCE_BATCH]
             sources = [("input", net.input_source, net.input)] + [(c, src, shape) for c, (shape, src) in net.conditions.items()]
             for slot, (what, source, shape) in enumerate(sources):
                 value = self._reference_draw(source, shape, rows, train)
@@ -223,9 +223,9 @@ class Model:
         if train is None and source in self.priors:
             return self.priors[source].sample(REFERENCE_BATCH, self.device)
         if rows is not None and source == "x":
-            return train.x[rows]
+            return train.images(rows)
         if rows is not None and source == "y" and train.y is not None:
-            return F.one_hot(train.y[rows], shape[0]).float()
+            return F.one_hot(train.y[rows.to(train.y.device)], shape[0]).float()
         return None  # keep the construction-time draw
 
     def compute(self, env: Env, nodes: list[tuple[str, object]]) -> Env:

@@ -1,36 +1,119 @@
-"""Datasets as tensors: digits (scikit-learn), MNIST / Fashion-MNIST (torchvision), image folders.
+"""Datasets: digits (scikit-learn), MNIST / Fashion-MNIST / SVHN (torchvision), CelebA, image folders.
 
-Everything here is small enough to hold in memory, so batches are drawn by indexing one
-tensor (on the run's device), with no DataLoader worker overhead. Nothing is downloaded
-unless the spec says `data.download: true`; a missing dataset is a RunError that says
-where the files go.
+Two ways to feed a run (`train.loader`):
+
+- memory: the split is one tensor on the run's device and a batch is an index into it, with
+  no DataLoader worker overhead. MNIST, SVHN and digits always go this way; image folders
+  and CelebA do when their decoded splits fit in MEMORY_LIMIT_BYTES (auto).
+- stream: the split is a list of image files. A DataLoader's worker processes decode each
+  batch (centre crop and resize in PIL, kept as uint8: a quarter of float32's bytes to pin
+  and copy) into pinned memory, the copy to the device does not block, and the scaling to
+  the spec's range happens there. CelebA at 64x64 is 10 GB as float32: streamed by default.
+
+Both give the same batches, bit for bit: the shuffles are drawn the same way, and the float
+conversion is the same arithmetic on the same uint8 pixels. Nothing is downloaded unless the
+spec says `data.download: true`; a missing dataset is a RunError that says where the files go.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from torch.nn import functional as F
 
+from .distributed import SINGLE, shard
 from .errors import RunError
+from .registry import FILE_DATASETS
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+MEMORY_LIMIT_BYTES = 2 * 1024**3  # train.loader auto: image files decoded beyond this are streamed instead
+
+
+@dataclass(frozen=True)
+class ImageFiles:
+    """Image files of a split, decoded when a batch asks for them (train.loader: stream).
+
+    `data` is the spec's data section (pad and range are applied after decoding); `workers`
+    is the DataLoader's process count (0: decode in the training process)."""
+
+    files: tuple
+    size: int
+    mode: str  # PIL mode: "RGB" or "L"
+    data: dict
+    workers: int = 0
+    device: torch.device = torch.device("cpu")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index) -> "ImageFiles":
+        """The files at `index` (a tensor or list of positions), in that order."""
+        return replace(self, files=tuple(self.files[int(i)] for i in index))
+
+    def to(self, device) -> "ImageFiles":
+        return replace(self, device=torch.device(device))
+
+    def decode(self, positions) -> torch.Tensor:
+        """Images at `positions`, (N, C, H, W) on the device in the spec's range; threads decode them."""
+        return self.finish(_decode_files([self.files[int(i)] for i in positions], self.size, self.mode))
+
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 pixels (N, C, H, W) -> float on the device, padded, in the spec's range."""
+        pixels = pixels.to(self.device, non_blocking=True)
+        return _transform(pixels.float() / 255.0, self.data)
+
+    def batches(self, index_batches: list, y: torch.Tensor | None):
+        """Decode `index_batches` (lists of positions) in worker processes, one pinned uint8 batch at a time."""
+        from torch.utils.data import DataLoader
+
+        workers = self.workers if len(index_batches) > 1 else 0  # one batch: not worth starting processes
+        # A generator of its own: the DataLoader draws its workers' base seed from it, which from
+        # torch's global one would shift the run's noise draws (decoding needs no randomness).
+        loader = DataLoader(_DecodedFiles(self), batch_sampler=index_batches, num_workers=workers,
+                            pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
+                            generator=torch.Generator().manual_seed(0))
+        for idx, pixels in zip(index_batches, loader):
+            yield self.finish(pixels), None if y is None else y[torch.as_tensor(idx, device=y.device)]
+
+
+class _DecodedFiles(torch.utils.data.Dataset):
+    """What a DataLoader worker does: one file -> one uint8 (C, H, W) image."""
+
+    def __init__(self, images: ImageFiles):
+        self.files, self.size, self.mode = images.files, images.size, images.mode
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return _decode_file(self.files[i], self.size, self.mode)
 
 
 @dataclass
 class Split:
-    x: torch.Tensor  # (N, C, H, W) float in the spec's range
+    x: torch.Tensor | ImageFiles  # (N, C, H, W) float in the spec's range, or files decoded per batch
     y: torch.Tensor | None  # (N,) int64 class labels, when the dataset has them
 
     def __len__(self) -> int:
-        return self.x.shape[0]
+        return len(self.x)
+
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x, ImageFiles)
 
     def to(self, device) -> "Split":
         return Split(self.x.to(device), None if self.y is None else self.y.to(device))
+
+    def images(self, index=slice(None)) -> torch.Tensor:
+        """The images at `index` (positions, or a slice) as one tensor on the split's device."""
+        if not self.streamed:
+            return self.x[index if isinstance(index, slice) else torch.as_tensor(index).to(self.x.device)]
+        positions = range(len(self))[index] if isinstance(index, slice) else index
+        return self.x.decode(positions)
 
 
 @dataclass
@@ -45,19 +128,20 @@ def data_root(data: dict) -> Path:
     return Path(data.get("root") or os.environ.get("GENSPEC_DATA") or "./data")
 
 
-def load_data(data: dict, seed: int) -> Splits:
-    """Load, transform (resize, pad, range) and split a dataset as the spec's `data` says."""
+def load_data(data: dict, seed: int, loader: str = "auto", workers: int | str = "auto") -> Splits:
+    """Load, transform (resize, pad, range) and split a dataset as the spec's `data` says.
+
+    `loader` and `workers` are the spec's train.loader and train.workers: image files are held
+    decoded in memory or streamed (see the module docstring)."""
     dataset = data["dataset"]
+    if dataset in FILE_DATASETS:
+        return _image_file_splits(data, seed, loader, resolve_workers(workers))
     if dataset == "digits":
         pools = [_digits()]
     elif dataset in ("mnist", "fashion_mnist"):
         pools = _torchvision_mnist(dataset, data)
-    elif dataset == "svhn":
-        pools = _svhn(data)
-    elif dataset == "celeba":
-        pools = _celeba(data)
     else:
-        pools = [_image_folder(data)]
+        pools = _svhn(data)
     pool = data.get("pool", "official")
     if len(pools) == 2 and pool == "train":
         pools = pools[:1]  # every split drawn from the official training set (the thesis's 25k/10k/25k)
@@ -65,6 +149,36 @@ def load_data(data: dict, seed: int) -> Splits:
         pools = [(torch.cat([pools[0][0], pools[1][0]]), torch.cat([pools[0][1], pools[1][1]]))]
     pools = [(_transform(x, data), y) for x, y in pools]
     return _split(pools, data.get("split", {}), seed)
+
+
+def resolve_workers(workers: int | str) -> int:
+    """train.workers: auto is one decoding process per core but one, at most 8 (beyond that
+    a 64x64 run is no longer waiting for JPEGs)."""
+    if workers != "auto":
+        return int(workers)
+    return max(1, min(8, (os.cpu_count() or 1) - 1))
+
+
+def _image_file_splits(data: dict, seed: int, loader: str, workers: int) -> Splits:
+    """Split the files first (only names are touched), then decode the chosen ones into memory,
+    or keep them as files to stream when train.loader says so (auto: when they would not fit)."""
+    pools = _celeba(data) if data["dataset"] == "celeba" else [_image_folder(data)]
+    pools = [(replace(files, workers=workers), y) for files, y in pools]
+    splits = _split(pools, data.get("split", {}), seed)
+    parts = [s for s in (splits.train, splits.val, splits.test) if s is not None]
+    channels = 1 if parts[0].x.mode == "L" else 3
+    decoded_bytes = sum(len(s) for s in parts) * channels * data["image_size"] ** 2 * 4
+    if loader == "stream" or (loader == "auto" and decoded_bytes > MEMORY_LIMIT_BYTES):
+        splits.notes.append(f"streamed from image files: {decoded_bytes / 1024**3:.1f} GiB decoded as float32; "
+                            f"{workers} DataLoader worker(s) decode each batch")
+        return splits
+    if len(parts[0]) > 10_000:  # CelebA-sized folders take a while to decode: say so
+        print(f"genspec: decoding {sum(len(s) for s in parts)} images of {data['dataset']}", file=sys.stderr, flush=True)
+
+    def decoded(split: Split | None) -> Split | None:
+        return None if split is None else Split(split.images(), split.y)
+
+    return Splits(decoded(splits.train), decoded(splits.val), decoded(splits.test), splits.notes)
 
 
 def _digits():
@@ -112,36 +226,36 @@ def _svhn(data: dict):
     return out
 
 
-def _image_folder(data: dict):
+def _image_folder(data: dict) -> tuple[ImageFiles, torch.Tensor]:
     root = data_root(data)
     if not root.is_dir():
         raise RunError(f"image folder {root.resolve()} does not exist: set data.root to a folder of images")
     files = sorted(p for p in root.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
     if not files:
         raise RunError(f"no images ({', '.join(IMAGE_SUFFIXES)}) under {root.resolve()}")
-    size, mode = data["image_size"], "L" if data.get("channels", 3) == 1 else "RGB"
-    x = _load_images(files, size, mode)
+    mode = "L" if data.get("channels", 3) == 1 else "RGB"
     # Labels are sub-folder indices when images sit in class folders.
-    classes = sorted({p.parent for p in files})
-    y = torch.tensor([classes.index(p.parent) for p in files], dtype=torch.int64)
-    return x, y
+    classes = {folder: i for i, folder in enumerate(sorted({p.parent for p in files}))}
+    y = torch.tensor([classes[p.parent] for p in files], dtype=torch.int64)
+    return ImageFiles(tuple(files), data["image_size"], mode, data), y
 
 
-def _load_images(files: list, size: int, mode: str) -> torch.Tensor:
-    """Decode, centre-crop and resize images on every core (PIL releases the GIL while decoding)."""
+def _decode_files(files: list, size: int, mode: str) -> torch.Tensor:
+    """Decode, centre-crop and resize images on every core (PIL releases the GIL while decoding): uint8 (N, C, H, W)."""
     from concurrent.futures import ThreadPoolExecutor
 
+    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
+        return torch.stack(list(pool.map(lambda path: _decode_file(path, size, mode), files, chunksize=64)))
+
+
+def _decode_file(path, size: int, mode: str) -> torch.Tensor:
     from PIL import Image
 
-    def one(path):
-        with Image.open(path) as img:
-            return _centre_crop_resize(img.convert(mode), size)
-
-    with ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool:
-        return torch.stack(list(pool.map(one, files, chunksize=64)))
+    with Image.open(path) as img:
+        return _centre_crop_resize(img.convert(mode), size)
 
 
-def _celeba(data: dict):
+def _celeba(data: dict) -> list[tuple[ImageFiles, torch.Tensor]]:
     """Aligned-and-cropped CelebA with its official partition (162,770 / 19,867 / 19,962 images),
     centre-cropped and resized to data.image_size. torchvision reads the partition and checks the files."""
     import torchvision
@@ -158,14 +272,13 @@ def _celeba(data: dict):
                 "list_eval_partition.txt, list_attr_celeba.txt, identity_CelebA.txt, list_bbox_celeba.txt and "
                 f"list_landmarks_align_celeba.txt in {folder}, or point data.root / GENSPEC_DATA at the folder "
                 f"holding celeba/ ({exc})") from None
-        files = [Path(ds.root) / ds.base_folder / "img_align_celeba" / name for name in ds.filename]
-        print(f"genspec: loading {len(files)} CelebA {split} images", file=sys.stderr, flush=True)
-        x = _load_images(files, data["image_size"], "RGB")
-        pools.append((x, torch.zeros(len(x), dtype=torch.int64)))
+        files = tuple(Path(ds.root) / ds.base_folder / "img_align_celeba" / name for name in ds.filename)
+        pools.append((ImageFiles(files, data["image_size"], "RGB", data), torch.zeros(len(files), dtype=torch.int64)))
     return pools
 
 
 def _centre_crop_resize(img, size: int) -> torch.Tensor:
+    """A PIL image -> its centre square resized (bicubic), as uint8 (C, H, W)."""
     import numpy as np
     from PIL import Image
 
@@ -173,8 +286,8 @@ def _centre_crop_resize(img, size: int) -> torch.Tensor:
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
     img = img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.BICUBIC)
-    arr = torch.from_numpy(np.asarray(img, dtype=np.float32).copy()) / 255.0
-    return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1)
+    arr = torch.from_numpy(np.array(img, dtype=np.uint8))
+    return arr.unsqueeze(0) if arr.ndim == 2 else arr.permute(2, 0, 1).contiguous()
 
 
 def _transform(x: torch.Tensor, data: dict) -> torch.Tensor:
@@ -238,12 +351,25 @@ def _split_partition(pools: list, sizes: dict, g: torch.Generator, notes: list) 
     return Splits(parts[0], parts[1], parts[2], notes)
 
 
-def batches(split: Split, batch_size: int, generator: torch.Generator | None):
-    """Shuffled mini-batches by indexing; a final batch of one is dropped (batch norm needs two)."""
+def batches(split: Split, batch_size: int, generator: torch.Generator | None, world=None):
+    """Shuffled mini-batches; a final batch of one is dropped (batch norm needs two).
+
+    Under `world` (several processes) every rank draws the same global batches and takes its
+    own slice of each (the DistributedSampler's idea); a last global batch too small to give
+    every rank an example is dropped. Streamed splits decode only the rank's slice."""
+    world = world or SINGLE
     n = len(split)
-    order = torch.randperm(n, generator=generator).to(split.x.device) if generator is not None else torch.arange(n, device=split.x.device)
+    order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
+    if not split.streamed:
+        order = order.to(split.x.device)  # one copy per epoch; each batch then indexes on the device
+    index_batches = []
     for start in range(0, n, batch_size):
         idx = order[start:start + batch_size]
-        if len(idx) < 2 and n > 1:
+        if len(idx) < 2 and n > 1 or len(idx) < world.size:
             break
+        index_batches.append(shard(idx, None, world)[0])
+    if split.streamed:
+        yield from split.x.batches([idx.tolist() for idx in index_batches], split.y)
+        return
+    for idx in index_batches:
         yield split.x[idx], (None if split.y is None else split.y[idx])

@@ -165,7 +165,7 @@ def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple
     name = source[1]
     default = (side + side % 2) * side // 2 if kind == "reconstructions" else side * side
     n = min(spec.evaluate.get("reconstruction_images", default) if kind == "reconstructions" else default, len(test))
-    x = test.x[:n]
+    x = test.images(slice(n))
     y = None if test.y is None else test.y[:n]
     order = compute_order(spec.graph_nx, [f"tensor:{name}"])
     env = model.compute(Env(x, y), [(n_, model.node_fns[n_]) for n_ in order])
@@ -257,7 +257,7 @@ def accuracy(spec: Spec, model: Model, split: Split) -> float:
 def _reference_images(spec: Spec, splits: Splits) -> torch.Tensor:
     reference = spec.evaluate.get("reference", {})
     split = splits.train if reference.get("split", "test") == "train" else splits.test
-    return split.x[: reference.get("size", len(split))]
+    return split.images(slice(reference.get("size", len(split))))
 
 
 def _sample_quality(spec: Spec, model: Model, splits: Splits, progress: bool) -> dict:
@@ -285,7 +285,7 @@ def _real_metrics(spec: Spec, model: Model, splits: Splits, out: Path) -> dict:
     from .train import save_checkpoint
 
     save_checkpoint(model, out, spec.train["epochs"])  # the extractor is loaded from the finished run
-    test = splits.test.x
+    test = splits.test.images()
     real = {m: {"samples": len(test), **options} for m, options in spec.evaluate["real"].items()}
     spec_like = _SpecView(spec, {"batch_size": spec.evaluate["batch_size"], **real, "extractor": {"classifier": str(out)}})
     result = fidelity.sample_metrics(spec_like, model, lambda n: test[:n], test, model.device)

@@ -33,7 +33,9 @@ from .spec import Spec
 CHECKPOINT = "checkpoint.pt"
 RESOLVED = "spec.resolved.yaml"
 # Keys allowed to differ when resuming: more epochs, or a different checkpoint cadence.
-RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every")}
+# How batches are fed (train.loader, train.workers) does not change them, so it may change too.
+RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"),
+                     ("train", "loader"), ("train", "workers")}
 
 
 def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -48,7 +50,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     device = dist.setup(world, spec.train["device"]) if world.distributed else choose_device(spec.train["device"])
     seed = spec.train["seed"]
     torch.manual_seed(seed)
-    splits = load_data(spec.data, seed)
+    splits = load_data(spec.data, seed, spec.train["loader"], spec.train["workers"])
     splits = Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device), splits.notes)
     torch.manual_seed(seed)  # weights do not depend on how much randomness data loading used
     model = Model(spec, device, world)
@@ -198,13 +200,10 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
     max_steps = spec.train.get("max_steps")
     finite = FiniteWatch()
     log_every = spec.train["log_every"]
-    for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle)):
+    # the same global batches on every rank, each rank its own slice of each
+    for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle, world)):
         if max_steps and step >= max_steps:
             break
-        if world.distributed:
-            if len(x) < world.size:
-                break  # a last global batch too small to give every rank an example
-            x, y = dist.shard(x, y, world)  # the same global batch everywhere; each rank its slice
         losses = model.step(cursor[step % len(cursor)], x, y)
         finite.record(step, losses)
         if trace is not None:

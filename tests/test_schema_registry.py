@@ -49,7 +49,12 @@ def test_row_keys_and_upsample_modes():
 def test_dataset_enum_is_the_registry_datasets():
     assert SCHEMA["properties"]["data"]["properties"]["dataset"]["enum"] == list(R.DATASETS)
     # image folders and CelebA take their size from data.image_size
-    assert set(R.DATASET_SHAPES) == set(R.DATASET_CLASSES) == set(R.DATASETS) - {"image_folder", "celeba"}
+    assert set(R.DATASET_SHAPES) == set(R.DATASET_CLASSES) == set(R.DATASETS) - set(R.FILE_DATASETS)
+
+
+def test_loader_enum_is_the_registry_loaders():
+    assert SCHEMA["properties"]["train"]["properties"]["loader"]["enum"] == list(R.LOADERS)
+    assert set(R.FILE_DATASETS) <= set(R.DATASETS)
 
 
 def test_top_level_properties_are_the_registry_top_level_keys():
