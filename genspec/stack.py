@@ -6,9 +6,13 @@ dimension (`torch.func.stack_module_state`) and each phase's step runs once for 
 objective's loss is summed over replicas before its backward pass: the gradient of a replica's
 slice is exactly that replica's own gradient. One optimiser per objective then updates the
 stacked tensors; Adam, AdamW, RMSprop and SGD act elementwise, so this is K independent
-optimisers. Every replica keeps its own seed, data split, shuffles and noise, and its folder is
-written as a sequential run writes it (metrics.jsonl, checkpoint with its own optimiser state,
-report), so the results are those of separate runs up to float rounding and random draws.
+optimisers. Buffers stack the same way and go into every vmapped call with in_dims 0: batch
+norm normalises each replica's slice with its own batch statistics and updates its own running
+statistics in place in the stacked buffers (`unstack` copies them back for evaluation), and
+virtual batch norm reads each replica's own reference batch. Every replica keeps its own seed,
+data split, shuffles and noise, and its folder is written as a sequential run writes it
+(metrics.jsonl, checkpoint with its own optimiser state and running statistics, report), so the
+results are those of separate runs up to float rounding and random draws.
 """
 
 from __future__ import annotations
@@ -56,8 +60,6 @@ def cannot_stack(spec: Spec) -> str | None:
         return "states, traces and balancing run outside the step"
     if any(latent.prior == "categorical" for latent in spec.latents.values()):
         return "categorical draws"
-    if any(r.row.get("norm") in ("bn", "vbn") or r.row["op"] in ("bn", "vbn") for net in spec.networks.values() for r in net.info.rows):
-        return "batch statistics"
     return None
 
 
@@ -89,7 +91,9 @@ class StackedRuns:
             self.splits.append(Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device),
                                       splits.notes))
             torch.manual_seed(seed)  # the same initial weights as a sequential run of this seed
-            self.models.append(Model(spec, device))
+            model = Model(spec, device)
+            model.set_references(self.splits[-1].train)  # virtual batch norm's reference batch, as a sequential run sets it
+            self.models.append(model)
         holders = [nn.ModuleDict({"networks": m.networks, "priors": m.priors}) for m in self.models]
         params, self.buffers = stack_module_state(holders)
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items() if self._trainable(holders[0], k)}
