@@ -29,9 +29,10 @@ import yaml
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import expr as E
+from . import fidelity
 from .compile import Env, Model, choose_device, make_optimizer
 from .data import Splits, load_data
-from .evaluate import evaluate_losses, final_evaluation
+from .evaluate import evaluate_losses, final_evaluation, grid_sources
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
@@ -160,6 +161,8 @@ class StackedRuns:
 
 def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True) -> list[dict]:
     """Train replicas of one spec (different seeds) at once; each folder ends as a sequential run's."""
+    fidelity.preflight(specs[0].evaluate)  # as a sequential run: a missing extractor or grid source fails before training
+    grid_sources(specs[0])
     device = choose_device(specs[0].train["device"])
     stacked = StackedRuns(specs, device)
     for spec, folder in zip(specs, folders):
