@@ -59,8 +59,6 @@ def cannot_stack(spec: Spec) -> str | None:
         return "the gradient penalty differentiates inside the step"
     if spec.states or spec.train.get("trace") or spec.train.get("balance"):
         return "states, traces and balancing run outside the step"
-    if any(latent.prior == "categorical" for latent in spec.latents.values()):
-        return "categorical draws"
     return None
 
 
