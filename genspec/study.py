@@ -91,14 +91,14 @@ def stack_choice(flag: bool | None, setting: str | bool, device_type: str) -> tu
     """Whether a study stacks each configuration's seeds, and why: the command line's --stack /
     --no-stack (`flag`) over the spec's `study.stack` (`setting`: auto, true, false); auto means
     on CUDA, where one stacked model keeps the device busy that one small run leaves mostly idle,
-    and off on CPU, where it does not pay and one run at a time is the bit-exact reference."""
+    and off on CPU, where one run at a time is the bit-exact reference and no idle device waits."""
     if flag is not None:
         return flag, "--stack" if flag else "--no-stack"
     if setting is not None and setting != "auto":
         return bool(setting), f"study.stack: {str(bool(setting)).lower()}"
     if device_type == "cuda":
         return True, "auto: CUDA"
-    return False, f"auto: {device_type}, where stacking does not pay; --stack stacks"
+    return False, f"auto: {device_type}; stacking is the default on CUDA only, --stack stacks here"
 
 
 def _train_stacked_groups(todo: list, progress: bool, flag: bool | None, setting) -> list:

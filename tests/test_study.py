@@ -296,8 +296,8 @@ def test_stack_choice_is_on_for_cuda_off_for_cpu_and_switchable(flag, setting, d
 
 def test_a_study_on_cpu_says_it_trains_one_seed_at_a_time(study):
     _, _, err = study
-    assert err.count("study: each configuration's seeds one at a time (auto: cpu, where stacking does not pay; "
-                     "--stack stacks)") == 1
+    assert err.count("study: each configuration's seeds one at a time (auto: cpu; stacking is the default on CUDA "
+                     "only, --stack stacks here)") == 1
     assert "stacked model" not in err
 
 
