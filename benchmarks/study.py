@@ -1,7 +1,8 @@
 #!/usr/bin/env python
 """Wall time of the encoderless MNIST study (24 configurations) trained one run after another
-against genspec's faster ways: K runs at once in worker processes (`genspec run STUDY
---parallel K`) and each configuration's seeds as one stacked model (`--stack`, torch.func).
+(`--no-stack`) against genspec's faster ways: K runs at once in worker processes (`genspec run
+STUDY --parallel K --no-stack`) and each configuration's seeds as one stacked model (`--stack`,
+torch.func; a plain `genspec run STUDY` does this by default on CUDA).
 Measures and prints; asserts nothing.
 
     .venv/bin/python benchmarks/study.py --quick          # the 12 FC configurations x 2 seeds, 1 epoch of 40 steps
@@ -94,10 +95,11 @@ def main() -> None:
         only = only or ["layers=fc"]  # the 12 fully connected configurations
     if not os.environ.get("GENSPEC_DATA") and (ROOT.parent / "shared" / "data").is_dir():
         os.environ["GENSPEC_DATA"] = str(ROOT.parent / "shared" / "data")
-    ways = {"parallel": ["--parallel", str(parallel)], "stack": ["--stack"]}
+    # explicit switches: on CUDA a plain `genspec run STUDY` stacks by default
+    ways = {"parallel": ["--parallel", str(parallel), "--no-stack"], "stack": ["--stack"]}
     chosen = [w for w in args.ways.split(",") if w]
     print(f"benchmark: encoderless MNIST study, {epochs} epoch(s): sequential, then {', '.join(chosen)}", file=sys.stderr)
-    sequential = train(args.out / "sequential", sets, only, [])
+    sequential = train(args.out / "sequential", sets, only, ["--no-stack"])
     print(f"benchmark: sequential {sequential:.1f} s", file=sys.stderr)
     base = test_losses(args.out / "sequential")
     (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)

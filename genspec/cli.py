@@ -89,7 +89,7 @@ def cmd_run(args) -> int:
         run_study(args.spec, args.set, args.only, args.out, overwrite=args.overwrite, progress=not args.no_progress,
                   parallel=args.parallel, stack=args.stack)
         return 0
-    if args.parallel != 1 or args.stack:
+    if args.parallel != 1 or args.stack:  # --no-stack is what a single run does anyway
         raise RunError("--parallel and --stack train the runs of a study (a spec with `sweep` or `repeats`) together; "
                        "to spread one run over processes use --nproc")
     spec = runs[0][1]
@@ -271,8 +271,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
     r.add_argument("--parallel", type=int, default=1, metavar="K",
                    help="a study: train K of its runs at once, each in its own process (default 1)")
-    r.add_argument("--stack", action="store_true",
-                   help="a study: train the seeds of each configuration as one stacked model (torch.func)")
+    r.add_argument("--stack", action=argparse.BooleanOptionalAction, default=None,
+                   help="a study: train the seeds of each configuration as one stacked model (torch.func); "
+                        "default: the spec's study.stack, auto = on CUDA, off on CPU")
     r.add_argument("--nproc", type=int, metavar="N", help="data-parallel training in N processes on this machine (torchrun; gloo on CPU, NCCL on GPUs)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -6,9 +6,13 @@ dimension (`torch.func.stack_module_state`) and each phase's step runs once for 
 objective's loss is summed over replicas before its backward pass: the gradient of a replica's
 slice is exactly that replica's own gradient. One optimiser per objective then updates the
 stacked tensors; Adam, AdamW, RMSprop and SGD act elementwise, so this is K independent
-optimisers. Every replica keeps its own seed, data split, shuffles and noise, and its folder is
-written as a sequential run writes it (metrics.jsonl, checkpoint with its own optimiser state,
-report), so the results are those of separate runs up to float rounding and random draws.
+optimisers. Buffers stack the same way and go into every vmapped call with in_dims 0: batch
+norm normalises each replica's slice with its own batch statistics and updates its own running
+statistics in place in the stacked buffers (`unstack` copies them back for evaluation), and
+virtual batch norm reads each replica's own reference batch. Every replica keeps its own seed,
+data split, shuffles and noise, and its folder is written as a sequential run writes it
+(metrics.jsonl, checkpoint with its own optimiser state and running statistics, report), so the
+results are those of separate runs up to float rounding and random draws.
 """
 
 from __future__ import annotations
@@ -25,9 +29,10 @@ import yaml
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import expr as E
+from . import fidelity
 from .compile import Env, Model, choose_device, make_optimizer
 from .data import Splits, load_data
-from .evaluate import evaluate_losses, final_evaluation
+from .evaluate import evaluate_losses, final_evaluation, grid_sources
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
@@ -54,10 +59,6 @@ def cannot_stack(spec: Spec) -> str | None:
         return "the gradient penalty differentiates inside the step"
     if spec.states or spec.train.get("trace") or spec.train.get("balance"):
         return "states, traces and balancing run outside the step"
-    if any(latent.prior == "categorical" for latent in spec.latents.values()):
-        return "categorical draws"
-    if any(r.row.get("norm") in ("bn", "vbn") or r.row["op"] in ("bn", "vbn") for net in spec.networks.values() for r in net.info.rows):
-        return "batch statistics"
     return None
 
 
@@ -85,11 +86,13 @@ class StackedRuns:
         for spec in specs:
             seed = spec.train["seed"]
             torch.manual_seed(seed)
-            splits = load_data(spec.data, seed)
+            splits = load_data(spec.data, seed, spec.train["loader"], spec.train["workers"])
             self.splits.append(Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device),
                                       splits.notes))
             torch.manual_seed(seed)  # the same initial weights as a sequential run of this seed
-            self.models.append(Model(spec, device))
+            model = Model(spec, device)
+            model.set_references(self.splits[-1].train)  # virtual batch norm's reference batch, as a sequential run sets it
+            self.models.append(model)
         holders = [nn.ModuleDict({"networks": m.networks, "priors": m.priors}) for m in self.models]
         params, self.buffers = stack_module_state(holders)
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items() if self._trainable(holders[0], k)}
@@ -119,7 +122,8 @@ class StackedRuns:
 
     def step(self, phase_index: int, xs: torch.Tensor, ys) -> dict:
         batched = vmap(self.steps[phase_index], in_dims=(0, 0, 0, 0, None if ys is None else 0), randomness="different")
-        out = batched(self.params, self.frozen, self.buffers, xs, ys)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.models[0].fast.bf16):  # as Model.step
+            out = batched(self.params, self.frozen, self.buffers, xs, ys)
         plan = self.models[0].phases[phase_index]
         for name in plan.objectives:
             self.optimizers[name][1].zero_grad(set_to_none=True)
@@ -156,6 +160,8 @@ class StackedRuns:
 
 def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True) -> list[dict]:
     """Train replicas of one spec (different seeds) at once; each folder ends as a sequential run's."""
+    fidelity.preflight(specs[0].evaluate)  # as a sequential run: a missing extractor or grid source fails before training
+    grid_sources(specs[0])
     device = choose_device(specs[0].train["device"])
     stacked = StackedRuns(specs, device)
     for spec, folder in zip(specs, folders):
@@ -207,7 +213,7 @@ def _one_epoch(stacked: StackedRuns, epoch: int) -> list[dict]:
         idx = [order[start:start + size] for order in orders]
         if len(idx[0]) < 2 and n > 1:
             break
-        xs = torch.stack([s.train.x[i] for s, i in zip(stacked.splits, idx)])
+        xs = torch.stack([s.train.images(i) for s, i in zip(stacked.splits, idx)])
         ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[i] for s, i in zip(stacked.splits, idx)])
         out = stacked.step(cursor[step % len(cursor)], xs, ys)
         for name, value in out.items():

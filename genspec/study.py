@@ -55,10 +55,11 @@ def plan_study(path: str, overrides: list[str], only: list[str], out: Path | Non
 
 
 def run_study(path: str, overrides: list[str], only: list[str], out: Path | None, overwrite: bool = False,
-              progress: bool = True, parallel: int = 1, stack: bool = False) -> dict:
+              progress: bool = True, parallel: int = 1, stack: bool | None = None) -> dict:
     """Train every planned run (skipping finished ones, resuming interrupted ones), `parallel` at
-    a time in worker processes when asked, the seeds of a configuration as one stacked model with
-    `stack`, then write the study report."""
+    a time in worker processes when asked, the seeds of a configuration as one stacked model where
+    `stack_choice` says so (`stack` True / False: --stack / --no-stack; None: the spec's
+    `study.stack`, by default auto), then write the study report."""
     if parallel < 1:
         raise RunError(f"--parallel must be a positive number of runs at once, got {parallel}")
     section, planned = plan_study(path, overrides, only, out)
@@ -73,8 +74,7 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
         # "started": stopped before its first checkpoint, so nothing in its folder is worth keeping
         todo.append((label + (" (resumed)" if status == "interrupted" else ""), item,
                      {"resume": status == "interrupted" and not overwrite, "overwrite": overwrite or status == "started"}))
-    if stack:
-        todo = _train_stacked_groups(todo, progress)
+    todo = _train_stacked_groups(todo, progress, stack, section.get("stack", "auto"))
     if parallel == 1 or len(todo) <= 1:
         for label, item, options in todo:
             print(f"study: {label}", file=sys.stderr, flush=True)
@@ -87,25 +87,51 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
     return {"runs": len(planned), "trained": done, "skipped": skipped, "report": str(report)}
 
 
-def _train_stacked_groups(todo: list, progress: bool) -> list:
-    """Train the new seeds of each configuration together (genspec/stack.py); returns what is left
-    for the usual way: resumed runs, lone seeds, and configurations that cannot stack."""
-    from .stack import cannot_stack, train_stacked
+def stack_choice(flag: bool | None, setting: str | bool, device_type: str) -> tuple[bool, str]:
+    """Whether a study stacks each configuration's seeds, and why: the command line's --stack /
+    --no-stack (`flag`) over the spec's `study.stack` (`setting`: auto, true, false); auto means
+    on CUDA, where one stacked model keeps the device busy that one small run leaves mostly idle,
+    and off on CPU, where one run at a time is the bit-exact reference and no idle device waits."""
+    if flag is not None:
+        return flag, "--stack" if flag else "--no-stack"
+    if setting is not None and setting != "auto":
+        return bool(setting), f"study.stack: {str(bool(setting)).lower()}"
+    if device_type == "cuda":
+        return True, "auto: CUDA"
+    return False, f"auto: {device_type}; stacking is the default on CUDA only, --stack stacks here"
+
+
+def _train_stacked_groups(todo: list, progress: bool, flag: bool | None, setting) -> list:
+    """Train the new seeds of each configuration together (genspec/stack.py) where `stack_choice`
+    says so; returns what is left for the usual way: resumed runs, lone seeds, configurations that
+    cannot stack and those the choice leaves unstacked."""
+    from .compile import choose_device
 
     groups: dict[str, list] = {}
     for entry in todo:
         groups.setdefault(entry[1].run.id, []).append(entry)
-    left = []
+    left, said = [], set()
     for run_id, entries in groups.items():
         fresh = [e for e in entries if not e[2]["resume"]]
-        reason = cannot_stack(fresh[0][1].spec) if fresh else None
-        if len(fresh) < 2 or reason:
-            if reason:
-                print(f"study: {run_id}: trained one seed at a time ({reason})", file=sys.stderr, flush=True)
+        if len(fresh) < 2:
+            left += entries
+            continue
+        on, why = stack_choice(flag, setting, choose_device(fresh[0][1].spec.train["device"]).type)
+        if not on:
+            if why not in said:  # said once for the study, not for every configuration
+                print(f"study: each configuration's seeds one at a time ({why})", file=sys.stderr, flush=True)
+                said.add(why)
+            left += entries
+            continue
+        from .stack import cannot_stack, train_stacked
+
+        reason = cannot_stack(fresh[0][1].spec)
+        if reason:
+            print(f"study: {run_id}: trained one seed at a time ({reason})", file=sys.stderr, flush=True)
             left += entries
             continue
         left += [e for e in entries if e[2]["resume"]]
-        print(f"study: {run_id}: {len(fresh)} seeds as one stacked model", file=sys.stderr, flush=True)
+        print(f"study: {run_id}: {len(fresh)} seeds as one stacked model ({why})", file=sys.stderr, flush=True)
         for _, item, _options in fresh:
             if item.folder.exists():
                 shutil.rmtree(item.folder)  # new or started-but-empty folders only (finished runs were skipped)

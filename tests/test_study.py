@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from genspec.study import StudyRun, metric_value, write_study_report
+from genspec.study import StudyRun, metric_value, stack_choice, write_study_report
 from genspec.sweep import Run
 from spec_helpers import run_cli as run_subprocess, tiny_digits_vae
 from spec_helpers import cli_in_process as run_cli
@@ -278,3 +278,38 @@ def test_stacked_study_trains_each_configurations_seeds_together(study, tmp_path
         assert after[key]["params"] == metrics["params"]
         assert after[key]["test"]["nelbo"] == pytest.approx(metrics["test"]["nelbo"], rel=0.15), key
     assert "8 of 8 runs finished" in (out / "study.md").read_text()
+
+
+@pytest.mark.parametrize("flag, setting, device, stacks", [
+    (None, "auto", "cuda", True), (None, "auto", "cpu", False), (None, None, "cuda", True), (None, None, "cpu", False),
+    (True, "auto", "cpu", True), (False, "auto", "cuda", False),  # --stack / --no-stack
+    (None, True, "cpu", True), (None, False, "cuda", False),      # study.stack: true / false
+    (False, True, "cpu", False), (True, False, "cuda", True),     # the command line over the spec
+])
+def test_stack_choice_is_on_for_cuda_off_for_cpu_and_switchable(flag, setting, device, stacks):
+    on, why = stack_choice(flag, setting, device)
+    assert on is stacks
+    expected = {True: "--stack", False: "--no-stack"}.get(flag) or (f"study.stack: {str(setting).lower()}"
+                                                                   if setting not in (None, "auto") else None)
+    assert why == expected if expected else why.startswith(f"auto: {'CUDA' if device == 'cuda' else device}")
+
+
+def test_a_study_on_cpu_says_it_trains_one_seed_at_a_time(study):
+    _, _, err = study
+    assert err.count("study: each configuration's seeds one at a time (auto: cpu; stacking is the default on CUDA "
+                     "only, --stack stacks here)") == 1
+    assert "stacked model" not in err
+
+
+def test_study_stack_in_the_spec_stacks_and_no_stack_overrides_it(tmp_path):
+    spec = tmp_path / "s.yaml"
+    spec.write_text(SPEC.replace("\nstudy:\n", "\nstudy:\n  stack: true\n"))
+    only = ["--only", "encoder=L", "--only", "prior=normal", "--no-progress"]
+    rc, _, err = run_cli("run", spec, "--out", tmp_path / "on", *only)
+    assert rc == 0, err
+    assert "study: encoder=L,prior=normal: 2 seeds as one stacked model (study.stack: true)" in err
+    rc, _, err = run_cli("run", spec, "--out", tmp_path / "off", "--no-stack", *only)
+    assert rc == 0, err
+    assert "one at a time (--no-stack)" in err and "stacked model" not in err
+    rc, _, err = run_cli("validate", tmp_path / "s.yaml", "--set", "study.stack=sometimes")
+    assert rc == 2 and "study.stack" in err
