@@ -74,11 +74,11 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
         # "started": stopped before its first checkpoint, so nothing in its folder is worth keeping
         todo.append((label + (" (resumed)" if status == "interrupted" else ""), item,
                      {"resume": status == "interrupted" and not overwrite, "overwrite": overwrite or status == "started"}))
-    todo = _train_stacked_groups(todo, progress, stack, section.get("stack", "auto"))
+    todo = _stacked_groups(todo, stack, section.get("stack", "auto"))
     if parallel == 1 or len(todo) <= 1:
-        for label, item, options in todo:
+        for label, what, options in todo:
             print(f"study: {label}", file=sys.stderr, flush=True)
-            _train(item.spec, item.folder, progress=progress, **options)
+            _train_entry(what, options, progress)
     else:
         _train_in_workers(todo, parallel)
     done = sum(1 for item in planned if _status(item.folder) == "finished") - skipped
@@ -101,10 +101,11 @@ def stack_choice(flag: bool | None, setting: str | bool, device_type: str) -> tu
     return False, f"auto: {device_type}; stacking is the default on CUDA only, --stack stacks here"
 
 
-def _train_stacked_groups(todo: list, progress: bool, flag: bool | None, setting) -> list:
-    """Train the new seeds of each configuration together (genspec/stack.py) where `stack_choice`
-    says so; returns what is left for the usual way: resumed runs, lone seeds, configurations that
-    cannot stack and those the choice leaves unstacked."""
+def _stacked_groups(todo: list, flag: bool | None, setting) -> list:
+    """Where `stack_choice` says so, the new seeds of each configuration become one entry
+    `(label, [StudyRun, ...], None)` to train together (genspec/stack.py); resumed runs, lone
+    seeds, configurations that cannot stack and those the choice leaves unstacked stay entries
+    `(label, StudyRun, options)` of their own."""
     from .compile import choose_device
 
     groups: dict[str, list] = {}
@@ -131,12 +132,21 @@ def _train_stacked_groups(todo: list, progress: bool, flag: bool | None, setting
             left += entries
             continue
         left += [e for e in entries if e[2]["resume"]]
-        print(f"study: {run_id}: {len(fresh)} seeds as one stacked model ({why})", file=sys.stderr, flush=True)
-        for _, item, _options in fresh:
-            if item.folder.exists():
-                shutil.rmtree(item.folder)  # new or started-but-empty folders only (finished runs were skipped)
-        train_stacked([item.spec for _, item, _ in fresh], [item.folder for _, item, _ in fresh], progress)
+        left.append((f"{run_id}: {len(fresh)} seeds as one stacked model ({why})", [item for _, item, _ in fresh], None))
     return left
+
+
+def _train_entry(what, options: dict | None, progress: bool) -> None:
+    """One entry of the study's to-do list: a run, or (options None) a stacked group of seeds."""
+    if options is not None:
+        _train(what.spec, what.folder, progress=progress, **options)
+        return
+    from .stack import train_stacked
+
+    for item in what:
+        if item.folder.exists():
+            shutil.rmtree(item.folder)  # new or started-but-empty folders only (finished runs were skipped)
+    train_stacked([item.spec for item in what], [item.folder for item in what], progress)
 
 
 def _train(spec: Spec, folder: Path, resume: bool, overwrite: bool, progress: bool) -> None:
@@ -146,22 +156,26 @@ def _train(spec: Spec, folder: Path, resume: bool, overwrite: bool, progress: bo
 
 
 def _train_in_workers(todo: list, parallel: int) -> None:
-    """Several small runs at once, one per worker process, each with its share of the CPU
-    threads (on a GPU they share the device, which one small model leaves mostly idle). Each run
-    is the same computation as in a sequential study, in its own folder."""
+    """Several small runs (or stacked groups of seeds) at once, one per worker process, each with
+    its share of the CPU threads (on a GPU they share the device, which one small model leaves
+    mostly idle, and each process's own kernel launches overlap the others'). Each run is the
+    same computation as in a sequential study, in its own folder."""
     import multiprocessing
     import os
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     threads = max(1, cpus // parallel)
-    print(f"study: {len(todo)} run(s), {parallel} at a time, {threads} CPU thread(s) each", file=sys.stderr, flush=True)
+    runs = sum(1 if options is not None else len(what) for _, what, options in todo)
+    jobs = f" in {len(todo)} job(s)" if runs != len(todo) else ""  # a stacked group of seeds is one job
+    print(f"study: {runs} run(s){jobs}, {parallel} at a time, {threads} CPU thread(s) each", file=sys.stderr, flush=True)
     context = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=parallel, mp_context=context) as pool:
         running = {}
-        for label, item, options in todo:
-            doc = item.spec.doc
-            job = pool.submit(_worker, (doc.data, dict(doc.locations), doc.file), str(item.folder), options, threads)
+        for label, what, options in todo:
+            items = what if options is None else [what]
+            documents = [(item.spec.doc.data, dict(item.spec.doc.locations), item.spec.doc.file) for item in items]
+            job = pool.submit(_worker, documents, [str(item.folder) for item in items], options, threads)
             running[job] = label
         while running:
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
@@ -176,12 +190,13 @@ def _train_in_workers(todo: list, parallel: int) -> None:
                 print(f"study: {label}: done", file=sys.stderr, flush=True)
 
 
-def _worker(document: tuple, folder: str, options: dict, threads: int) -> None:
+def _worker(documents: list, folders: list, options: dict | None, threads: int) -> None:
+    """A worker process's entry: the specs travel as plain documents and are checked again here."""
     import torch
 
     torch.set_num_threads(threads)
-    spec = check(Document(*document))
-    _train(spec, Path(folder), progress=False, **options)
+    items = [StudyRun(None, check(Document(*document)), None, Path(folder)) for document, folder in zip(documents, folders)]
+    _train_entry(items if options is None else items[0], options, progress=False)
 
 
 def _status(folder: Path) -> str:

@@ -265,18 +265,43 @@ def test_parallel_is_for_studies_and_positive(tmp_path):
     assert rc == 1 and "--parallel and --stack train the runs of a study" in err
 
 
-def test_stacked_study_trains_each_configurations_seeds_together(study, tmp_path):
-    """`--stack`: the two seeds of every configuration as one stacked model; each run's folder is
-    complete, and its results are those of the sequential study up to the noise draws."""
-    spec, sequential, _ = study
-    out = tmp_path / "stacked"
+@pytest.fixture(scope="module")
+def stacked(study):
+    spec, _, _ = study
+    out = spec.parent / "stacked"
     rc, _, err = run_cli("run", spec, "--out", out, "--no-progress", "--stack")
     assert rc == 0, err
+    return out, err
+
+
+def test_stacked_study_trains_each_configurations_seeds_together(study, stacked):
+    """`--stack`: the two seeds of every configuration as one stacked model; each run's folder is
+    complete, and its results are those of the sequential study up to the noise draws."""
+    _, sequential, _ = study
+    out, err = stacked
     assert err.count("2 seeds as one stacked model") == 4 and "study: 8 run(s) trained, 0 skipped" in err
     before, after = metrics_of(sequential), metrics_of(out)
     for key, metrics in before.items():
         assert after[key]["params"] == metrics["params"]
         assert after[key]["test"]["nelbo"] == pytest.approx(metrics["test"]["nelbo"], rel=0.15), key
+    assert "8 of 8 runs finished" in (out / "study.md").read_text()
+
+
+def test_stacked_groups_train_in_parallel_workers(study, stacked, tmp_path):
+    """`--stack --parallel 2`: each configuration's stacked seeds are one job, two jobs at a time;
+    every group is the same computation as in the one-process stacked study."""
+    spec, _, _ = study
+    out = tmp_path / "stacked_parallel"
+    result = run_subprocess(["run", str(spec), "--out", str(out), "--no-progress", "--stack", "--parallel", "2"],
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "study: 8 run(s) in 4 job(s), 2 at a time" in result.stderr
+    assert result.stderr.count("2 seeds as one stacked model (--stack): done") == 4
+    before, after = metrics_of(stacked[0]), metrics_of(out)
+    assert sorted(before) == sorted(after)
+    for key, metrics in before.items():
+        for name, value in metrics["test"].items():
+            assert after[key]["test"][name] == pytest.approx(value, rel=1e-4, abs=1e-6), (key, name)
     assert "8 of 8 runs finished" in (out / "study.md").read_text()
 
 
