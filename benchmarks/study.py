@@ -38,7 +38,8 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (default: the whole split)")
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration (the thesis: 5; stacking needs 2 or more)")
     p.add_argument("--parallel", type=int, default=None, help="runs at once (default: CPU cores, 4 on a GPU)")
-    p.add_argument("--ways", default="parallel,stack", help="ways to compare with sequential: parallel, stack")
+    p.add_argument("--ways", default="parallel,stack,stack_parallel",
+                   help="ways to compare with sequential: parallel, stack, stack_parallel (stacked groups, K at once)")
     p.add_argument("--only", action="append", default=[], help="a --only filter for the study, e.g. layers=fc")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "study")
     return p.parse_args()
@@ -96,7 +97,8 @@ def main() -> None:
     if not os.environ.get("GENSPEC_DATA") and (ROOT.parent / "shared" / "data").is_dir():
         os.environ["GENSPEC_DATA"] = str(ROOT.parent / "shared" / "data")
     # explicit switches: on CUDA a plain `genspec run STUDY` stacks by default
-    ways = {"parallel": ["--parallel", str(parallel), "--no-stack"], "stack": ["--stack"]}
+    ways = {"parallel": ["--parallel", str(parallel), "--no-stack"], "stack": ["--stack"],
+            "stack_parallel": ["--stack", "--parallel", str(parallel)]}
     chosen = [w for w in args.ways.split(",") if w]
     print(f"benchmark: encoderless MNIST study, {epochs} epoch(s): sequential, then {', '.join(chosen)}", file=sys.stderr)
     sequential = train(args.out / "sequential", sets, only, ["--no-stack"])
@@ -109,7 +111,7 @@ def main() -> None:
         other = test_losses(args.out / way)
         result = {"benchmark": "study", "way": way, "spec": "specs/encoderless/mnist_study.yaml", **machine(),
                   "runs": len(base), "only": only, "epochs": epochs, "max_steps": max_steps, "repeats": args.repeats,
-                  "parallel": parallel if way == "parallel" else 1, "sequential_s": round(sequential, 2),
+                  "parallel": parallel if "parallel" in way else 1, "sequential_s": round(sequential, 2),
                   "way_s": round(seconds, 2), "ratio": round(sequential / seconds, 3), "same_runs": sorted(base) == sorted(other),
                   "max_rel_test_loss_difference": largest_difference(base, other) if sorted(base) == sorted(other) else None}
         line = json.dumps(result)
