@@ -338,20 +338,26 @@ def schedule(steps: int, cycle: int, rounds: int) -> tuple[int, int]:
     return -(-steps // block), block
 
 
-def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block: int, device, name: str) -> dict:
-    """Seconds per block of each loop. Block r of every loop runs the same steps on the same batches."""
+def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block: int, device, name: str) -> tuple:
+    """Seconds per block of each loop, and on CUDA each loop's peak allocated bytes over its blocks.
+    Block r of every loop runs the same steps on the same batches."""
     for phase_steps in loops.values():  # untimed: first-call allocations, lazy initialisation, caches
         run_block(phase_steps, batches, 0, warmup, device)
     times = {label: [] for label in loops}
+    peaks = {label: 0 for label in loops}
     for r in range(rounds):
         start = warmup + r * block
         # Alternate which loop goes first, so neither always runs on a cooler / warmer machine.
         order = list(loops.items()) if r % 2 == 0 else list(loops.items())[::-1]
         for label, phase_steps in order:
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(device)
             times[label].append(run_block(phase_steps, batches, start, block, device))
+            if device.type == "cuda":
+                peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated(device))
         log(f"  {name} round {r + 1}/{rounds}: " + ", ".join(f"{label} {block / t[-1]:.3g} steps/s"
                                                            for label, t in times.items()))
-    return times
+    return times, peaks
 
 
 def benchmark(name: str, args, device) -> dict:
@@ -375,7 +381,7 @@ def benchmark(name: str, args, device) -> dict:
     batches, source = make_batches(spec, batch_size, min(POOL, warmup + steps), device)
     load_before = os.getloadavg()[0]
     log(f"{name}: batch {batch_size}, {warmup} warm-up + {steps} timed steps per loop in {rounds} rounds of {block}")
-    times = time_alternating(loops, batches, warmup, rounds, block, device, name)
+    times, peaks = time_alternating(loops, batches, warmup, rounds, block, device, name)
 
     genspec_rate, hand_rate = steps / sum(times["genspec"]), steps / sum(times["hand"])
     round_ratios = [h / g for g, h in zip(times["genspec"], times["hand"])]  # per round: genspec rate / hand rate
@@ -400,6 +406,9 @@ def benchmark(name: str, args, device) -> dict:
         "median_round_ratio": round(statistics.median(round_ratios), 4),
         "best_round_ratio": round(min(times["hand"]) / min(times["genspec"]), 4),
         "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        # CUDA only: the most memory allocated during any timed block (model, optimiser state, batches, activations)
+        **({"genspec_peak_mib": round(peaks["genspec"] / 2**20, 1), "hand_peak_mib": round(peaks["hand"] / 2**20, 1)}
+           if device.type == "cuda" else {}),
         **compare_state(model, hand),
         "steps_compared": warmup + steps,
         "tolerance": {"rtol": RTOL, "atol": ATOL},

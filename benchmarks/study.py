@@ -7,12 +7,19 @@ Measures and prints; asserts nothing.
 
     .venv/bin/python benchmarks/study.py --quick          # the 12 FC configurations x 2 seeds, 1 epoch of 40 steps
     .venv/bin/python benchmarks/study.py --epochs 5 --parallel 8 --repeats 5
+    .venv/bin/python benchmarks/study.py --estimate 1,3     # the thesis's full study (120 runs x 250 epochs), extrapolated
 
 Each result is one JSON line on stdout, also appended to reports/benchmarks/study.jsonl, with
 the machine, torch version, device and settings; `ratio` is the sequential wall time divided by
 that way's (above 1: faster than one run after another). Every way trains the same runs with the
 same seeds into its own folder, and the script reports how far their test losses are apart
 (parallel: float rounding only; stacked: the noise draws differ too).
+
+`--estimate A,B` times the full study (24 configurations x 5 repeats, full splits) the fastest
+way (`--stack --parallel K`) for A and for B epochs, and extrapolates linearly to the thesis's
+250 epochs: wall(A) + (250 - A) x (wall(B) - wall(A)) / (B - A). Its `ratio` is the thesis's
+own total (120 runs x 250 epochs x its 2 s per epoch) divided by that estimate; `goal_s` is the
+issue's target, one hour.
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--ways", default="parallel,stack,stack_parallel",
                    help="ways to compare with sequential: parallel, stack, stack_parallel (stacked groups, K at once)")
     p.add_argument("--only", action="append", default=[], help="a --only filter for the study, e.g. layers=fc")
+    p.add_argument("--estimate", metavar="A,B", help="extrapolate the full 250-epoch study from runs of A and B epochs")
     p.add_argument("--out", type=Path, default=ROOT / "reports" / "benchmarks" / "study")
     return p.parse_args()
 
@@ -78,6 +86,34 @@ def largest_difference(a: dict, b: dict) -> float:
     return worst
 
 
+THESIS_SECONDS = 24 * 5 * 250 * 2.0  # runs x epochs x the thesis's reported 2 s per epoch (about 17 hours)
+
+
+def estimate(args, parallel: int) -> None:
+    """The full study the fastest way for A and B epochs, extrapolated to 250 (see the docstring)."""
+    a, b = (int(e) for e in args.estimate.split(","))
+    sets = ["repeats=5", "evaluate.grid_size=4", "evaluate.fid=null", "evaluate.reference=null", "evaluate.extractor=null"]
+    walls = {}
+    for epochs in (a, b):
+        walls[epochs] = train(args.out / f"estimate_{epochs}", sets + [f"train.epochs={epochs}"], args.only,
+                              ["--stack", "--parallel", str(parallel)])
+        print(f"benchmark: full study, {epochs} epoch(s): {walls[epochs]:.1f} s", file=sys.stderr, flush=True)
+    per_epoch = (walls[b] - walls[a]) / (b - a)
+    full = walls[a] + (250 - a) * per_epoch
+    emit({"benchmark": "study_estimate", "way": "stack_parallel", "spec": "specs/encoderless/mnist_study.yaml", **machine(),
+          "parallel": parallel, "only": args.only, "epochs_timed": [a, b], "wall_s": {str(k): round(v, 2) for k, v in walls.items()},
+          "per_epoch_s": round(per_epoch, 3), "estimated_full_study_s": round(full, 1), "goal_s": 3600,
+          "thesis_s": THESIS_SECONDS, "ratio": round(THESIS_SECONDS / full, 3)})
+
+
+def emit(result: dict) -> None:
+    line = json.dumps(result)
+    print(line, flush=True)
+    (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
+    with open(ROOT / "reports" / "benchmarks" / "study.jsonl", "a") as f:
+        f.write(line + "\n")
+
+
 def main() -> None:
     args = arguments()
     import torch
@@ -96,6 +132,9 @@ def main() -> None:
         only = only or ["layers=fc"]  # the 12 fully connected configurations
     if not os.environ.get("GENSPEC_DATA") and (ROOT.parent / "shared" / "data").is_dir():
         os.environ["GENSPEC_DATA"] = str(ROOT.parent / "shared" / "data")
+    if args.estimate:
+        estimate(args, parallel)
+        return
     # explicit switches: on CUDA a plain `genspec run STUDY` stacks by default
     ways = {"parallel": ["--parallel", str(parallel), "--no-stack"], "stack": ["--stack"],
             "stack_parallel": ["--stack", "--parallel", str(parallel)]}
@@ -104,7 +143,6 @@ def main() -> None:
     sequential = train(args.out / "sequential", sets, only, ["--no-stack"])
     print(f"benchmark: sequential {sequential:.1f} s", file=sys.stderr)
     base = test_losses(args.out / "sequential")
-    (ROOT / "reports" / "benchmarks").mkdir(parents=True, exist_ok=True)
     for way in chosen:
         seconds = train(args.out / way, sets, only, ways[way])
         print(f"benchmark: {way} {seconds:.1f} s", file=sys.stderr)
@@ -114,10 +152,7 @@ def main() -> None:
                   "parallel": parallel if "parallel" in way else 1, "sequential_s": round(sequential, 2),
                   "way_s": round(seconds, 2), "ratio": round(sequential / seconds, 3), "same_runs": sorted(base) == sorted(other),
                   "max_rel_test_loss_difference": largest_difference(base, other) if sorted(base) == sorted(other) else None}
-        line = json.dumps(result)
-        print(line, flush=True)
-        with open(ROOT / "reports" / "benchmarks" / "study.jsonl", "a") as f:
-            f.write(line + "\n")
+        emit(result)
 
 
 if __name__ == "__main__":

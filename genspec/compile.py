@@ -25,10 +25,13 @@ from .spec import Spec
 
 
 class Env(dict):
-    """Values computed in one step: inputs, tensors and losses by node id, plus network caches."""
+    """Values computed in one step: inputs, tensors and losses by node id, plus network caches.
+    `callers`: network name -> what to call instead of its `forward_taps` in this step (the DDP
+    wrapper of a network the step's phase updates, under --nproc); evaluation passes none."""
 
-    def __init__(self, x, y=None):
+    def __init__(self, x, y=None, callers: dict | None = None):
         super().__init__()
+        self.callers = callers or {}
         self["input:x"] = x
         if y is not None:
             self["input:y"] = y
@@ -122,7 +125,8 @@ class Compiler:
             if key not in env.net_cache:
                 # One pass gives the final output and every tap: `dis(x)` and `dis.features(x)`
                 # share it. The inputs are kept with the outputs so their ids stay unique in the step.
-                env.net_cache[key] = (module.forward_taps(*inputs), inputs)
+                forward = env.callers.get(name) or module.forward_taps  # its DDP wrapper, when the phase updates it
+                env.net_cache[key] = (forward(*inputs), inputs)
             return env.net_cache[key][0][tap]
 
         return call
@@ -134,6 +138,8 @@ class ObjectiveRun:
     params: list
     loss: object  # closure
     optimizer: torch.optim.Optimizer
+    prior_params: list = field(default_factory=list)  # of trainable priors: averaged flat under --nproc
+    wrapped: list = field(default_factory=list)  # (network, [(name, param)]) of its DDP-wrapped networks
 
 
 @dataclass
@@ -142,6 +148,7 @@ class PhasePlan:
     nodes: list[tuple[str, object]]  # (node id, closure) in computation order
     loss_names: list[str] = field(default_factory=list)
     state_updates: list[tuple[str, object]] = field(default_factory=list)  # (state, closure), after the step
+    callers: dict = field(default_factory=dict)  # network -> DDP wrapper, for the networks this phase updates
 
 
 class States(nn.Module):
@@ -160,6 +167,7 @@ class Model:
         self.spec = spec
         self.device = device
         self.distributed = world is not None and world.distributed  # average gradients and states over ranks
+        self.wrappers: dict[str, nn.Module] = {}  # network -> its DistributedDataParallel wrapper (--nproc)
         self.fast = fast_path(spec.train, device)
         self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
         if self.fast.channels_last:
@@ -183,7 +191,25 @@ class Model:
         if self.fast.compile:
             for module in self.networks.values():
                 module.forward_taps = torch.compile(module.forward_taps)
+        if self.distributed:
+            self._wrap_networks()
         self.phases = [self._phase_plan(phase.update) for phase in spec.phases]
+
+    def _wrap_networks(self) -> None:
+        """One DistributedDataParallel wrapper per network an objective trains (see distributed.py);
+        a network with nothing trainable is not wrapped. Every rank builds them in the same order."""
+        from .distributed import wrap
+
+        for name, obj in self.spec.objectives.items():
+            run = self.objectives[name]
+            for net in obj.networks:
+                if net in self.priors:
+                    run.prior_params += [p for p in self.priors[net].parameters() if p.requires_grad]
+                    continue
+                trainable = [(n, p) for n, p in self.networks[net].named_parameters() if p.requires_grad]
+                if trainable:
+                    self.wrappers[net] = wrap(self.networks[net], self.device)
+                    run.wrapped.append((net, trainable))
 
     def _phase_plan(self, objective_names: list[str]) -> PhasePlan:
         g = self.spec.graph_nx
@@ -200,7 +226,11 @@ class Model:
             if target.startswith("update:"):
                 updates.append((target.split(":", 1)[1], self.node_fns[target]))
         nodes = [(n, self.node_fns[n]) for n in order]
-        return PhasePlan(objective_names, nodes, [n.split(":", 1)[1] for n in order if n.startswith("loss:")], updates)
+        # Through its DDP wrapper only where this phase updates it: elsewhere its reducer is left alone.
+        callers = {net: self.wrappers[net] for name in objective_names for net in self.spec.objectives[name].networks
+                   if net in self.wrappers}
+        return PhasePlan(objective_names, nodes, [n.split(":", 1)[1] for n in order if n.startswith("loss:")], updates,
+                         callers)
 
     def set_references(self, train=None) -> None:
         """Fix the reference batch of every network with virtual batch norm: at construction, draws
@@ -238,7 +268,7 @@ class Model:
         if self.fast.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast.bf16):
-            env = self.compute(Env(x, y), phase.nodes)
+            env = self.compute(Env(x, y, phase.callers), phase.nodes)
             values = {name: self.objectives[name].loss(env) for name in phase.objectives}
         runs = [self.objectives[name] for name in phase.objectives]
         for run in runs:
@@ -246,13 +276,11 @@ class Model:
         for i, run in enumerate(runs):
             loss = values[run.name]
             if torch.is_tensor(loss) and loss.requires_grad:
-                # Gradients flow into this objective's own parameters only.
+                # Gradients flow into this objective's own parameters only; under --nproc the DDP
+                # wrappers of its networks average them across ranks during this backward pass.
                 loss.backward(inputs=run.params, retain_graph=i < len(runs) - 1)
-        if self.distributed:
-            from .distributed import average_gradients
-
-            for run in runs:
-                average_gradients(run.params)
+                if self.distributed:
+                    self._after_backward(run)
         for run in runs:
             run.optimizer.step()
         out = {name: env[f"loss:{name}"].detach() for name in phase.loss_names}
@@ -260,6 +288,13 @@ class Model:
         if phase.state_updates:
             out.update(self.update_states(phase, env))
         return out
+
+    def _after_backward(self, run: ObjectiveRun) -> None:
+        from .distributed import average_gradients, check_reached
+
+        for net, params in run.wrapped:
+            check_reached(f"objective {run.name!r}", net, params, self.spec)
+        average_gradients(run.prior_params)  # a flow prior's parameters: no wrapper holds them
 
     def update_states(self, phase: PhasePlan, env: Env) -> dict[str, torch.Tensor]:
         """Each state takes its update, computed from this step's (detached) losses, clamped to its range."""

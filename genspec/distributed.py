@@ -1,26 +1,52 @@
 """Data-parallel training across processes: `genspec run SPEC --nproc N` (torchrun).
 
 `launch` re-runs the same command under `torch.distributed.run`; each process then calls
-`setup`, which joins the process group (NCCL on GPUs, gloo on CPU) and picks its device. Every
-rank trains on its own slice of each global batch (the DistributedSampler idea applied to
-genspec's tensor batches), gradients are averaged across ranks before the optimisers step, and
-only rank 0 evaluates and writes the run folder.
+`setup`, which joins the process group (NCCL on GPUs, gloo on CPU) and picks its device. A
+command started by an outer torchrun (WORLD_SIZE set: several nodes, rendezvous flags) skips
+`launch` and joins the same way. Every rank trains on its own slice of each global batch (the
+DistributedSampler idea applied to genspec's tensor batches), and only rank 0 evaluates and
+writes the run folder.
 
-Why not one DistributedDataParallel wrapper per network: a genspec step runs one forward pass
-and then several backward passes (one per objective, `backward(inputs=...)`, with the graph
-retained between them: VAE-GAN's Algorithm 1). DDP's reducer assumes one backward per forward
-and would need `find_unused_parameters` and a forward per objective. Averaging each objective's
-gradients in flat buckets after its backward passes is the same arithmetic as DDP's all-reduce,
-without its overlap of communication and computation.
+Gradients are averaged by one DistributedDataParallel wrapper per network (`wrap`), which
+overlaps the all-reduce of each bucket with the rest of the backward pass. A genspec step runs
+one forward pass and then one `backward(inputs=own params)` per objective; that suits per-network
+wrappers because
+
+- every trainable parameter belongs to exactly one objective (validate checks it), so in a step a
+  network's parameters get their gradients in exactly one backward pass, its objective's: the
+  other passes are restricted by `inputs=` and never run its AccumulateGrad nodes, so its
+  reducer's hooks fire once per parameter and step. Several forwards before that one backward
+  (VAE-GAN's dis(x), dis(x_rec), dis(x_p)) are fine: DDP only asks for one backward per
+  reduction, and the gradients of all the forwards (and of `gp`, which calls the raw critic)
+  are summed in the AccumulateGrad node before its hook fires;
+- in a phase, a network is called through its wrapper only if the phase updates it (`Env.callers`,
+  set from the phase's objectives); elsewhere it is called raw, so a reducer is only prepared in a
+  step that will reduce it (what `no_sync` relies on too): a GAN's generator phase reads
+  dis(gen(z)) through the raw discriminator;
+- a parameter its objective's loss does not reach would leave its bucket unreduced and the next
+  forward failing ("Expected to have finished reduction"); `find_unused_parameters` cannot see
+  it (a network's forward returns every tap, so every parameter looks used), so the step checks
+  after each backward that a wrapped network got all its gradients or none (`check_reached`) and
+  stops with the rows that got none. An objective whose loss does not require grad this step
+  runs no backward: no hook fires and the reducer is not left waiting.
+
+Not wrapped: networks with no trainable parameter (frozen feature extractors: DDP refuses them;
+DDP also skips the frozen rows of `freeze: all_but_last`), and priors. A trainable prior (a
+RealNVP flow) is not called as a network, so its gradients keep the flat all-reduce of
+`average_gradients`; states (BEGAN's k) follow their mean (`average_tensors`). `model.networks`
+stay the raw modules: evaluation, sampling, checkpoints (unprefixed keys), torch.compile and
+channels-last work on them, and the wrappers share their parameters.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 import sys
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from .errors import RunError
 
@@ -89,8 +115,57 @@ def shard(x: torch.Tensor, y, world: World):
     return x[world.rank::world.size], (None if y is None else y[world.rank::world.size])
 
 
+class _Taps(nn.Module):
+    """What DDP wraps: its forward is the network's `forward_taps` (a dict tap -> output, None
+    the final output), the way genspec calls networks. Shares the network's parameters."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, *inputs):
+        return self.net.forward_taps(*inputs)  # the compiled one where train.compile is on
+
+
+def wrap(net: nn.Module, device: torch.device) -> nn.Module:
+    """One DistributedDataParallel wrapper for a network with trainable parameters; call it as
+    `wrapper(*inputs)` for the network's taps."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    # forward_sync_buffers=False (torch 2.14's name for broadcast_buffers=False): buffers are synced
+    # once, when the wrapper is built, and not before every forward. Every buffer starts equal anyway
+    # (train.prepare broadcasts rank 0's state); virtual batch norm's reference batches never change
+    # after that; batch norm's running statistics are read only in eval mode, and only rank 0
+    # evaluates and checkpoints (every rank resumes from its checkpoint), so broadcasting rank 0's
+    # statistics before every forward (three times a step for VAE-GAN's discriminator) would cost a
+    # collective each and change nothing that is evaluated or saved.
+    keyword = "forward_sync_buffers" if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters \
+        else "broadcast_buffers"  # torch before 2.14
+    return DistributedDataParallel(_Taps(net), device_ids=[device.index] if device.type == "cuda" else None,
+                                   **{keyword: False})
+
+
+def check_reached(where: str, net_name: str, params: list, spec=None) -> None:
+    """After the backward pass of a wrapped network's objective: its trainable parameters got
+    gradients all or none. Some without one would leave their DDP buckets unreduced (the other
+    ranks' gradients not averaged in, and the next forward failing); say which rows."""
+    missing = [name for name, p in params if p.grad is None]
+    if not missing or len(missing) == len(params):
+        return
+    rows = sorted({int(name.split(".")[1]) for name in missing if name.startswith("rows.")})
+    located = ""
+    if spec is not None and rows:
+        located = f"{spec.where('networks', net_name, 'layers', rows[0])}: networks.{net_name}.layers[{rows[0]}]: "
+    rows_text = ", ".join(f"layers[{r}]" for r in rows) or ", ".join(missing)
+    raise RunError(f"{located}{where} does not reach {len(missing)} of the {len(params)} trainable parameter tensors "
+                   f"of network {net_name!r} ({rows_text}); with --nproc every trainable parameter of a network "
+                   "must get a gradient from its objective in each step (DistributedDataParallel averages them), "
+                   "so freeze those rows (`, frozen` in the row) or make the loss read them")
+
+
 def average_gradients(params: list) -> None:
-    """All-reduce the gradients of `params` to their mean over ranks, in one flat bucket."""
+    """All-reduce the gradients of `params` to their mean over ranks, in one flat bucket (the
+    parameters of trainable priors, which no DDP wrapper holds)."""
     import torch.distributed as dist
 
     grads = [p.grad for p in params if p.grad is not None]

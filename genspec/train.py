@@ -47,17 +47,8 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
         _check_folder(spec, out, resume, overwrite)
     fidelity.preflight(spec.evaluate)
     grid_sources(spec)  # a grid with nothing to show fails now, not after training
-    device = dist.setup(world, spec.train["device"]) if world.distributed else choose_device(spec.train["device"])
-    seed = spec.train["seed"]
-    torch.manual_seed(seed)
-    splits = load_data(spec.data, seed, spec.train["loader"], spec.train["workers"])
-    splits = Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device), splits.notes)
-    torch.manual_seed(seed)  # weights do not depend on how much randomness data loading used
-    model = Model(spec, device, world)
-    model.set_references(splits.train)  # virtual batch norm's reference: real images where a network reads x
-    if world.distributed:
-        dist.broadcast_module_state([model.networks, model.priors, model.states])  # one start for every rank
-        torch.manual_seed(seed + 7919 * world.rank)  # each rank draws its own noise
+    splits, model = prepare(spec, world)
+    device = model.device
     balancer = Balancer(spec, model, splits.train) if spec.train.get("balance") else None
     # Only now, with data and model in hand, is an old run replaced: a failure above leaves it intact.
     if world.main:
@@ -77,6 +68,23 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     metrics = final_evaluation(spec, model, splits, out, history, progress and sys.stderr.isatty())
     write_report(spec, out, metrics, history)
     return metrics
+
+
+def prepare(spec: Spec, world: dist.World = dist.SINGLE) -> tuple[Splits, Model]:
+    """The data on the device and the model, seeded: the same start on every rank of a distributed
+    run (which joins its process group here), each rank then drawing its own noise."""
+    device = dist.setup(world, spec.train["device"]) if world.distributed else choose_device(spec.train["device"])
+    seed = spec.train["seed"]
+    torch.manual_seed(seed)
+    splits = load_data(spec.data, seed, spec.train["loader"], spec.train["workers"])
+    splits = Splits(splits.train.to(device), splits.val and splits.val.to(device), splits.test.to(device), splits.notes)
+    torch.manual_seed(seed)  # weights do not depend on how much randomness data loading used
+    model = Model(spec, device, world)  # under --nproc with a DDP wrapper per trained network
+    model.set_references(splits.train)  # virtual batch norm's reference: real images where a network reads x
+    if world.distributed:
+        dist.broadcast_module_state([model.networks, model.priors, model.states])  # one start for every rank
+        torch.manual_seed(seed + 7919 * world.rank)  # each rank draws its own noise
+    return splits, model
 
 
 def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:

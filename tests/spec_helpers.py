@@ -50,10 +50,15 @@ def problems_of(text: str, file: str = "spec.yaml") -> list[str]:
     raise AssertionError("expected a SpecError, but the spec is valid")
 
 
-def run_cli(args: list[str], cwd: Path | str = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
+def cli_env() -> dict:
+    """The environment of a `python -m genspec` subprocess: this checkout first on the path."""
     env = dict(os.environ)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
-    return subprocess.run([sys.executable, "-m", "genspec", *args], cwd=cwd, env=env, capture_output=True,
+    return env
+
+
+def run_cli(args: list[str], cwd: Path | str = REPO, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "genspec", *args], cwd=cwd, env=cli_env(), capture_output=True,
                           text=True, timeout=timeout)
 
 

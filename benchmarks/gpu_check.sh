@@ -1,0 +1,61 @@
+#!/usr/bin/env bash
+# The GPU figures of the speed-and-scale work, as one prepared script for a machine with CUDA:
+# a CUDA smoke run, the overhead benchmark twice (genspec's defaults, then like for like), the
+# streamed loader, the quick study comparison and the full-study estimate. Each step has its own
+# time limit and the script goes on past a failed one; results go to $OUT (else reports/benchmarks/).
+#
+#   bash benchmarks/gpu_check.sh             # all steps, about 12 minutes on an H200
+#   bash benchmarks/gpu_check.sh overhead study_estimate   # only these steps
+#
+# Where genspec's pure-Python dependencies are missing (jsonschema above all), put their wheels in
+# .whl/ first; they are installed into /tmp/site. MNIST is read from $GENSPEC_DATA, else .data/:
+#   mkdir -p .data && cp -r ../shared/data/MNIST .data/
+#   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 \
+#       -d .whl jsonschema jsonschema-specifications referencing rpds-py
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if compgen -G '.whl/*.whl' >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+export GENSPEC_DATA="${GENSPEC_DATA:-$PWD/.data}"
+out="${OUT:-reports/benchmarks}"
+mkdir -p "$out"
+steps=("$@")
+[[ ${#steps[@]} -gt 0 ]] || steps=(smoke overhead overhead_fp32 loader study study_estimate)
+
+wanted() { [[ " ${steps[*]} " == *" $1 "* ]]; }
+step() { echo "== $1 ($(date +%T))" >&2; }
+
+step "machine"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
+
+if wanted smoke; then
+  step "smoke: the quick-start on CUDA"
+  timeout 180 python3 -m genspec run specs/quickstart.yaml --out /tmp/genspec_qs --overwrite --no-progress \
+    --set train.epochs=3 2>&1 | tail -n 4
+fi
+if wanted overhead; then
+  step "overhead: genspec's CUDA defaults (bf16 autocast, channels-last, fused Adam) against a plain fp32 hand loop"
+  timeout 240 python3 benchmarks/overhead.py --out "$out/overhead_defaults.jsonl"
+fi
+if wanted overhead_fp32; then
+  step "overhead: like for like (fp32, no channels-last, no fused Adam): the parameters must match"
+  timeout 240 python3 benchmarks/overhead.py --set train.precision=fp32 --set train.channels_last=false \
+    --set train.fused=false --out "$out/overhead_fp32.jsonl"
+fi
+if wanted loader; then
+  step "loader: streamed JPEGs against a hand-written ImageFolder DataLoader"
+  timeout 180 python3 benchmarks/loader.py --images 4000 --workers 0,4,8,15 | tee "$out/loader.jsonl"
+fi
+if wanted study; then
+  step "study: 12 FC configurations x 2 seeds, 40 steps: sequential, parallel, stacked, stacked in parallel"
+  timeout 300 python3 benchmarks/study.py --quick | tee "$out/study.jsonl"
+fi
+if wanted study_estimate; then
+  step "study: the full 120-run study for 1 and 3 epochs, extrapolated to 250"
+  timeout 420 python3 benchmarks/study.py --estimate 1,3 | tee "$out/study_estimate.jsonl"
+fi
+step "done"
