@@ -26,7 +26,7 @@ from .trace import collapse_flags
 EVAL_SEED = 12345
 
 
-def _forked(model: Model):
+def forked_rng(model: Model):
     devices = [model.device] if model.device.type == "cuda" else []
     return torch.random.fork_rng(devices=devices)
 
@@ -40,7 +40,7 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
     sums = {name: 0.0 for name in names}
     count = 0
     model.train(False)
-    with _forked(model), torch.no_grad():
+    with forked_rng(model), torch.no_grad():
         torch.manual_seed(EVAL_SEED)
         for x, y in batches(split, spec.evaluate["batch_size"], None):
             env = model.compute(Env(x, y), nodes)
@@ -142,7 +142,7 @@ def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, st
     side = spec.evaluate["grid_size"]
     written = {}
     model.train(False)
-    with _forked(model), torch.no_grad():
+    with forked_rng(model), torch.no_grad():
         torch.manual_seed(EVAL_SEED)
         for kind, source in grid_sources(spec).items():
             images, nrow = _grid_images(spec, model, test, kind, source, side)
@@ -247,7 +247,7 @@ def accuracy(spec: Spec, model: Model, split: Split) -> float:
     nodes = [(n, model.node_fns[n]) for n in compute_order(spec.graph_nx, [name])]
     correct = 0
     model.train(False)
-    with _forked(model), torch.no_grad():
+    with forked_rng(model), torch.no_grad():
         for x, y in batches(split, spec.evaluate["batch_size"], None):
             correct += int((model.compute(Env(x, y), nodes)[name].argmax(1) == y).sum())
     model.train(True)
@@ -273,7 +273,7 @@ def _sample_quality(spec: Spec, model: Model, splits: Splits, progress: bool) ->
                               for i in range(0, n, batch)])
 
     model.train(False)
-    with _forked(model):
+    with forked_rng(model):
         torch.manual_seed(EVAL_SEED)
         result = fidelity.sample_metrics(spec, model, generate, _reference_images(spec, splits), model.device, progress)
     model.train(True)

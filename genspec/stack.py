@@ -31,8 +31,9 @@ from torch.func import functional_call, stack_module_state, vmap
 from . import expr as E
 from . import fidelity
 from .compile import Env, Model, choose_device, make_optimizer
-from .data import Splits, load_data
-from .evaluate import evaluate_losses, final_evaluation, grid_sources
+from .data import Splits, batches, load_data
+from .evaluate import EVAL_SEED, forked_rng, final_evaluation, grid_sources
+from .graph import compute_order
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
@@ -77,6 +78,19 @@ class _Phase(nn.Module):
         return out
 
 
+class _Evaluation(nn.Module):
+    """One replica's evaluation of a test batch as a module call: the evaluated losses."""
+
+    def __init__(self, model: Model, nodes: list, names: list[str]):
+        super().__init__()
+        self.model, self.nodes, self.names = model, nodes, names
+        self.networks, self.priors = model.networks, model.priors
+
+    def forward(self, x, y):
+        env = self.model.compute(Env(x, y), self.nodes)
+        return {name: env[f"loss:{name}"] for name in self.names}
+
+
 class StackedRuns:
     """K replicas of one architecture (different seeds), trained together."""
 
@@ -99,6 +113,9 @@ class StackedRuns:
         self.frozen = {k: v.detach() for k, v in params.items() if k not in self.params}
         base = self.models[0]
         self.steps = [self._functional(_Phase(base, plan)) for plan in base.phases]
+        self.eval_names = specs[0].evaluate.get("losses", list(specs[0].losses))
+        nodes = [(n, base.node_fns[n]) for n in compute_order(specs[0].graph_nx, [f"loss:{n}" for n in self.eval_names])]
+        self.eval_step = self._functional(_Evaluation(base, nodes, self.eval_names))
         self.optimizers = {}
         for name, obj in specs[0].objectives.items():
             keys = self._objective_keys(holders[0], obj.networks)
@@ -137,6 +154,33 @@ class StackedRuns:
             self.optimizers[name][1].step()
         return {k: v.detach() for k, v in out.items()}
 
+    def evaluate(self) -> list[dict]:
+        """Each replica's test-set means of the evaluated losses (what evaluate_losses gives a
+        separate run), every batch of all replicas in one vmapped pass in eval mode: one set of
+        kernel launches instead of K. The noise draws differ from a separate run's, as in training;
+        the final evaluation of each run is evaluate_losses' own."""
+        tests = [s.test for s in self.splits]
+        if not self.eval_names or len(tests[0]) == 0:
+            return [{} for _ in self.specs]
+        y_dim = None if tests[0].y is None else 0
+        batched = vmap(self.eval_step, in_dims=(0, 0, 0, 0, y_dim), randomness="different")
+        sums, count = {}, 0
+        for model in self.models:
+            model.train(False)
+        with forked_rng(self.models[0]), torch.no_grad():
+            torch.manual_seed(EVAL_SEED)
+            for parts in zip(*(batches(t, self.specs[0].evaluate["batch_size"], None) for t in tests)):
+                xs = torch.stack([x for x, _ in parts])
+                ys = None if y_dim is None else torch.stack([y for _, y in parts])
+                out = batched(self.params, self.frozen, self.buffers, xs, ys)
+                for name, values in out.items():  # (K,) on the device: read back once, at the end
+                    sums[name] = sums.get(name, 0) + values.double() * xs.shape[1]
+                count += xs.shape[1]
+        for model in self.models:
+            model.train(True)
+        table = {name: (total / count).tolist() for name, total in sums.items()}
+        return [{name: values[r] for name, values in table.items()} for r in range(len(self.specs))]
+
     def unstack(self) -> None:
         """Write each replica's slice back into its own Model (weights and optimiser state)."""
         with torch.no_grad():
@@ -173,10 +217,11 @@ def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True)
     for epoch in range(1, train["epochs"] + 1):
         began = time.perf_counter()
         means = _one_epoch(stacked, epoch)
-        stacked.unstack()
         seconds = round((time.perf_counter() - began) / len(specs), 4)  # per run, as a sequential study counts it
-        for r, (spec, model, splits, folder) in enumerate(zip(specs, stacked.models, stacked.splits, folders)):
-            record = {"epoch": epoch, "time_s": seconds, "train": means[r], "test": evaluate_losses(spec, model, splits.test)}
+        tests = stacked.evaluate()
+        stacked.unstack()
+        for r, (spec, model, folder) in enumerate(zip(specs, stacked.models, folders)):
+            record = {"epoch": epoch, "time_s": seconds, "train": means[r], "test": tests[r]}
             histories[r].append(record)
             with open(folder / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")

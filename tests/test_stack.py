@@ -11,6 +11,7 @@ import torch
 
 import genspec
 from genspec.stack import StackedRuns, cannot_stack, train_stacked
+from genspec.evaluate import evaluate_losses
 from genspec.train import run
 from spec_helpers import REPO, TINY_DIGITS_CLASSIFIER
 
@@ -122,6 +123,29 @@ def test_stacked_batch_norm_replicas_match_separate_runs(tmp_path, norm):
                      for s in (0, 1))
     key = "enc.rows.0.1.running_mean" if norm == "bn" else "enc.reference"
     assert not torch.allclose(first[key], second[key])
+
+
+@pytest.mark.parametrize("text", ["classifier", "bn"])
+def test_stacked_evaluation_is_each_replicas_own_evaluation(tmp_path, text):
+    """The per-epoch test losses of a stacked run come from one vmapped pass over all replicas'
+    test batches; with nothing random in the losses they are each replica's evaluate_losses, in
+    eval mode (batch norm reads each replica's own running statistics), and training goes on after."""
+    (tmp_path / "s.yaml").write_text(TINY_DIGITS_CLASSIFIER if text == "classifier" else NORMED_AUTOENCODER.replace("NORM", "bn"))
+    specs = replicas(tmp_path / "s.yaml", (0, 1, 2), ["evaluate.batch_size=24"])  # uneven batches: 64 = 24 + 24 + 16
+    stacked = StackedRuns(specs, torch.device("cpu"))
+    for step in range(3):  # move the weights and running statistics away from their start
+        xs = torch.stack([s.train.x[step * 32:(step + 1) * 32] for s in stacked.splits])
+        ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[step * 32:(step + 1) * 32] for s in stacked.splits])
+        stacked.step(0, xs, ys)
+    together = stacked.evaluate()
+    stacked.unstack()
+    alone = [evaluate_losses(spec, model, splits.test) for spec, model, splits in zip(specs, stacked.models, stacked.splits)]
+    assert len({round(a[next(iter(a))], 6) for a in alone}) == 3  # three different replicas
+    for t, a in zip(together, alone):
+        assert t.keys() == a.keys()
+        for name, value in a.items():
+            assert t[name] == pytest.approx(value, rel=1e-5), name
+    assert all(model.networks.training for model in stacked.models)
 
 
 TINY_CONDITIONAL_GAN = """\
