@@ -14,7 +14,7 @@ import torch
 from genspec import data as D
 from genspec.distributed import World
 from genspec.validate import DATA_DEFAULTS
-from spec_helpers import cli_in_process, problems_of, tiny_digits_vae
+from spec_helpers import cli_in_process, problems_of, run_cli, tiny_digits_vae
 from test_specs import make_image_folder
 
 IMAGE_SIZE = 8
@@ -122,3 +122,19 @@ def test_a_streamed_run_matches_the_same_run_in_memory(tmp_path, folder):
     rc, _, err = cli_in_process("run", spec, "--out", tmp_path / "stream", "--resume", "--no-progress",
                                 "--set", f"data.root={folder}", "--set", "train.loader=memory", "--set", "train.epochs=3")
     assert rc == 0, err
+
+
+def test_two_processes_stream_the_same_batches_as_they_hold_in_memory(tmp_path, folder):
+    """--nproc 2 with streamed files: each rank decodes only its slice of every global batch, and
+    the run is the same, bit for bit, as the same two-process run with the data in memory."""
+    spec = tmp_path / "folder_vae.yaml"
+    spec.write_text(FOLDER_VAE.replace("batch_size: 32", "batch_size: 8"))
+    tests = {}
+    for loader in ("memory", "stream"):
+        out = tmp_path / loader
+        result = run_cli(["run", str(spec), "--out", str(out), "--no-progress", "--nproc", "2", "--set", f"data.root={folder}",
+                          "--set", f"train.loader={loader}", "--set", "train.workers=1"], timeout=300)
+        assert result.returncode == 0, result.stderr
+        records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+        tests[loader] = [(r["train"], r["test"]) for r in records]
+    assert tests["memory"] == tests["stream"] and len(tests["stream"]) == 1
