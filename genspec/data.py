@@ -153,10 +153,12 @@ def load_data(data: dict, seed: int, loader: str = "auto", workers: int | str = 
 
 def resolve_workers(workers: int | str) -> int:
     """train.workers: auto is one decoding process per core but one, at most 8 (beyond that
-    a 64x64 run is no longer waiting for JPEGs)."""
+    a 64x64 run is no longer waiting for JPEGs); under torchrun the cores are shared out
+    among the training processes of this machine (LOCAL_WORLD_SIZE)."""
     if workers != "auto":
         return int(workers)
-    return max(1, min(8, (os.cpu_count() or 1) - 1))
+    cores = (os.cpu_count() or 1) // max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(8, cores - 1))
 
 
 def _image_file_splits(data: dict, seed: int, loader: str, workers: int) -> Splits:

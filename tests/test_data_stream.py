@@ -83,11 +83,15 @@ def test_a_last_global_batch_smaller_than_the_world_is_dropped(folder):
 
 
 def test_workers_auto_is_one_per_core_but_one(monkeypatch):
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     monkeypatch.setattr(D.os, "cpu_count", lambda: 16)
     assert D.resolve_workers("auto") == 8
     monkeypatch.setattr(D.os, "cpu_count", lambda: 2)
     assert D.resolve_workers("auto") == 1
     assert D.resolve_workers(0) == 0 and D.resolve_workers(3) == 3
+    monkeypatch.setattr(D.os, "cpu_count", lambda: 16)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # four training processes on this machine share its cores
+    assert D.resolve_workers("auto") == 3
 
 
 def test_stream_on_a_dataset_held_in_memory_is_a_located_error():
