@@ -1,10 +1,14 @@
 """Sample-quality metrics (IS, FID, KID, precision/recall) through torch-fidelity.
 
-Never re-implemented: images go to `torch_fidelity.calculate_metrics` with a registered
-feature extractor, either the standard Inception-v3 (weights from a local file only) or the
-classifier of a finished genspec run (e.g. specs/mnist_classifier.yaml), on the run's device.
-The measurement protocol (sample counts, reference split and size, resize, extractor and the
-sha256 of its weights) is returned with the numbers, because FID moves with every one of them.
+Never re-implemented: features come from a registered torch-fidelity extractor, either the
+standard Inception-v3 (weights from a local file only) or the classifier of a finished genspec
+run (e.g. specs/mnist_classifier.yaml), on the run's device, and the metrics from
+torch-fidelity's own functions, in the order `calculate_metrics` calls them. One step is ours:
+the reference images' features are kept in a cache (GENSPEC_CACHE, else ~/.cache/genspec), keyed
+by the images' bytes, the extractor and its weights, so the runs of a study that share a
+reference set extract it once. The measurement protocol (sample counts, reference split and
+size, resize, extractor and the sha256 of its weights) is returned with the numbers, because FID
+moves with every one of them.
 
 torch-fidelity is imported only here, and only when a spec asks for these metrics.
 """
@@ -195,7 +199,7 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
 
     Returns {"metrics": {torch-fidelity names: value}, "protocol": {...}, "notes": [...]}.
     """
-    tf = _torch_fidelity()
+    _torch_fidelity()  # a clear install hint if it is missing
     evaluate = spec.evaluate
     asked = requested(evaluate)
     extractor = choose_extractor(evaluate)
@@ -239,12 +243,73 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
             options["kid_subset_size"] = min(subset, count, len(real))
             if options["kid_subset_size"] < subset:
                 notes.append(f"kid: subset size {options['kid_subset_size']} (asked {subset}) for lack of samples")
-        out = tf.calculate_metrics(
-            input1=ImageSet(fake), input2=ImageSet(real) if binary else None, cuda=device.type == "cuda",
-            feature_extractor=name, batch_size=evaluate.get("batch_size", 256), cache=False, verbose=progress,
-            save_cpu_ram=True, samples_shuffle=True, **options, **kwargs)
+        common = {"cuda": device.type == "cuda", "batch_size": evaluate.get("batch_size", 256), "verbose": progress,
+                  "save_cpu_ram": True, "samples_shuffle": True, **kwargs}
+        out, reference = calculate(fake, real if binary else None, name, protocol.get("weights_sha256", ""), options, common)
         results.update({k: float(v) for k, v in out.items()})
+        if reference:
+            protocol["reference_features"] = reference
     return {"metrics": results, "protocol": protocol, "notes": notes}
+
+
+def calculate(fake: torch.Tensor, real: torch.Tensor | None, extractor: str, weights: str, options: dict,
+              common: dict) -> tuple[dict, str | None]:
+    """What `torch_fidelity.calculate_metrics(input1=fake, input2=real, feature_extractor=extractor,
+    **options, **common)` gives (the same functions in the same order), with the features of
+    `real` from the cache when an earlier call extracted them. Returns the metrics and whether the
+    reference features were "cached" or "extracted" (None without a reference)."""
+    from torch_fidelity.metric_fid import fid_featuresdict_to_statistics, fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
+    from torch_fidelity.utils import create_feature_extractor, extract_featuresdict_from_input_id, resolve_feature_layer_for_metric
+
+    kwargs = {**common, **options, "feature_extractor": extractor, "input1": ImageSet(fake),
+              "input2": None if real is None else ImageSet(real)}
+    layers = {m: resolve_feature_layer_for_metric(m, **kwargs) for m in METRIC_FLAGS.values() if options.get(m)}
+    feature_layers = sorted(set(layers.values()))
+    model = create_feature_extractor(extractor, feature_layers, **kwargs)
+    features_1 = extract_featuresdict_from_input_id(1, model, **kwargs)
+    features_2, reference = None, None
+    if real is not None:
+        key = [extractor, weights, *feature_layers, _torch_fidelity().__version__, "cuda" if common["cuda"] else "cpu"]
+        features_2, reference = _cached_features(real, key, lambda: extract_featuresdict_from_input_id(2, model, **kwargs))
+    metrics = {}
+    if "isc" in layers:
+        metrics.update(isc_featuresdict_to_metric(features_1, layers["isc"], **kwargs))
+    if "fid" in layers:
+        metrics.update(fid_statistics_to_metric(fid_featuresdict_to_statistics(features_1, layers["fid"]),
+                                                fid_featuresdict_to_statistics(features_2, layers["fid"]), common["verbose"]))
+    if "kid" in layers:
+        metrics.update(kid_featuresdict_to_metric(features_1, features_2, layers["kid"], **kwargs))
+    if "prc" in layers:
+        metrics.update(prc_featuresdict_to_metric(features_1, features_2, layers["prc"], **kwargs))
+    return metrics, reference
+
+
+def cache_folder() -> Path:
+    return Path(os.environ.get("GENSPEC_CACHE") or Path.home() / ".cache" / "genspec") / "fidelity"
+
+
+def _cached_features(images: torch.Tensor, key: list[str], extract) -> tuple[dict, str]:
+    """The features of `images` under `key` from the cache (a plain tensor file, read with
+    weights_only), else `extract()`, written atomically for the next run."""
+    digest = hashlib.sha256("\0".join([*key, str(tuple(images.shape))]).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    path = cache_folder() / f"reference-{digest.hexdigest()[:40]}.pt"
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True), "cached"
+    except Exception:  # absent, damaged or not a plain tensor file: extract afresh (and replace it)
+        pass
+    features = extract()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        torch.save({k: v.cpu() for k, v in features.items()}, tmp)
+        os.replace(tmp, path)  # atomic: runs of a study in parallel never read half a file
+    except OSError:
+        pass  # a read-only home: the metrics do not need the cache
+    return features, "extracted"
 
 
 def inception_score_by_splits(run, splits: list[int], samples: int | None = None, seed: int = 0) -> list[dict]:

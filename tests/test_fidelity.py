@@ -189,6 +189,7 @@ def test_vae_run_records_fidelity_and_protocol(vae_run, classifier_run):
     assert protocol["samples"] == {"is": 64, "fid": 64, "kid": 64}
     assert protocol["reference_split"] == "test" and protocol["reference_size"] == 64
     assert str(classifier_run) in protocol["extractor"]
+    assert protocol["reference_features"] in ("extracted", "cached")  # cached when an earlier run used this reference
     assert metrics["fidelity_notes"] == []
     report = (vae_run / "report.md").read_text()
     assert "## Sample quality" in report
@@ -237,6 +238,58 @@ def test_metrics_equal_torch_fidelity_feature_level(classifier_run, tmp_path):
     same = fid_statistics_to_metric(fid_features_to_statistics(real["features"]),
                                     fid_features_to_statistics(real["features"]), False)
     assert same["frechet_inception_distance"] == pytest.approx(0, abs=1e-6)
+
+
+def test_calculate_gives_what_calculate_metrics_gives(classifier_run, monkeypatch, tmp_path):
+    """genspec's path (torch-fidelity's metric functions, the reference's features cached) and
+    torch_fidelity.calculate_metrics give the same numbers for every metric."""
+    import torch_fidelity
+
+    monkeypatch.setenv("GENSPEC_CACHE", str(tmp_path / "cache"))
+    name, protocol = gf.classifier_extractor(str(classifier_run))
+    fake, real = gf.to_uint8(fake_generator(64), [0, 1]), gf.to_uint8(digits(0, 64), [0, 1])
+    options = {"isc": True, "fid": True, "kid": True, "prc": True, "isc_splits": 2, "kid_subset_size": 16}
+    common = {"cuda": False, "batch_size": 32, "verbose": False, "save_cpu_ram": True, "samples_shuffle": True}
+    expected = torch_fidelity.calculate_metrics(input1=gf.ImageSet(fake), input2=gf.ImageSet(real), feature_extractor=name,
+                                                cache=False, **options, **common)
+    first, how = gf.calculate(fake, real, name, protocol["weights_sha256"], options, common)
+    assert how == "extracted" and len(list((tmp_path / "cache" / "fidelity").glob("reference-*.pt"))) == 1
+    second, how = gf.calculate(fake, real, name, protocol["weights_sha256"], options, common)
+    assert how == "cached"
+    assert set(first) == set(expected) and "precision" in first and "inception_score_mean" in first
+    for key, value in expected.items():
+        assert first[key] == pytest.approx(float(value), rel=1e-6, abs=1e-9), key
+        assert second[key] == first[key], key  # the cached features are the extracted ones, bit for bit
+
+
+def test_reference_features_are_cached_by_content_and_extractor(classifier_run, monkeypatch, tmp_path):
+    import torch_fidelity.utils
+
+    monkeypatch.setenv("GENSPEC_CACHE", str(tmp_path / "cache"))
+    extracted = []
+    original = torch_fidelity.utils.extract_featuresdict_from_input_id
+    monkeypatch.setattr(torch_fidelity.utils, "extract_featuresdict_from_input_id",
+                        lambda i, *a, **k: extracted.append(i) or original(i, *a, **k))
+    name, protocol = gf.classifier_extractor(str(classifier_run))
+    fake = gf.to_uint8(fake_generator(32), [0, 1])
+    options, common = {"fid": True}, {"cuda": False, "batch_size": 32, "verbose": False, "save_cpu_ram": True}
+
+    def fid(real, weights=protocol["weights_sha256"]):
+        extracted.clear()
+        metrics, how = gf.calculate(fake, gf.to_uint8(real, [0, 1]), name, weights, options, common)
+        return metrics["frechet_inception_distance"], how, list(extracted)
+
+    a = fid(digits(0, 40))
+    assert a[1:] == ("extracted", [1, 2])
+    assert fid(digits(0, 40))[1:] == ("cached", [1])  # only the samples' features are extracted again
+    assert fid(digits(0, 40))[0] == a[0]
+    assert fid(digits(1, 40))[1] == "extracted"  # other images
+    assert fid(digits(0, 40), weights="other")[1] == "extracted"  # another extractor's weights
+    entries = sorted((tmp_path / "cache" / "fidelity").glob("reference-*.pt"))
+    assert len(entries) == 3 and not list((tmp_path / "cache" / "fidelity").glob("*.tmp"))
+    for entry in entries:
+        entry.write_bytes(b"not a tensor file")  # damaged: extracted afresh and replaced
+    assert fid(digits(0, 40))[1] == "extracted" and fid(digits(0, 40))[:2] == (a[0], "cached")
 
 
 def test_small_reference_is_noted(classifier_run, tmp_path):
