@@ -281,6 +281,14 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _speaker() -> str:
+    """Who prints a message: `genspec`, or under torchrun `genspec (rank N)`, as every rank of a
+    stopped run says why it stopped (the real cause may be on any one of them)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"genspec (rank {os.environ.get('RANK', '?')})"
+    return "genspec"
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = list(map(str, argv)) if argv is not None else sys.argv[1:]
@@ -291,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 2
     except RunError as exc:
-        print(f"genspec: {exc}", file=sys.stderr)
+        print(f"{_speaker()}: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("genspec: interrupted (the last checkpoint is kept; --resume continues)", file=sys.stderr)

@@ -213,7 +213,7 @@ def agree(problem: Exception | None, world: World = SINGLE) -> None:
     if problem is not None:
         raise problem
     if flag.item() > 0:
-        raise RunError(f"rank {world.rank}: another process stopped the run (rank 0 reports why)")
+        raise RunError("another process stopped the run (its own message above or below says why)")
 
 
 def barrier() -> None:

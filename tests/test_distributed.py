@@ -395,3 +395,13 @@ def test_compiled_networks_train_under_ddp_like_one_uncompiled_process(tmp_path)
                       "--set", "train.compile=true"], timeout=600)
     assert double.returncode == 0, double.stderr
     assert _test_metrics(tmp_path / "two")["nll"] == pytest.approx(_test_metrics(tmp_path / "one")["nll"], rel=1e-3)
+
+
+def test_every_rank_names_itself_when_it_stops(monkeypatch):
+    from genspec.cli import _speaker
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    assert _speaker() == "genspec"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    assert _speaker() == "genspec (rank 1)"  # the cause may be this rank's own (its data missing on its node)
