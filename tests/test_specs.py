@@ -146,9 +146,11 @@ def tiny_overrides(spec, tmp_path: Path, depth: int = 0, classifier: Path | None
         sets += [f"data.root={mnist_root(dataset)}", "data.download=false", "data.split.train=64", "data.split.test=32"]
     elif dataset == "svhn":
         sets += [f"data.root={svhn_root(tmp_path)}", "data.download=false", "data.split.train=64", "data.split.test=32"]
-    else:  # image folders, and CelebA (absent here) as an image folder of the same size
+    else:  # image folders, and CelebA (absent here) as an image folder of the same size, streamed as
+        # full-size CelebA is by default (train.loader auto): the DataLoader path runs for every such spec
         root = make_image_folder(tmp_path / "images", spec.data.get("channels", 3))
-        sets += [f"data.root={root}", "data.split.train=24", "data.split.test=8", "data.dataset=image_folder"]
+        sets += [f"data.root={root}", "data.split.train=24", "data.split.test=8", "data.dataset=image_folder",
+                 "train.loader=stream", "train.workers=1"]
     if spec.train.get("balance"):
         sets.append("train.balance.samples=64")
     if has_val:

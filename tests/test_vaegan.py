@@ -418,13 +418,17 @@ def test_null_removes_only_the_inherited_key(tmp_path):
 
 # ---------------------------------------------------------------- 5. tiny runs
 
-def _check_run(out: Path, losses: set, grids: set) -> dict:
+def _check_run(out: Path, losses: set, grids: set, streamed: int = 0) -> dict:
+    """A tiny run's folder and metrics; `streamed`: the DataLoader workers of a streamed run (0: held in memory)."""
     assert (out / "report.md").is_file() and (out / "samples.png").is_file()
     metrics = json.loads((out / "metrics.json").read_text())
     assert set(metrics["test"]) == losses
     assert all(math.isfinite(v) for v in metrics["test"].values())
     assert set(metrics["grids"]) == grids
-    assert metrics["data"] == {"dataset": "image_folder", "train": 16, "test": 8, "val": 0, "notes": []}
+    notes = metrics["data"].pop("notes")
+    assert metrics["data"] == {"dataset": "image_folder", "train": 16, "test": 8, "val": 0}
+    assert notes == ([f"streamed from image files: 0.0 GiB decoded as float32; {streamed} DataLoader worker(s) decode each batch"]
+                     if streamed else [])
     with Image.open(out / "samples.png") as img:
         assert img.size == (8 * 66 + 2, 8 * 66 + 2)  # an 8x8 grid of 64x64 samples, 2 pixels apart
     return metrics
@@ -504,13 +508,15 @@ def classifier_run(image_folder, tmp_path_factory) -> Path:
 
 
 def test_larsen_run_with_fid_through_a_registered_classifier(image_folder, classifier_run, tmp_path):
+    """Larsen's whole pipeline, streamed as full-size CelebA is by default: 2 DataLoader workers."""
     out = tmp_path / "larsen"
     result = genspec_cli("run", LARSEN, "--out", out, *image_overrides(image_folder),
                          "--set", "evaluate.fid.samples=8", "--set", "evaluate.reference.size=8",
-                         "--set", f"evaluate.extractor.classifier={classifier_run}", "--no-progress")
+                         "--set", f"evaluate.extractor.classifier={classifier_run}", "--no-progress",
+                         "--set", "train.loader=stream", "--set", "train.workers=2")
     assert result.returncode == 0, result.stderr
     losses, grids, nets = RUNS["larsen_vaegan"]
-    metrics = _check_run(out, losses, grids)
+    metrics = _check_run(out, losses, grids, streamed=2)
     assert set(metrics["params"]) == nets
     assert metrics["params"]["enc"]["trainable"] == 35_115_264
     fid = metrics["fidelity"]["frechet_inception_distance"]
