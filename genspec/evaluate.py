@@ -31,12 +31,17 @@ def forked_rng(model: Model):
     return torch.random.fork_rng(devices=devices)
 
 
+def evaluated_losses(spec: Spec, model: Model) -> tuple[list[str], list]:
+    """The losses `evaluate.losses` names (default: all) and the nodes that compute them, in order."""
+    names = spec.evaluate.get("losses", list(spec.losses))
+    return names, [(n, model.node_fns[n]) for n in compute_order(spec.graph_nx, [f"loss:{name}" for name in names])]
+
+
 def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
     """Mean of each evaluated loss over a split, in eval mode."""
-    names = spec.evaluate.get("losses", list(spec.losses))
+    names, nodes = evaluated_losses(spec, model)
     if not names or len(split) == 0:
         return {}
-    nodes = [(n, model.node_fns[n]) for n in compute_order(spec.graph_nx, [f"loss:{name}" for name in names])]
     sums = {name: 0.0 for name in names}
     count = 0
     model.train(False)

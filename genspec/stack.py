@@ -32,8 +32,7 @@ from . import expr as E
 from . import fidelity
 from .compile import Env, Model, choose_device, make_optimizer
 from .data import Splits, batches, load_data
-from .evaluate import EVAL_SEED, forked_rng, final_evaluation, grid_sources
-from .graph import compute_order
+from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, grid_sources
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
@@ -113,8 +112,7 @@ class StackedRuns:
         self.frozen = {k: v.detach() for k, v in params.items() if k not in self.params}
         base = self.models[0]
         self.steps = [self._functional(_Phase(base, plan)) for plan in base.phases]
-        self.eval_names = specs[0].evaluate.get("losses", list(specs[0].losses))
-        nodes = [(n, base.node_fns[n]) for n in compute_order(specs[0].graph_nx, [f"loss:{n}" for n in self.eval_names])]
+        self.eval_names, nodes = evaluated_losses(specs[0], base)
         self.eval_step = self._functional(_Evaluation(base, nodes, self.eval_names))
         self.optimizers = {}
         for name, obj in specs[0].objectives.items():
