@@ -8,8 +8,11 @@ the two, and prints one JSON object per spec: steps per second of each and
 
     ratio = genspec steps/s / hand-written steps/s      (above 1: genspec is faster)
 
-It then checks that both loops ended with the same parameters (`params_match`,
-`max_abs_diff`), which shows that the two loops did the same work.
+The timed hand loop is what one writes by hand (float32, PyTorch's default optimiser
+implementation and layout); genspec runs its defaults (fused optimisers; on CUDA bfloat16
+autocast and channels-last too). To show that both did the same work, the same hand loop given
+genspec's fast path (its "twin") then replays the steps untimed, and its parameters must equal
+genspec's (`params_match`, `max_abs_diff`).
 
     .venv/bin/python benchmarks/overhead.py --quick          # a few minutes on a 2-core CPU
     .venv/bin/python benchmarks/overhead.py --only mnist_gan --steps 200 --threads 1
@@ -24,6 +27,7 @@ This is a measurement script, not a test: it asserts nothing about speed.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import datetime
 import json
@@ -118,58 +122,104 @@ def soft_targets(p, value, swap, other):
     return torch.where(torch.rand_like(p) < swap, torch.full_like(p, other), target)
 
 
-class HandVAE:
+def bce(p, target):
+    """Binary cross-entropy in float32 outside autocast (CUDA's autocast refuses it), as genspec's."""
+    with torch.autocast(p.device.type, enabled=False):
+        return F.binary_cross_entropy(p.float(), target.float())
+
+
+class HandLoop:
+    """What the hand-written loops share. With `fast=None` they are what one writes by hand:
+    float32, PyTorch's default optimiser implementation and layout; this is the loop timed
+    against genspec. Given genspec's FastPath they are its twin: the same fused optimiser
+    kernels, channels-last layout and bfloat16 autocast, which is what the parameters after
+    the steps are compared against (`params_match`)."""
+
+    def __init__(self, model: Model, fast=None):
+        self.fast = fast
+        self.lr = model.spec.params["lr"]
+
+    def adam(self, params) -> torch.optim.Optimizer:
+        extra = {"fused": True} if self.fast and self.fast.fused else {}
+        return torch.optim.Adam(params, lr=self.lr, **extra)
+
+    def forward_pass(self):
+        """The context of the forward pass and the losses (not of backward or the update)."""
+        if self.fast and self.fast.bf16:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def set_phases(self, steps: list) -> None:
+        self.device = next(next(iter(self.networks.values())).parameters()).device
+        channels_last_on = bool(self.fast and self.fast.channels_last)
+        layout = torch.channels_last if channels_last_on else torch.contiguous_format
+        for net in self.networks.values():  # genspec's rule: networks with a convolution
+            if any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in net.modules()):
+                net.to(memory_format=layout)  # the copied layers came in genspec's layout
+        if not channels_last_on:
+            self.phases = steps
+            return
+
+        def channels_last(step):
+            return lambda x: step(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x)
+
+        self.phases = [channels_last(step) for step in steps]
+
+
+class HandVAE(HandLoop):
     """specs/mnist_vae.yaml: elbo = sqerr(dec(z), x) + kl(q, z), one Adam over enc and dec."""
 
-    def __init__(self, model: Model):
-        spec = model.spec
+    def __init__(self, model: Model, fast=None):
+        super().__init__(model, fast)
         self.enc = GaussianEncoder(model.networks["enc"])
         self.dec = nn.Sequential(*layers(model.networks["dec"]))
-        self.opt = torch.optim.Adam([*self.enc.parameters(), *self.dec.parameters()], lr=spec.params["lr"])
+        self.opt = self.adam([*self.enc.parameters(), *self.dec.parameters()])
         self.networks = {"enc": self.enc, "dec": self.dec}
         self.optimizers = {"vae": self.opt}
-        self.phases = [self.step]
+        self.set_phases([self.step])
 
     def step(self, x):
-        mean, logvar = self.enc(x)
-        z = rsample(mean, logvar)
-        kl = kl_to_standard_normal(mean, logvar)
-        rec = squared_error(self.dec(z), x)
-        elbo = rec + kl
+        with self.forward_pass():
+            mean, logvar = self.enc(x)
+            z = rsample(mean, logvar)
+            kl = kl_to_standard_normal(mean, logvar)
+            rec = squared_error(self.dec(z), x)
+            elbo = rec + kl
         self.opt.zero_grad(set_to_none=True)
         elbo.backward()
         self.opt.step()
 
 
-class HandGAN:
+class HandGAN(HandLoop):
     """specs/mnist_gan.yaml: a discriminator step, then a generator step (non-saturating
     loss), each on its own batch as genspec's phases are."""
 
-    def __init__(self, model: Model):
-        spec = model.spec
-        self.z_shape = tuple(spec.latents["z"].shape)
+    def __init__(self, model: Model, fast=None):
+        super().__init__(model, fast)
+        self.z_shape = tuple(model.spec.latents["z"].shape)
         self.gen = nn.Sequential(*layers(model.networks["gen"]))
         self.dis = nn.Sequential(*layers(model.networks["dis"]))
         self.gen_params = list(self.gen.parameters())
-        self.opt_d = torch.optim.Adam(self.dis.parameters(), lr=spec.params["lr"])
-        self.opt_g = torch.optim.Adam(self.gen_params, lr=spec.params["lr"])
+        self.opt_d = self.adam(self.dis.parameters())
+        self.opt_g = self.adam(self.gen_params)
         self.networks = {"gen": self.gen, "dis": self.dis}
         self.optimizers = {"dis": self.opt_d, "gen": self.opt_g}
-        self.phases = [self.dis_step, self.gen_step]  # train.phases: [{update: [dis]}, {update: [gen]}]
+        self.set_phases([self.dis_step, self.gen_step])  # train.phases: [{update: [dis]}, {update: [gen]}]
 
     def dis_step(self, x):
-        x_fake = self.gen(torch.randn(len(x), *self.z_shape, device=x.device))
-        d_real = self.dis(x)
-        d_fake = self.dis(x_fake.detach())  # the usual idiom: no gradient into the generator
-        d_loss = F.binary_cross_entropy(d_real, torch.ones_like(d_real)) + \
-            F.binary_cross_entropy(d_fake, torch.zeros_like(d_fake))
+        with self.forward_pass():
+            x_fake = self.gen(torch.randn(len(x), *self.z_shape, device=x.device))
+            d_real = self.dis(x)
+            d_fake = self.dis(x_fake.detach())  # the usual idiom: no gradient into the generator
+            d_loss = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
         self.opt_d.step()
 
     def gen_step(self, x):  # the batch is not read: the generator's loss sees only fakes
-        d_fake = self.dis(self.gen(torch.randn(len(x), *self.z_shape, device=x.device)))
-        g_loss = F.binary_cross_entropy(d_fake, torch.ones_like(d_fake))
+        with self.forward_pass():
+            d_fake = self.dis(self.gen(torch.randn(len(x), *self.z_shape, device=x.device)))
+            g_loss = bce(d_fake, torch.ones_like(d_fake))
         self.opt_g.zero_grad(set_to_none=True)
         # Gradients for the generator only: a plain backward() would also fill the
         # discriminator's .grad, work that its next zero_grad throws away.
@@ -177,7 +227,7 @@ class HandGAN:
         self.opt_g.step()
 
 
-class HandVAEGAN:
+class HandVAEGAN(HandLoop):
     """specs/larsen_vaegan.yaml, Algorithm 1: one forward pass, three losses, three updates.
 
         prior = kl(q, z) * beta
@@ -186,7 +236,8 @@ class HandVAEGAN:
         enc minimises prior + llike, dec gamma * llike - gan, dis gan
     """
 
-    def __init__(self, model: Model):
+    def __init__(self, model: Model, fast=None):
+        super().__init__(model, fast)
         spec = model.spec
         self.z_shape = tuple(spec.latents["z"].shape)
         self.gamma, self.beta = float(spec.params["gamma"]), float(spec.params["beta"])
@@ -196,26 +247,26 @@ class HandVAEGAN:
         self.dis = FeatureDiscriminator(model.networks["dis"], model.networks["dis"].taps["features"])
         self.networks = {"enc": self.enc, "dec": self.dec, "dis": self.dis}
         self.params = {name: list(net.parameters()) for name, net in self.networks.items()}
-        self.optimizers = {name: torch.optim.Adam(self.params[name], lr=spec.params["lr"]) for name in self.networks}
-        self.phases = [self.step]
+        self.optimizers = {name: self.adam(self.params[name]) for name in self.networks}
+        self.set_phases([self.step])
 
     def step(self, x):
         # The statements follow genspec's computation order (its graph's topological order), so
         # that the random draws (prior sample, reparameterisation, label swaps) and the batch
         # norm running statistics come out the same; the order changes no gradient.
-        mean, logvar = self.enc(x)
-        x_p = self.dec(torch.randn(len(x), *self.z_shape, device=x.device))
-        d_real, f_real = self.dis(x)
-        z = rsample(mean, logvar)
-        prior = kl_to_standard_normal(mean, logvar) * self.beta
-        d_p, _ = self.dis(x_p)
-        x_rec = self.dec(z)
-        d_rec, f_rec = self.dis(x_rec)
-        llike = squared_error(f_rec, f_real) / 2
-        gan = F.binary_cross_entropy(d_real, soft_targets(d_real, **self.real)) + \
-            F.binary_cross_entropy(d_rec, soft_targets(d_rec, **self.fake)) + \
-            F.binary_cross_entropy(d_p, soft_targets(d_p, **self.fake))
-        losses = {"enc": prior + llike, "dec": self.gamma * llike - gan, "dis": gan}
+        with self.forward_pass():
+            mean, logvar = self.enc(x)
+            x_p = self.dec(torch.randn(len(x), *self.z_shape, device=x.device))
+            d_real, f_real = self.dis(x)
+            z = rsample(mean, logvar)
+            prior = kl_to_standard_normal(mean, logvar) * self.beta
+            d_p, _ = self.dis(x_p)
+            x_rec = self.dec(z)
+            d_rec, f_rec = self.dis(x_rec)
+            llike = squared_error(f_rec, f_real) / 2
+            gan = bce(d_real, soft_targets(d_real, **self.real)) + bce(d_rec, soft_targets(d_rec, **self.fake)) + \
+                bce(d_p, soft_targets(d_p, **self.fake))
+            losses = {"enc": prior + llike, "dec": self.gamma * llike - gan, "dis": gan}
         for opt in self.optimizers.values():
             opt.zero_grad(set_to_none=True)
         # Each loss moves only its own network (the feature loss must not move the discriminator),
@@ -317,13 +368,26 @@ def compare_state(model: Model, hand) -> dict:
             "buffers_max_abs_diff": max((d for _, d in out["buffer"]), default=0.0)}
 
 
+# How PyTorch carries out an update, not which update: the timed hand loop keeps PyTorch's
+# default (what one writes by hand), genspec may take a fused kernel.
+IMPLEMENTATION_KEYS = ("params", "fused", "foreach")
+
+
+def optimizer_settings(opt: torch.optim.Optimizer) -> list[dict]:
+    return [{k: v for k, v in g.items() if k not in IMPLEMENTATION_KEYS} for g in opt.param_groups]
+
+
+def optimizer_implementation(opt: torch.optim.Optimizer) -> str:
+    group = opt.param_groups[0]
+    return "fused" if group.get("fused") else "foreach" if group.get("foreach") else "default"
+
+
 def check_same_optimizers(model: Model, hand) -> None:
-    """The hand-written optimisers must be genspec's classes with genspec's settings."""
+    """The hand-written optimisers must be genspec's classes with genspec's settings (learning
+    rate, betas, ...); only the implementation (fused kernel or not) may differ."""
     for name, run in model.objectives.items():
         ours, theirs = run.optimizer, hand.optimizers[name]
-        settings = [{k: v for k, v in g.items() if k != "params"} for g in ours.param_groups]
-        if type(ours) is not type(theirs) or settings != [{k: v for k, v in g.items() if k != "params"}
-                                                          for g in theirs.param_groups]:
+        if type(ours) is not type(theirs) or optimizer_settings(ours) != optimizer_settings(theirs):
             raise SystemExit(f"objective {name}: hand-written optimiser {theirs!r} differs from genspec's {ours!r}")
         if sum(p.numel() for p in run.params) != sum(p.numel() for g in theirs.param_groups for p in g["params"]):
             raise SystemExit(f"objective {name}: the hand-written optimiser moves other parameters than genspec's")
@@ -336,6 +400,24 @@ def schedule(steps: int, cycle: int, rounds: int) -> tuple[int, int]:
     rounds = max(1, min(rounds, steps // cycle))
     block = -(-steps // (rounds * cycle)) * cycle  # rounded up to whole cycles
     return -(-steps // block), block
+
+
+def replay(phase_steps: list, batches: list, warmup: int, rounds: int, block: int, device) -> None:
+    """The steps `time_alternating` ran, in the same blocks (so with the same seeds), untimed."""
+    run_block(phase_steps, batches, 0, warmup, device)
+    for r in range(rounds):
+        run_block(phase_steps, batches, warmup + r * block, block, device)
+
+
+def same_fast_path(hand, twin) -> bool:
+    fast = twin.fast
+    return not (fast.bf16 or fast.channels_last or fast.fused)
+
+
+def describe(fast) -> str:
+    on = [label for label, flag in (("bf16 autocast", fast.bf16), ("channels-last", fast.channels_last),
+                                    ("fused optimisers", fast.fused), ("torch.compile", fast.compile)) if flag]
+    return ", ".join(on) or "float32, PyTorch's defaults"
 
 
 def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block: int, device, name: str) -> tuple:
@@ -368,7 +450,8 @@ def benchmark(name: str, args, device) -> dict:
     torch.manual_seed(SEED)  # as genspec/train.py does before building the model
     model = Model(spec, device)
     model.train(True)
-    hand = hand_class(model)  # deep copies: the same initial weights
+    hand = hand_class(model)  # deep copies: the same initial weights; PyTorch's defaults
+    twin = hand_class(model, model.fast)  # the same, on genspec's fast path: what the parameters are checked against
     check_same_optimizers(model, hand)
     loops = {"genspec": genspec_phase_steps(model, args.bookkeeping), "hand": hand.phases}
     cycle = len(hand.phases)
@@ -382,6 +465,11 @@ def benchmark(name: str, args, device) -> dict:
     load_before = os.getloadavg()[0]
     log(f"{name}: batch {batch_size}, {warmup} warm-up + {steps} timed steps per loop in {rounds} rounds of {block}")
     times, peaks = time_alternating(loops, batches, warmup, rounds, block, device, name)
+    if same_fast_path(hand, twin):
+        twin = hand  # genspec's fast path is PyTorch's defaults here: the timed loop is the twin
+    else:
+        log(f"  {name}: the same steps untimed, by the hand loop on genspec's fast path ({describe(model.fast)})")
+        replay(twin.phases, batches, warmup, rounds, block, device)
 
     genspec_rate, hand_rate = steps / sum(times["genspec"]), steps / sum(times["hand"])
     round_ratios = [h / g for g, h in zip(times["genspec"], times["hand"])]  # per round: genspec rate / hand rate
@@ -396,6 +484,8 @@ def benchmark(name: str, args, device) -> dict:
         "warmup_steps": warmup,
         "rounds": rounds,
         "data": source,
+        "optimizers": {"genspec": sorted({optimizer_implementation(r.optimizer) for r in model.objectives.values()}),
+                       "hand": sorted({optimizer_implementation(o) for o in hand.optimizers.values()})},
         "genspec_steps_per_s": round(genspec_rate, 4),
         "hand_steps_per_s": round(hand_rate, 4),
         "ratio": round(genspec_rate / hand_rate, 4),
@@ -409,7 +499,12 @@ def benchmark(name: str, args, device) -> dict:
         # CUDA only: the most memory allocated during any timed block (model, optimiser state, batches, activations)
         **({"genspec_peak_mib": round(peaks["genspec"] / 2**20, 1), "hand_peak_mib": round(peaks["hand"] / 2**20, 1)}
            if device.type == "cuda" else {}),
-        **compare_state(model, hand),
+        "fast_path": describe(model.fast),
+        # Against the hand loop given the same fast path (the twin): do both compute the same?
+        **compare_state(model, twin),
+        # Against the timed plain loop: fused kernels and autocast change the float order, and Adam,
+        # which divides by the root of the gradients' second moment, magnifies that where a gradient is near 0.
+        "plain_max_abs_diff": compare_state(model, hand)["max_abs_diff"],
         "steps_compared": warmup + steps,
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "quick": bool(args.quick),
