@@ -22,10 +22,23 @@ DCGAN_TINY = ["data.dataset=digits", "data.range=[0, 1]", "data.split={train: 64
 def test_auto_switches_are_on_for_cuda_and_off_for_cpu():
     train = {"precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False}
     assert fast_path(train, torch.device("cuda")) == FastPath(bf16=True, channels_last=True, fused=True, compile=False)
-    assert fast_path(train, torch.device("cpu")) == FastPath(False, False, False, False)
+    assert fast_path(train, torch.device("cpu")) == FastPath(bf16=False, channels_last=False, fused=True, compile=False)
+    assert fast_path({**train, "fused": False}, torch.device("cpu")).fused is False
     forced = {"precision": "bf16", "channels_last": True, "fused": True, "compile": True}
     assert fast_path(forced, torch.device("cpu")) == FastPath(True, True, True, True)
     assert fast_path({"precision": "fp32", "channels_last": False, "fused": False}, torch.device("cuda")).bf16 is False
+
+
+def test_fused_kernels_are_taken_where_pytorch_has_them():
+    from genspec.compile import make_optimizer
+
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    for name in ("adam", "adamw", "sgd"):
+        assert make_optimizer(name, {"lr": 0.1}, params, fused=True).defaults["fused"] is True
+        assert not make_optimizer(name, {"lr": 0.1}, params, fused=False).defaults.get("fused")
+    assert "fused" not in make_optimizer("rmsprop", {"lr": 0.1}, params, fused=True).defaults  # it has no fused kernel
+    model = Model(genspec.load(QUICKSTART), torch.device("cpu"))  # the default on CPU
+    assert all(run.optimizer.defaults["fused"] for run in model.objectives.values())
 
 
 def steps(spec, n: int = 4, seed: int = 0) -> tuple[list, dict]:
@@ -84,7 +97,7 @@ def test_no_host_read_inside_the_steps_of_a_gan_with_trace_and_state(monkeypatch
         "data.dataset=digits", "data.image_size=null", "latent.z.shape=[4]", "networks.dec.input=4",
         "networks.gen.layers=[fc 4x4x8, upsample 2, conv 1 3x3]", "networks.dec.layers=[fc 4x4x8, upsample 2, conv 1 3x3]",
         "networks.enc.layers=[conv 8 3x3 /2, flatten, fc 4]",
-        "train.fused=true"])  # as on CUDA: unfused Adam reads its step counter, a CPU tensor there, with .item()
+        "train.fused=auto"])  # fused, as by default: unfused Adam reads its step counter with .item()
     model = Model(spec, torch.device("cpu"))
     x = torch.rand(8, 1, 8, 8)
     watch, trace = FiniteWatch(), StepTrace([("k", "state/k"), ("m_global", "m_global")], "cpu")
