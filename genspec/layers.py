@@ -21,7 +21,8 @@ class Gaussian:
     logvar: torch.Tensor
 
     def rsample(self) -> torch.Tensor:
-        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean)
+        # float32 noise: under bfloat16 autocast the mean is bfloat16, and noise drawn like it would be rounded
+        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean, dtype=torch.float32)
 
     def detach(self) -> "Gaussian":
         return Gaussian(self.mean.detach(), self.logvar.detach())
@@ -39,7 +40,7 @@ class GaussianHead(nn.Module):
         h = self.linear(x.flatten(1))
         if self.fixed_logvar is not None:
             mean = h.view(-1, *self.out_shape)
-            return Gaussian(mean, torch.full_like(mean, self.fixed_logvar))
+            return Gaussian(mean, torch.full_like(mean, self.fixed_logvar, dtype=torch.float32))
         mean, logvar = h.chunk(2, dim=1)
         return Gaussian(mean.reshape(-1, *self.out_shape), logvar.reshape(-1, *self.out_shape))
 
@@ -55,7 +56,7 @@ class ConvGaussianHead(nn.Module):
     def forward(self, x: torch.Tensor) -> Gaussian:
         h = self.conv(x)
         if self.fixed_logvar is not None:
-            return Gaussian(h, torch.full_like(h, self.fixed_logvar))
+            return Gaussian(h, torch.full_like(h, self.fixed_logvar, dtype=torch.float32))
         mean, logvar = h.chunk(2, dim=1)
         return Gaussian(mean, logvar)
 
@@ -108,12 +109,23 @@ class Dense(nn.Module):
         return self.post(self.linear(x.flatten(1)).reshape(x.shape[0], *self.out_shape))
 
 
+class FloatSigmoid(nn.Sigmoid):
+    """A sigmoid computed in float32. Under bfloat16 autocast a sigmoid keeps its input's dtype,
+    and bfloat16 rounds it to exactly 1 once the logit passes about 6.2 (16.6 in float32): a
+    discriminator's cross-entropy then reads log(0), clamped to -100, and its gradient
+    p * (1 - p) is 0, so it stops learning from the fakes it is surest of. Without autocast the
+    input is float32 already and nothing changes."""
+
+    def forward(self, x):
+        return torch.sigmoid(x.float())
+
+
 def _activation(name: str, slope: float = 0.01) -> nn.Module:
     return {
         "relu": lambda: nn.ReLU(),
         "lrelu": lambda: nn.LeakyReLU(slope),
         "tanh": lambda: nn.Tanh(),
-        "sigmoid": lambda: nn.Sigmoid(),
+        "sigmoid": lambda: FloatSigmoid(),
         "elu": lambda: nn.ELU(),
         "gelu": lambda: nn.GELU(),
         "silu": lambda: nn.SiLU(),

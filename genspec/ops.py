@@ -36,9 +36,11 @@ class SoftLabel:
         self.value, self.swap, self.other = value, swap, other
 
     def like(self, p: torch.Tensor) -> torch.Tensor:
-        target = torch.full_like(p, self.value)
+        # float32 whatever p's dtype: bfloat16 would make 0.9 0.8984 and round the swap draws
+        target = torch.full_like(p, self.value, dtype=torch.float32)
         if self.swap:
-            target = torch.where(torch.rand_like(p) < self.swap, torch.full_like(p, self.other), target)
+            swapped = torch.rand_like(p, dtype=torch.float32) < self.swap
+            target = torch.where(swapped, torch.full_like(p, self.other, dtype=torch.float32), target)
         return target
 
 
@@ -46,7 +48,7 @@ def bce(p, target):
     if isinstance(target, SoftLabel):
         target = target.like(p)
     elif not torch.is_tensor(target):
-        target = torch.full_like(p, float(target))
+        target = torch.full_like(p, float(target), dtype=torch.float32)
     # in float32 and outside autocast, which refuses binary_cross_entropy on CUDA (log near 0 and 1)
     with torch.autocast(p.device.type, enabled=False):
         return F.binary_cross_entropy(p.float(), target.float())

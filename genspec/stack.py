@@ -36,7 +36,7 @@ from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng,
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
-from .train import RESOLVED, _atomic_write_text, save_checkpoint
+from .train import RESOLVED, _atomic_write_text, add_losses, save_checkpoint
 
 
 def _calls(node):
@@ -137,7 +137,10 @@ class StackedRuns:
 
     def step(self, phase_index: int, xs: torch.Tensor, ys) -> dict:
         batched = vmap(self.steps[phase_index], in_dims=(0, 0, 0, 0, None if ys is None else 0), randomness="different")
-        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.models[0].fast.bf16):  # as Model.step
+        # Float32 whatever train.precision says: under vmap, autocast misses most ops (convolutions
+        # and Linear layers with a bias stay float32, a bias-free one turns bfloat16 and then meets
+        # batch norm's float32 statistics and fails), so a "bf16" stacked step would be neither.
+        with torch.autocast(self.device.type, enabled=False):
             out = batched(self.params, self.frozen, self.buffers, xs, ys)
         plan = self.models[0].phases[phase_index]
         for name in plan.objectives:
@@ -259,9 +262,7 @@ def _one_epoch(stacked: StackedRuns, epoch: int) -> list[dict]:
         xs = torch.stack([s.train.images(i) for s, i in zip(stacked.splits, idx)])
         ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[i] for s, i in zip(stacked.splits, idx)])
         out = stacked.step(cursor[step % len(cursor)], xs, ys)
-        for name, value in out.items():
-            sums[name] = sums.get(name, 0) + value
-            count[name] = count.get(name, 0) + 1
+        add_losses(sums, count, out)
     table = {name: (total / count[name]).tolist() for name, total in sums.items()}  # one read-back per epoch
     bad = [(name, v) for name, values in table.items() for v in values if not math.isfinite(v)]
     if bad:

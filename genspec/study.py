@@ -106,7 +106,7 @@ def _stacked_groups(todo: list, flag: bool | None, setting) -> list:
     `(label, [StudyRun, ...], None)` to train together (genspec/stack.py); resumed runs, lone
     seeds, configurations that cannot stack and those the choice leaves unstacked stay entries
     `(label, StudyRun, options)` of their own."""
-    from .compile import choose_device
+    from .compile import choose_device, fast_path
 
     groups: dict[str, list] = {}
     for entry in todo:
@@ -117,7 +117,8 @@ def _stacked_groups(todo: list, flag: bool | None, setting) -> list:
         if len(fresh) < 2:
             left += entries
             continue
-        on, why = stack_choice(flag, setting, choose_device(fresh[0][1].spec.train["device"]).type)
+        device = choose_device(fresh[0][1].spec.train["device"])
+        on, why = stack_choice(flag, setting, device.type)
         if not on:
             if why not in said:  # said once for the study, not for every configuration
                 print(f"study: each configuration's seeds one at a time ({why})", file=sys.stderr, flush=True)
@@ -132,7 +133,9 @@ def _stacked_groups(todo: list, flag: bool | None, setting) -> list:
             left += entries
             continue
         left += [e for e in entries if e[2]["resume"]]
-        left.append((f"{run_id}: {len(fresh)} seeds as one stacked model ({why})", [item for _, item, _ in fresh], None))
+        # the stacked step ignores bf16 autocast (see StackedRuns.step): say so where a run would use it
+        precision = "; in float32, not bf16" if fast_path(fresh[0][1].spec.train, device).bf16 else ""
+        left.append((f"{run_id}: {len(fresh)} seeds as one stacked model ({why}{precision})", [item for _, item, _ in fresh], None))
     return left
 
 

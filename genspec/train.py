@@ -195,6 +195,14 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         bar.close()
 
 
+def add_losses(sums: dict, counts: dict, losses: dict) -> None:
+    """Add one step's losses to the epoch's running sums, on the device, in float32: under bf16
+    autocast some losses (a mean) are bfloat16, and a bfloat16 sum stops growing at ~256x a loss."""
+    for name, value in losses.items():
+        sums[name] = sums.get(name, 0) + value.float()
+        counts[name] = counts.get(name, 0) + 1
+
+
 def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=None, first_step: int = 0,
                world: dist.World = dist.SINGLE) -> dict:
     model.train(True)
@@ -216,9 +224,7 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
         finite.record(step, losses)
         if trace is not None:
             trace.record(first_step + step + 1, losses)
-        for name, value in losses.items():
-            sums[name] = sums.get(name, 0) + value
-            counts[name] = counts.get(name, 0) + 1
+        add_losses(sums, counts, losses)
         if (step + 1) % log_every == 0:  # the only host-device syncs of the loop: once per log interval
             finite.check(epoch, world)
             if bar is not None:

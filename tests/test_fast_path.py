@@ -130,3 +130,54 @@ def test_finite_watch_reports_the_earliest_step_across_phases():
     watch.record(2, {"d_loss": torch.tensor(float("nan"))})
     with pytest.raises(RunError, match=r"loss 'g_loss' became inf at epoch 1, step 2;"):
         watch.check(1)
+
+
+# ---- bfloat16 autocast (the CUDA default), checked with CPU autocast: what must stay float32
+
+
+def test_a_confident_discriminator_keeps_its_loss_and_gradient_under_bf16():
+    """`fc 1, sigmoid` under autocast: a bfloat16 sigmoid rounds to exactly 1 past a logit of
+    about 6.2, where the cross-entropy against 0 reads log(0) (clamped to 100) and the gradient
+    vanishes. genspec's sigmoid runs in float32, so a logit of 7 keeps its loss of ~7 and its gradient ~1."""
+    from genspec.compile import build
+    from genspec.ops import bce
+
+    spec = genspec.load(REPO / "specs" / "dcgan.yaml", DCGAN_TINY)
+    dis = build(spec)["dis"]
+    x = torch.rand(4, *spec.data_shape)
+    results = {}
+    for enabled in (False, True):
+        head = [m for m in dis.modules() if isinstance(m, torch.nn.Linear)][-1]
+        with torch.no_grad():
+            head.weight.zero_()
+            head.bias.fill_(7.0)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            p = dis(x)
+            loss = bce(p, 0.0)  # a fake's target: the discriminator is sure, and wrong
+        (grad,) = torch.autograd.grad(loss, head.bias)
+        assert p.dtype == torch.float32
+        results[enabled] = (loss.item(), grad.item())
+    assert results[True][0] == pytest.approx(results[False][0], rel=0.01) and results[False][0] == pytest.approx(7.0, rel=1e-3)
+    assert results[True][1] == pytest.approx(results[False][1], rel=0.01) and results[False][1] > 0.99
+
+
+def test_soft_labels_and_gaussian_noise_are_float32_beside_bfloat16_outputs():
+    from genspec.layers import Gaussian
+    from genspec.ops import SoftLabel
+
+    p = torch.full((1000,), 0.5, dtype=torch.bfloat16)
+    target = SoftLabel(0.9, swap=0.5, other=0.05).like(p)
+    assert target.dtype == torch.float32 and set(target.unique().tolist()) == {torch.tensor(0.9).item(), torch.tensor(0.05).item()}
+    mean = torch.zeros(1000, dtype=torch.bfloat16)
+    z = Gaussian(mean, torch.zeros(1000)).rsample()
+    assert z.dtype == torch.float32 and len(z.unique()) > 990  # bfloat16 noise would take a few hundred values
+
+
+def test_epoch_sums_of_bfloat16_losses_are_kept_in_float32():
+    from genspec.train import add_losses
+
+    sums, counts = {}, {}
+    for _ in range(1000):
+        add_losses(sums, counts, {"g_loss": torch.tensor(1.37, dtype=torch.bfloat16)})
+    assert sums["g_loss"].dtype == torch.float32
+    assert float(sums["g_loss"]) / counts["g_loss"] == pytest.approx(1.37, rel=1e-2)  # a bfloat16 sum gives 0.51
