@@ -105,7 +105,13 @@ class Compiler:
             prior = self.priors[node.args[1].id]
             return lambda env: kl_monte_carlo(q(env), prior)
         if node.func == "gp":
-            critic = self.networks[node.args[0].id]
+            net = self.networks[node.args[0].id]
+
+            def critic(x):
+                # The class's forward, not the instance's: under train.compile the instance's is the
+                # compiled one, and compiled graphs refuse the penalty's double backward.
+                return type(net).forward_taps(net, x)[None]
+
             real, fake = self._compile(node.args[1], kind), self._compile(node.args[2], kind)
             return lambda env: gradient_penalty(critic, real(env), fake(env))
         fn = TENSOR_OPS[node.func]
@@ -326,6 +332,19 @@ class Model:
         self.states.load_state_dict(state.get("states", {}))
         for name, run in self.objectives.items():
             run.optimizer.load_state_dict(state["optimizers"][name])
+            _match_parameter_layouts(run.optimizer)
+
+
+def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
+    """Give loaded optimiser state (Adam's moments) its parameter's memory layout. A checkpoint
+    written with channels-last weights (CUDA) and read with contiguous ones (CPU), or the other
+    way round, keeps the layout it was saved in; fused Adam then refuses the mismatch on CUDA and
+    on CPU silently pairs the wrong elements."""
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
+                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
 
 
 # Where PyTorch has fused kernels for these optimisers (RMSprop has none).

@@ -13,6 +13,13 @@ from .shapes import conv_padding, deconv_padding
 from .spec import Network
 
 
+def full_precision(t: torch.Tensor) -> torch.dtype:
+    """t's dtype, at least float32: what noise, targets and constants beside a network output take.
+    Under bfloat16 autocast the outputs are bfloat16, whose 8-bit mantissa would round 0.9 to
+    0.8984 and quantise noise draws; float32 and float64 stay as they are."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
 @dataclass
 class Gaussian:
     """A diagonal Gaussian from a `gaussian` head (log-variance fixed for `var=`)."""
@@ -21,8 +28,7 @@ class Gaussian:
     logvar: torch.Tensor
 
     def rsample(self) -> torch.Tensor:
-        # float32 noise: under bfloat16 autocast the mean is bfloat16, and noise drawn like it would be rounded
-        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean, dtype=torch.float32)
+        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean, dtype=full_precision(self.mean))
 
     def detach(self) -> "Gaussian":
         return Gaussian(self.mean.detach(), self.logvar.detach())
@@ -40,7 +46,7 @@ class GaussianHead(nn.Module):
         h = self.linear(x.flatten(1))
         if self.fixed_logvar is not None:
             mean = h.view(-1, *self.out_shape)
-            return Gaussian(mean, torch.full_like(mean, self.fixed_logvar, dtype=torch.float32))
+            return Gaussian(mean, torch.full_like(mean, self.fixed_logvar, dtype=full_precision(mean)))
         mean, logvar = h.chunk(2, dim=1)
         return Gaussian(mean.reshape(-1, *self.out_shape), logvar.reshape(-1, *self.out_shape))
 
@@ -56,7 +62,7 @@ class ConvGaussianHead(nn.Module):
     def forward(self, x: torch.Tensor) -> Gaussian:
         h = self.conv(x)
         if self.fixed_logvar is not None:
-            return Gaussian(h, torch.full_like(h, self.fixed_logvar, dtype=torch.float32))
+            return Gaussian(h, torch.full_like(h, self.fixed_logvar, dtype=full_precision(h)))
         mean, logvar = h.chunk(2, dim=1)
         return Gaussian(mean, logvar)
 
@@ -110,14 +116,14 @@ class Dense(nn.Module):
 
 
 class FloatSigmoid(nn.Sigmoid):
-    """A sigmoid computed in float32. Under bfloat16 autocast a sigmoid keeps its input's dtype,
+    """A sigmoid computed in float32 at least. Under bfloat16 autocast a sigmoid keeps its input's dtype,
     and bfloat16 rounds it to exactly 1 once the logit passes about 6.2 (16.6 in float32): a
     discriminator's cross-entropy then reads log(0), clamped to -100, and its gradient
     p * (1 - p) is 0, so it stops learning from the fakes it is surest of. Without autocast the
-    input is float32 already and nothing changes."""
+    input is float32 (or float64) already and nothing changes."""
 
     def forward(self, x):
-        return torch.sigmoid(x.float())
+        return torch.sigmoid(x.to(full_precision(x)))
 
 
 def _activation(name: str, slope: float = 0.01) -> nn.Module:

@@ -7,7 +7,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from .layers import Gaussian
+from .layers import Gaussian, full_precision
 
 
 def kl_normal(q: Gaussian) -> torch.Tensor:
@@ -36,11 +36,11 @@ class SoftLabel:
         self.value, self.swap, self.other = value, swap, other
 
     def like(self, p: torch.Tensor) -> torch.Tensor:
-        # float32 whatever p's dtype: bfloat16 would make 0.9 0.8984 and round the swap draws
-        target = torch.full_like(p, self.value, dtype=torch.float32)
+        dtype = full_precision(p)  # not bfloat16, whose 0.9 is 0.8984
+        target = torch.full_like(p, self.value, dtype=dtype)
         if self.swap:
-            swapped = torch.rand_like(p, dtype=torch.float32) < self.swap
-            target = torch.where(swapped, torch.full_like(p, self.other, dtype=torch.float32), target)
+            swapped = torch.rand_like(p, dtype=dtype) < self.swap
+            target = torch.where(swapped, torch.full_like(p, self.other, dtype=dtype), target)
         return target
 
 
@@ -48,10 +48,11 @@ def bce(p, target):
     if isinstance(target, SoftLabel):
         target = target.like(p)
     elif not torch.is_tensor(target):
-        target = torch.full_like(p, float(target), dtype=torch.float32)
-    # in float32 and outside autocast, which refuses binary_cross_entropy on CUDA (log near 0 and 1)
+        target = torch.full_like(p, float(target), dtype=full_precision(p))
+    # in float32 (float64 stays) and outside autocast, which refuses binary_cross_entropy on CUDA (log near 0 and 1)
+    dtype = full_precision(p)
     with torch.autocast(p.device.type, enabled=False):
-        return F.binary_cross_entropy(p.float(), target.float())
+        return F.binary_cross_entropy(p.to(dtype), target.to(dtype))
 
 
 TENSOR_OPS = {

@@ -171,6 +171,8 @@ def test_soft_labels_and_gaussian_noise_are_float32_beside_bfloat16_outputs():
     mean = torch.zeros(1000, dtype=torch.bfloat16)
     z = Gaussian(mean, torch.zeros(1000)).rsample()
     assert z.dtype == torch.float32 and len(z.unique()) > 990  # bfloat16 noise would take a few hundred values
+    double = torch.zeros(3, dtype=torch.float64)  # float64 (the tests' hand computations) stays float64
+    assert SoftLabel(0.9).like(double).dtype == Gaussian(double, double).rsample().dtype == torch.float64
 
 
 def test_epoch_sums_of_bfloat16_losses_are_kept_in_float32():
@@ -181,3 +183,44 @@ def test_epoch_sums_of_bfloat16_losses_are_kept_in_float32():
         add_losses(sums, counts, {"g_loss": torch.tensor(1.37, dtype=torch.bfloat16)})
     assert sums["g_loss"].dtype == torch.float32
     assert float(sums["g_loss"]) / counts["g_loss"] == pytest.approx(1.37, rel=1e-2)  # a bfloat16 sum gives 0.51
+
+
+@pytest.mark.parametrize("saved_layout, loaded_layout", [(False, True), (True, False)])
+def test_a_checkpoint_resumes_across_memory_layouts(saved_layout, loaded_layout):
+    """A checkpoint from channels-last weights (CUDA's default) read into contiguous ones (CPU), and
+    back: Adam's moments take the parameters' layout, and the next fused step is the one the saving
+    model would have taken."""
+    def model(channels_last: bool) -> Model:
+        torch.manual_seed(0)
+        return Model(genspec.load(REPO / "specs" / "dcgan.yaml", DCGAN_TINY + [f"train.channels_last={str(channels_last).lower()}"]),
+                     torch.device("cpu"))
+
+    x = torch.rand(16, 1, 8, 8, generator=torch.Generator().manual_seed(1))
+    saver = model(saved_layout)
+    for phase in saver.phases:
+        saver.step(phase, x)
+    loader = model(loaded_layout)
+    loader.load_state_dict(saver.state_dict())
+    for run in loader.objectives.values():
+        for p in run.params:
+            assert all(v.stride() == p.stride() for v in run.optimizer.state[p].values() if v.shape == p.shape)
+    for m in (saver, loader):
+        torch.manual_seed(5)
+        m.step(m.phases[0], x)
+    # Adam's moments follow the gradients smoothly (the weights themselves may differ by about a
+    # learning rate where a gradient is near 0: the two layouts sum in different orders)
+    for name, run in saver.objectives.items():
+        other = loader.objectives[name]
+        for p, q in zip(run.params, other.params):
+            for key in ("exp_avg", "exp_avg_sq"):
+                assert torch.allclose(run.optimizer.state[p][key], other.optimizer.state[q][key], rtol=1e-3, atol=1e-6)
+
+
+def test_gradient_penalty_trains_under_torch_compile():
+    """The penalty's double backward cannot run through a compiled graph ("donated buffers ...
+    require create_graph=False"): `gp` calls the critic's eager forward, the rest stays compiled."""
+    tiny = [o for o in DCGAN_TINY if o.startswith(("data.", "networks.", "train."))]
+    (eager, _), (compiled, _) = (steps(genspec.load(REPO / "specs" / "wgan_gp.yaml", tiny + [f"train.compile={flag}"]), n=2)
+                                 for flag in ("false", "true"))
+    for a, b in zip(eager, compiled):
+        assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5) for k in a)
