@@ -102,10 +102,20 @@ def setup(world: World, device_setting: str) -> torch.device:
     use_cuda = torch.cuda.is_available() and device_setting != "cpu"
     device = torch.device(f"cuda:{world.local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
+        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", world.local_rank + 1)), torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     return device
+
+
+def check_gpu_count(processes_here: int, gpus: int) -> None:
+    """One GPU per process (NCCL refuses two ranks on one GPU). Every rank of this machine checks
+    the same numbers, so all of them stop with the same message rather than some hanging."""
+    if processes_here > gpus:
+        raise RunError(f"{processes_here} processes on this machine but {gpus} GPU{'s' if gpus != 1 else ''}: "
+                       f"each process needs a GPU of its own; use --nproc {gpus} or fewer, "
+                       f"or --set train.device=cpu to train with gloo on the CPU")
 
 
 def shard(x: torch.Tensor, y, world: World):

@@ -44,6 +44,21 @@ def test_bad_nproc_is_refused_before_anything_runs(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_more_processes_than_gpus_stop_every_rank_with_one_message(monkeypatch):
+    """On a one-GPU machine `--nproc 2` would have rank 1 ask for cuda:1 (and NCCL refuses two
+    ranks on one GPU): every rank stops before touching a device or the process group."""
+    from genspec.distributed import setup
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    for rank in (0, 1):
+        with pytest.raises(RunError, match=r"2 processes on this machine but 1 GPU: each process needs a GPU of its "
+                                           r"own; use --nproc 1 or fewer, or --set train.device=cpu"):
+            setup(World(rank, 2, rank), "auto")
+
+
 def test_each_rank_takes_its_slice_of_the_global_batch():
     x, y = torch.arange(10).view(10, 1), torch.arange(10)
     assert shard(x, y, SINGLE)[0] is x
