@@ -57,7 +57,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
         dist.barrier()
     start_epoch, history = 1, []
     if resume:
-        start_epoch, history = _restore(model, out, device, spec.train["epochs"], write=world.main)
+        start_epoch, history = _restore(model, out, device, spec.train["epochs"], world, spec.train["seed"])
     elif world.main:
         write_layer_tables(spec, out)
     if world.main:  # the copy describes the run as it now stands (a resume may have asked for more epochs)
@@ -130,18 +130,17 @@ def _differences(a, b, path=()) -> list:
     return [] if a == b else [(path, a, b)]
 
 
-def _restore(model: Model, out: Path, device, epochs: int, write: bool = True) -> tuple[int, list]:
+def _restore(model: Model, out: Path, device, epochs: int, world: dist.World = dist.SINGLE,
+             seed: int = 0) -> tuple[int, list]:
     state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
     done = int(state["epoch"])
     if done > epochs:  # equal: training is over, and the final evaluation runs again
         raise RunError(f"{out} already has {done} epoch{'s' if done != 1 else ''}, more than the {epochs} asked; "
                        f"to train on, ask for more, e.g. --resume --set train.epochs={done + 10}")
     model.load_state_dict(state["model"])
-    torch.set_rng_state(state["rng"].cpu())
-    if torch.cuda.is_available() and "cuda_rng" in state:
-        torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda_rng"]])
     epoch = int(state["epoch"])
-    if not write:  # another rank of a distributed run: rank 0 keeps the folder
+    _restore_rng(state, world, seed, epoch)
+    if not world.main:  # another rank of a distributed run: rank 0 keeps the folder
         return epoch + 1, []
     history = [h for h in _read_history(out) if h["epoch"] <= epoch]  # epochs after the checkpoint are redone
     _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
@@ -270,6 +269,19 @@ class FiniteWatch:
         kept = "the last checkpoint is kept" if epoch > 1 else "no checkpoint was written yet"
         return RunError(f"loss {names[bad]!r} became {values[bad]} at epoch {epoch}, step {step + 1}; "
                         f"the run stopped ({kept}). Try a smaller learning rate.")
+
+
+def _restore_rng(state: dict, world: dist.World, seed: int, epoch: int) -> None:
+    """One process continues the random stream it saved. The checkpoint holds rank 0's streams
+    only, so under --nproc every rank starts a stream of its own instead (rank 0's on every rank
+    would make the ranks draw the same noise): such a resume is a fresh draw, not a replay."""
+    if world.distributed:
+        torch.manual_seed(seed + 7919 * world.rank + 104_729 * epoch)
+        return
+    torch.set_rng_state(state["rng"].cpu())
+    if torch.cuda.is_available():  # the GPUs this machine has (it may have fewer than the saving one)
+        for index, cuda_state in enumerate(state.get("cuda_rng", [])[:torch.cuda.device_count()]):
+            torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
 def save_checkpoint(model: Model, out: Path, epoch: int) -> None:

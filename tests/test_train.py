@@ -488,3 +488,22 @@ def test_real_mnist_split_pad_and_range():
     assert d.train.x.min().item() == -1.0 and d.train.x.max().item() == 1.0
     assert torch.all(d.train.x[:, :, :2, :] == -1.0)
     assert not torch.equal(d.train.x, load_data(data, 1).train.x)
+
+
+def test_a_resume_replays_one_process_stream_and_gives_each_rank_its_own():
+    """A checkpoint holds rank 0's random stream only: a single process continues it, while under
+    --nproc each rank starts its own (had every rank taken rank 0's, all would draw the same noise)."""
+    from genspec.distributed import SINGLE, World
+    from genspec.train import _restore_rng
+
+    torch.manual_seed(3)
+    state = {"rng": torch.get_rng_state()}
+    expected = torch.rand(4)
+    torch.manual_seed(99)
+    _restore_rng(state, SINGLE, seed=0, epoch=2)
+    assert torch.equal(torch.rand(4), expected)
+    draws = []
+    for rank in (0, 1):
+        _restore_rng(state, World(rank, 2, rank), seed=0, epoch=2)
+        draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1]) and not any(torch.equal(d, expected) for d in draws)
