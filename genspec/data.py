@@ -33,6 +33,12 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
 MEMORY_LIMIT_BYTES = 2 * 1024**3  # train.loader auto: image files decoded beyond this are streamed instead
 
 
+def _positions(index) -> list[int]:
+    """Positions as Python ints; one read-back for a tensor (int() of each element of a CUDA
+    tensor would wait for the device once per image)."""
+    return index.tolist() if torch.is_tensor(index) else [int(i) for i in index]
+
+
 @dataclass(frozen=True)
 class ImageFiles:
     """Image files of a split, decoded when a batch asks for them (train.loader: stream).
@@ -52,14 +58,14 @@ class ImageFiles:
 
     def __getitem__(self, index) -> "ImageFiles":
         """The files at `index` (a tensor or list of positions), in that order."""
-        return replace(self, files=tuple(self.files[int(i)] for i in index))
+        return replace(self, files=tuple(self.files[i] for i in _positions(index)))
 
     def to(self, device) -> "ImageFiles":
         return replace(self, device=torch.device(device))
 
     def decode(self, positions) -> torch.Tensor:
         """Images at `positions`, (N, C, H, W) on the device in the spec's range; threads decode them."""
-        return self.finish(_decode_files([self.files[int(i)] for i in positions], self.size, self.mode))
+        return self.finish(_decode_files([self.files[i] for i in _positions(positions)], self.size, self.mode))
 
     def finish(self, pixels: torch.Tensor) -> torch.Tensor:
         """uint8 pixels (N, C, H, W) -> float on the device, padded, in the spec's range."""

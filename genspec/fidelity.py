@@ -15,6 +15,7 @@ torch-fidelity is imported only here, and only when a spec asks for these metric
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -245,7 +246,10 @@ def sample_metrics(spec, model, generate, reference: torch.Tensor, device, progr
                 notes.append(f"kid: subset size {options['kid_subset_size']} (asked {subset}) for lack of samples")
         common = {"cuda": device.type == "cuda", "batch_size": evaluate.get("batch_size", 256), "verbose": progress,
                   "save_cpu_ram": True, "samples_shuffle": True, **kwargs}
-        out, reference = calculate(fake, real if binary else None, name, protocol.get("weights_sha256", ""), options, common)
+        # torch-fidelity moves its extractor and batches with .cuda(), i.e. to the current device:
+        # make that the run's (cuda:1 for a tune worker on the second GPU), not cuda:0
+        with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+            out, reference = calculate(fake, real if binary else None, name, protocol.get("weights_sha256", ""), options, common)
         results.update({k: float(v) for k, v in out.items()})
         if reference:
             protocol["reference_features"] = reference
@@ -319,6 +323,7 @@ def inception_score_by_splits(run, splits: list[int], samples: int | None = None
     from torch_fidelity.metric_isc import isc_features_to_metric
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
+    from .compile import choose_device
     from .evaluate import generator_of, generator_parts, sample_images
 
     evaluate = run.spec.evaluate
@@ -343,8 +348,11 @@ def inception_score_by_splits(run, splits: list[int], samples: int | None = None
             images = images.expand(-1, 3, -1, -1).contiguous()
         extractor_class = FEATURE_EXTRACTORS_REGISTRY[name]
         layer = extractor_class.get_default_feature_layer_for_metric("isc")
-        model = extractor_class(name, [layer], **options).eval()
-        features = torch.cat([model(images[i:i + 256])[0] for i in range(0, n, 256)])
+        # The samples are drawn on the CPU (the same images on any machine); the feature extractor,
+        # the costly part (Inception: ~0.2 s an image on a CPU), runs on the GPU when there is one.
+        device = choose_device(run.spec.train["device"])
+        model = extractor_class(name, [layer], **options).eval().to(device)
+        features = torch.cat([model(images[i:i + 256].to(device))[0].cpu() for i in range(0, n, 256)])
     rows = []
     for k in splits:
         if k > n:
