@@ -43,7 +43,7 @@ if wanted overhead; then
 fi
 if wanted overhead_fp32; then
   step "overhead: like for like (fp32, no channels-last, no fused Adam): genspec's own overhead"
-  timeout 240 python3 benchmarks/overhead.py --set train.precision=fp32 --set train.channels_last=false \
+  timeout 240 python3 benchmarks/overhead.py --deterministic --set train.precision=fp32 --set train.channels_last=false \
     --set train.fused=false --out "$out/overhead_fp32.jsonl"
 fi
 if wanted loader; then

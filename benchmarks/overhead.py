@@ -508,6 +508,7 @@ def benchmark(name: str, args, device) -> dict:
         "steps_compared": warmup + steps,
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "quick": bool(args.quick),
+        "deterministic": bool(args.deterministic),
         "overrides": args.set,
     }
 
@@ -567,6 +568,9 @@ def main(argv=None) -> None:
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--bookkeeping", action="store_true",
                         help="time genspec's step with train.py's per-step loss check and sums around it")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="deterministic kernels for both loops (cuDNN and cuBLAS pick order-stable "
+                             "algorithms), so that params_match is exact on CUDA too; may slow both")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="a genspec override applied to every spec (e.g. params.lr=1e-3)")
     parser.add_argument("--out", type=Path, default=OUT,
@@ -575,6 +579,10 @@ def main(argv=None) -> None:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, after this
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
     device = choose_device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     for name in args.only or list(BENCHMARKS):
