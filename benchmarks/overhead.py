@@ -409,9 +409,9 @@ def replay(phase_steps: list, batches: list, warmup: int, rounds: int, block: in
         run_block(phase_steps, batches, warmup + r * block, block, device)
 
 
-def same_fast_path(hand, twin) -> bool:
-    fast = twin.fast
-    return not (fast.bf16 or fast.channels_last or fast.fused)
+def on_fast_path(fast) -> bool:
+    """Whether genspec's switches change the computation from PyTorch's defaults (compile aside)."""
+    return fast.bf16 or fast.channels_last or fast.fused
 
 
 def describe(fast) -> str:
@@ -451,7 +451,9 @@ def benchmark(name: str, args, device) -> dict:
     model = Model(spec, device)
     model.train(True)
     hand = hand_class(model)  # deep copies: the same initial weights; PyTorch's defaults
-    twin = hand_class(model, model.fast)  # the same, on genspec's fast path: what the parameters are checked against
+    # What the parameters are checked against: the same loop on genspec's fast path, or the timed
+    # loop itself where that fast path is PyTorch's defaults
+    twin = hand_class(model, model.fast) if on_fast_path(model.fast) else hand
     check_same_optimizers(model, hand)
     loops = {"genspec": genspec_phase_steps(model, args.bookkeeping), "hand": hand.phases}
     cycle = len(hand.phases)
@@ -465,9 +467,7 @@ def benchmark(name: str, args, device) -> dict:
     load_before = os.getloadavg()[0]
     log(f"{name}: batch {batch_size}, {warmup} warm-up + {steps} timed steps per loop in {rounds} rounds of {block}")
     times, peaks = time_alternating(loops, batches, warmup, rounds, block, device, name)
-    if same_fast_path(hand, twin):
-        twin = hand  # genspec's fast path is PyTorch's defaults here: the timed loop is the twin
-    else:
+    if twin is not hand:
         log(f"  {name}: the same steps untimed, by the hand loop on genspec's fast path ({describe(model.fast)})")
         replay(twin.phases, batches, warmup, rounds, block, device)
 

@@ -56,6 +56,7 @@ class World:
     rank: int = 0
     size: int = 1
     local_rank: int = 0
+    local_size: int = 1  # the processes on this machine
 
     @property
     def distributed(self) -> bool:
@@ -74,7 +75,14 @@ def from_environment() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     if size <= 1:
         return SINGLE
-    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")))
+    return World(int(os.environ["RANK"]), size, int(os.environ.get("LOCAL_RANK", "0")),
+                 int(os.environ.get("LOCAL_WORLD_SIZE", size)))
+
+
+def rank_seed(seed: int, world: World, epoch: int = 0) -> int:
+    """The seed of a rank's own noise: every rank starts from the same weights, then draws apart
+    (`epoch`: a stream afresh on resuming after that epoch)."""
+    return seed + 7919 * world.rank + 104_729 * epoch
 
 
 def launch(argv: list[str], nproc: int) -> int:
@@ -102,7 +110,7 @@ def setup(world: World, device_setting: str) -> torch.device:
     use_cuda = torch.cuda.is_available() and device_setting != "cpu"
     device = torch.device(f"cuda:{world.local_rank}") if use_cuda else torch.device("cpu")
     if use_cuda:
-        check_gpu_count(int(os.environ.get("LOCAL_WORLD_SIZE", world.local_rank + 1)), torch.cuda.device_count())
+        check_gpu_count(world.local_size, torch.cuda.device_count())
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")

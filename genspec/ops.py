@@ -45,12 +45,12 @@ class SoftLabel:
 
 
 def bce(p, target):
+    # in float32 (float64 stays) and outside autocast, which refuses binary_cross_entropy on CUDA (log near 0 and 1)
+    dtype = full_precision(p)
     if isinstance(target, SoftLabel):
         target = target.like(p)
     elif not torch.is_tensor(target):
-        target = torch.full_like(p, float(target), dtype=full_precision(p))
-    # in float32 (float64 stays) and outside autocast, which refuses binary_cross_entropy on CUDA (log near 0 and 1)
-    dtype = full_precision(p)
+        target = torch.full_like(p, float(target), dtype=dtype)
     with torch.autocast(p.device.type, enabled=False):
         return F.binary_cross_entropy(p.to(dtype), target.to(dtype))
 

@@ -83,7 +83,7 @@ def prepare(spec: Spec, world: dist.World = dist.SINGLE) -> tuple[Splits, Model]
     model.set_references(splits.train)  # virtual batch norm's reference: real images where a network reads x
     if world.distributed:
         dist.broadcast_module_state([model.networks, model.priors, model.states])  # one start for every rank
-        torch.manual_seed(seed + 7919 * world.rank)  # each rank draws its own noise
+        torch.manual_seed(dist.rank_seed(seed, world))  # each rank draws its own noise
     return splits, model
 
 
@@ -130,8 +130,7 @@ def _differences(a, b, path=()) -> list:
     return [] if a == b else [(path, a, b)]
 
 
-def _restore(model: Model, out: Path, device, epochs: int, world: dist.World = dist.SINGLE,
-             seed: int = 0) -> tuple[int, list]:
+def _restore(model: Model, out: Path, device, epochs: int, world: dist.World, seed: int) -> tuple[int, list]:
     state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
     done = int(state["epoch"])
     if done > epochs:  # equal: training is over, and the final evaluation runs again
@@ -276,7 +275,7 @@ def _restore_rng(state: dict, world: dist.World, seed: int, epoch: int) -> None:
     only, so under --nproc every rank starts a stream of its own instead (rank 0's on every rank
     would make the ranks draw the same noise): such a resume is a fresh draw, not a replay."""
     if world.distributed:
-        torch.manual_seed(seed + 7919 * world.rank + 104_729 * epoch)
+        torch.manual_seed(dist.rank_seed(seed, world, epoch))
         return
     torch.set_rng_state(state["rng"].cpu())
     if torch.cuda.is_available():  # the GPUs this machine has (it may have fewer than the saving one)

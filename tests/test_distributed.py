@@ -52,11 +52,10 @@ def test_more_processes_than_gpus_stop_every_rank_with_one_message(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     monkeypatch.setattr(torch.cuda, "set_device", lambda d: pytest.fail("set_device reached"))
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
     for rank in (0, 1):
         with pytest.raises(RunError, match=r"2 processes on this machine but 1 GPU: each process needs a GPU of its "
                                            r"own; use --nproc 1 or fewer, or --set train.device=cpu"):
-            setup(World(rank, 2, rank), "auto")
+            setup(World(rank, 2, rank, local_size=2), "auto")
 
 
 def test_each_rank_takes_its_slice_of_the_global_batch():
