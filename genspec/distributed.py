@@ -81,8 +81,27 @@ def from_environment() -> World:
 
 def rank_seed(seed: int, world: World, epoch: int = 0) -> int:
     """The seed of a rank's own noise: every rank starts from the same weights, then draws apart
-    (`epoch`: a stream afresh on resuming after that epoch)."""
+    (`epoch`: a stream afresh on resuming after that epoch with another number of processes)."""
     return seed + 7919 * world.rank + 104_729 * epoch
+
+
+def gather_rng_states(world: World, device: torch.device) -> list[dict]:
+    """Every rank's random streams (its CPU generator, and its own GPU's where it trains on one),
+    in rank order, on every rank: the checkpoint keeps them all, so that a resume with as many
+    processes continues each rank's noise where it stopped. Sent as one byte tensor per rank
+    (not pickled objects); every rank runs the same torch, so the CPU state has one length."""
+    import torch.distributed as dist
+
+    own = [torch.get_rng_state()]
+    if device.type == "cuda":
+        own.append(torch.cuda.get_rng_state(device))
+    flat = torch.cat(own)
+    wire = device if dist.get_backend() == "nccl" else torch.device("cpu")  # NCCL moves GPU tensors only
+    gathered = [torch.empty_like(flat, device=wire) for _ in range(world.size)]
+    dist.all_gather(gathered, flat.to(wire))
+    cpu_length = len(own[0])
+    return [{"cpu": g.cpu()[:cpu_length], **({"cuda": g.cpu()[cpu_length:]} if device.type == "cuda" else {})}
+            for g in gathered]
 
 
 def launch(argv: list[str], nproc: int) -> int:

@@ -170,8 +170,11 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
             balance = balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n))
             if world.distributed:
                 dist.broadcast_module_state([model.priors])  # rank 0's label weights for every rank
+        checkpoint_due = epoch % spec.train["checkpoint_every"] == 0 or epoch == epochs
         if not world.main:
             dist.agree(None, world)  # rank 0 evaluates and writes; a stop there stops every rank
+            if checkpoint_due:
+                dist.gather_rng_states(world, model.device)  # for rank 0's checkpoint
             continue
         record = {"epoch": epoch, "time_s": round(time.perf_counter() - began, 4), "train": train_means,
                   "test": evaluate_losses(spec, model, splits.test)}
@@ -186,8 +189,8 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         history.append(record)
         with open(out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
-        if epoch % spec.train["checkpoint_every"] == 0 or epoch == epochs:
-            save_checkpoint(model, out, epoch)
+        if checkpoint_due:
+            save_checkpoint(model, out, epoch, dist.gather_rng_states(world, model.device) if world.distributed else None)
         _epoch_message(bar, spec, record, epochs)
     if bar is not None:
         bar.close()
@@ -271,11 +274,24 @@ class FiniteWatch:
 
 
 def _restore_rng(state: dict, world: dist.World, seed: int, epoch: int) -> None:
-    """One process continues the random stream it saved. The checkpoint holds rank 0's streams
-    only, so under --nproc every rank starts a stream of its own instead (rank 0's on every rank
-    would make the ranks draw the same noise): such a resume is a fresh draw, not a replay."""
+    """Continue the random streams the checkpoint saved: one process its own; under --nproc each
+    rank its own, when the checkpoint holds as many ranks' streams. With another number of
+    processes (or a checkpoint of one process) every rank starts a stream of its own instead
+    (rank 0's on every rank would make the ranks draw the same noise): a fresh draw, not a replay,
+    as each rank's share of a batch has changed too."""
     if world.distributed:
-        torch.manual_seed(dist.rank_seed(seed, world, epoch))
+        streams = state.get("rank_rng", [])
+        if len(streams) != world.size:
+            if world.main:
+                saved = f"{len(streams)} processes" if streams else "one process"
+                print(f"genspec: the checkpoint holds the random streams of {saved}, not {world.size}: each process "
+                      "draws a fresh stream of its own, so the resumed epochs are not a replay", file=sys.stderr)
+            torch.manual_seed(dist.rank_seed(seed, world, epoch))
+            return
+        own = streams[world.rank]
+        torch.set_rng_state(own["cpu"].cpu())
+        if "cuda" in own and torch.cuda.is_available():
+            torch.cuda.set_rng_state(own["cuda"].cpu(), torch.cuda.current_device())  # setup chose this rank's GPU
         return
     torch.set_rng_state(state["rng"].cpu())
     if torch.cuda.is_available():  # the GPUs this machine has (it may have fewer than the saving one)
@@ -283,10 +299,14 @@ def _restore_rng(state: dict, world: dist.World, seed: int, epoch: int) -> None:
             torch.cuda.set_rng_state(cuda_state.cpu(), index)
 
 
-def save_checkpoint(model: Model, out: Path, epoch: int) -> None:
+def save_checkpoint(model: Model, out: Path, epoch: int, rank_streams: list[dict] | None = None) -> None:
+    """The model, optimiser moments and random streams after `epoch`, written atomically.
+    `rank_streams`: under --nproc every rank's streams (`distributed.gather_rng_states`)."""
     state = {"format": 1, "epoch": epoch, "model": model.state_dict(), "rng": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
+    if rank_streams is not None:
+        state["rank_rng"] = rank_streams
     tmp = out / (CHECKPOINT + ".tmp")
     with open(tmp, "wb") as f:
         torch.save(state, f)

@@ -36,6 +36,19 @@ def test_two_gloo_processes_train_like_one(tmp_path):
     assert two["elbo"] != one["elbo"]  # each rank draws its own noise
     state = torch.load(tmp_path / "two" / "checkpoint.pt", weights_only=True)
     assert state["epoch"] == 2 and not list((tmp_path / "two").glob("*.tmp"))
+    assert len(state["rank_rng"]) == 2 and not torch.equal(state["rank_rng"][0]["cpu"], state["rank_rng"][1]["cpu"])
+
+    # 1 epoch, then --resume to 2: every rank continues its own saved stream, so the same run
+    part = ["run", QUICKSTART, "--out", str(tmp_path / "part"), "--no-progress", "--nproc", "2", "--set", "train.device=cpu"]
+    first = run_cli([*part, "--set", "train.epochs=1"], timeout=300)
+    assert first.returncode == 0, first.stderr
+    resumed = run_cli([*part, "--set", "train.epochs=2", "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "random streams" not in resumed.stderr  # no fresh-draw warning: as many processes as saved
+    assert json.loads((tmp_path / "part" / "metrics.json").read_text())["test"] == two
+    resumed_state = torch.load(tmp_path / "part" / "checkpoint.pt", weights_only=True)
+    for name, tensor in state["model"]["networks"].items():
+        assert torch.equal(resumed_state["model"]["networks"][name], tensor), name
 
 
 def test_bad_nproc_is_refused_before_anything_runs(tmp_path):

@@ -490,20 +490,33 @@ def test_real_mnist_split_pad_and_range():
     assert not torch.equal(d.train.x, load_data(data, 1).train.x)
 
 
-def test_a_resume_replays_one_process_stream_and_gives_each_rank_its_own():
-    """A checkpoint holds rank 0's random stream only: a single process continues it, while under
-    --nproc each rank starts its own (had every rank taken rank 0's, all would draw the same noise)."""
+def test_a_resume_replays_the_stream_of_each_process_that_saved_it(capsys):
+    """A single process continues its own stream; under --nproc each rank continues its own, when
+    the checkpoint holds as many ranks' streams. With another number of processes each rank starts
+    a stream of its own (had every rank taken rank 0's, all would draw the same noise)."""
     from genspec.distributed import SINGLE, World
     from genspec.train import _restore_rng
 
-    torch.manual_seed(3)
-    state = {"rng": torch.get_rng_state()}
-    expected = torch.rand(4)
+    saved, expected = [], []
+    for seed in (3, 4):  # rank 0's stream, rank 1's
+        torch.manual_seed(seed)
+        saved.append({"cpu": torch.get_rng_state()})
+        expected.append(torch.rand(4))
+    state = {"rng": saved[0]["cpu"], "rank_rng": saved}
     torch.manual_seed(99)
     _restore_rng(state, SINGLE, seed=0, epoch=2)
-    assert torch.equal(torch.rand(4), expected)
-    draws = []
+    assert torch.equal(torch.rand(4), expected[0])
     for rank in (0, 1):
+        torch.manual_seed(99)
         _restore_rng(state, World(rank, 2, rank), seed=0, epoch=2)
+        assert torch.equal(torch.rand(4), expected[rank])
+    assert capsys.readouterr().err == ""
+    draws = []
+    for rank in (0, 1, 2):  # three processes resume a two-process checkpoint
+        _restore_rng(state, World(rank, 3, rank), seed=0, epoch=2)
         draws.append(torch.rand(4))
-    assert not torch.equal(draws[0], draws[1]) and not any(torch.equal(d, expected) for d in draws)
+    assert not torch.equal(draws[0], draws[1]) and not any(torch.equal(d, e) for d in draws for e in expected)
+    err = capsys.readouterr().err
+    assert err.count("holds the random streams of 2 processes, not 3") == 1  # rank 0 says it, once
+    _restore_rng({"rng": saved[0]["cpu"]}, World(0, 2, 0), seed=0, epoch=2)
+    assert "holds the random streams of one process, not 2" in capsys.readouterr().err
