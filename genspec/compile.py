@@ -27,11 +27,13 @@ from .spec import Spec
 class Env(dict):
     """Values computed in one step: inputs, tensors and losses by node id, plus network caches.
     `callers`: network name -> what to call instead of its `forward_taps` in this step (the DDP
-    wrapper of a network the step's phase updates, under --nproc); evaluation passes none."""
+    wrapper of a network the step's phase updates, under --nproc); evaluation passes none.
+    `functional`: the step runs under torch.func transforms (stacked replicas, genspec/stack.py)."""
 
-    def __init__(self, x, y=None, callers: dict | None = None):
+    def __init__(self, x, y=None, callers: dict | None = None, functional: bool = False):
         super().__init__()
         self.callers = callers or {}
+        self.functional = functional
         self["input:x"] = x
         if y is not None:
             self["input:y"] = y
@@ -113,7 +115,7 @@ class Compiler:
                 return type(net).forward_taps(net, x)[None]
 
             real, fake = self._compile(node.args[1], kind), self._compile(node.args[2], kind)
-            return lambda env: gradient_penalty(critic, real(env), fake(env))
+            return lambda env: gradient_penalty(critic, real(env), fake(env), env.functional)
         fn = TENSOR_OPS[node.func]
         args = [self._compile(a, kind) for a in node.args]
         if len(args) == 1:

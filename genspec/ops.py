@@ -80,13 +80,23 @@ def noisy(p: torch.Tensor, amount: float) -> torch.Tensor:
     return (1 - amount) * p + amount * torch.rand_like(p)
 
 
-def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor) -> torch.Tensor:
+def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, functional: bool = False) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E[(||grad_x critic(x_hat)||_2 - 1)^2] at x_hat = e real + (1 - e) fake,
-    e ~ U[0, 1] per example. The graph is kept (create_graph) so the penalty trains the critic."""
-    training = torch.is_grad_enabled()  # in evaluation (no_grad) the penalty is still measured
+    e ~ U[0, 1] per example. The graph is kept so the penalty trains the critic (the second
+    derivative through its parameters); in evaluation (no_grad) the penalty is still measured.
+
+    `functional`: inside torch.func transforms (stacked replicas run their step under vmap, which
+    refuses torch.autograd.grad), the input gradient comes from `torch.func.vjp`, which composes
+    with vmap and with the ordinary backward pass after it. A vjp cannot let batch norm update its
+    running statistics (an in-place write to a captured buffer), so one process keeps autograd.grad."""
+    training = torch.is_grad_enabled()
     e = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype)
-    with torch.enable_grad():
-        x_hat = (e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True)
-        (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=training)
-        penalty = (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
+    if functional:
+        scores, pullback = torch.func.vjp(critic, e * real.detach() + (1 - e) * fake.detach())
+        (grad,) = pullback(torch.ones_like(scores))  # d sum(scores) / d x_hat: each example's own gradient
+    else:
+        with torch.enable_grad():
+            x_hat = (e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True)
+            (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=training)
+    penalty = (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
     return penalty if training else penalty.detach()

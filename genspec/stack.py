@@ -39,24 +39,27 @@ from .spec import Spec
 from .train import RESOLVED, _atomic_write_text, add_losses, save_checkpoint
 
 
-def _calls(node):
-    """Names of every op or network an expression calls."""
+def _penalties(node):
+    """Every `gp(critic, real, fake)` call in an expression."""
     if isinstance(node, E.Call):
-        yield node.func
+        if node.func == "gp":
+            yield node
         for arg in node.args:
-            yield from _calls(arg)
+            yield from _penalties(arg)
     elif isinstance(node, E.BinOp):
-        yield from _calls(node.left)
-        yield from _calls(node.right)
+        yield from _penalties(node.left)
+        yield from _penalties(node.right)
     elif isinstance(node, E.Neg):
-        yield from _calls(node.operand)
+        yield from _penalties(node.operand)
 
 
 def cannot_stack(spec: Spec) -> str | None:
     """Why this spec's replicas cannot train as one stacked model, or None."""
     expressions = [*spec.graph.values(), *spec.losses.values(), *(o.minimize for o in spec.objectives.values())]
-    if any(func == "gp" for node in expressions for func in _calls(node)):
-        return "the gradient penalty differentiates inside the step"
+    for critic in sorted({node.args[0].id for expression in expressions for node in _penalties(expression)}):
+        if any("bn" in (row.get("op"), row.get("norm")) for row in spec.networks[critic].rows):
+            return (f"the gradient penalty's critic {critic!r} has batch norm, whose running statistics "
+                    "cannot be updated inside the penalty's vjp")
     if spec.states or spec.train.get("trace") or spec.train.get("balance"):
         return "states, traces and balancing run outside the step"
     return None
@@ -71,7 +74,7 @@ class _Phase(nn.Module):
         self.networks, self.priors = model.networks, model.priors
 
     def forward(self, x, y):
-        env = self.model.compute(Env(x, y), self.plan.nodes)
+        env = self.model.compute(Env(x, y, functional=True), self.plan.nodes)
         out = {f"objective/{name}": torch.as_tensor(self.model.objectives[name].loss(env)) for name in self.plan.objectives}
         out.update({name: env[f"loss:{name}"] for name in self.plan.loss_names})
         return out
@@ -86,7 +89,7 @@ class _Evaluation(nn.Module):
         self.networks, self.priors = model.networks, model.priors
 
     def forward(self, x, y):
-        env = self.model.compute(Env(x, y), self.nodes)
+        env = self.model.compute(Env(x, y, functional=True), self.nodes)
         return {name: env[f"loss:{name}"] for name in self.names}
 
 

@@ -37,6 +37,38 @@ def test_gradient_penalty_is_measured_without_grad_in_evaluation():
     assert value.item() >= 0 and not value.requires_grad
 
 
+def test_the_functional_penalty_under_vmap_is_each_critics_own():
+    """Stacked replicas take the penalty inside vmap through torch.func.vjp: with the same e drawn
+    (randomness="same" against the same seed), its value and the critic's parameter gradients (the
+    second derivative) are those of autograd.grad on each critic alone."""
+    from torch.func import functional_call, stack_module_state, vmap
+
+    torch.manual_seed(0)
+    critics = [nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 1)) for _ in range(3)]
+    real, fake = torch.randn(3, 6, 3, 2, 2), torch.randn(3, 6, 3, 2, 2)
+    params, _ = stack_module_state(critics)
+    params = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+    base = nn.Sequential(nn.Flatten(), nn.Linear(12, 5), nn.Tanh(), nn.Linear(5, 1)).to("meta")
+
+    def one(p, r, f):
+        return gradient_penalty(lambda x: functional_call(base, p, (x,)), r, f, functional=True)
+
+    torch.manual_seed(7)
+    stacked = vmap(one, randomness="same")(params, real, fake)
+    stacked.sum().backward()
+    for k, critic in enumerate(critics):
+        torch.manual_seed(7)
+        alone = gradient_penalty(critic, real[k], fake[k])
+        alone.backward()
+        assert torch.allclose(stacked[k], alone, atol=1e-6)
+        for (name, grad), p in zip(params.items(), critic.parameters()):
+            if p.grad is None:  # the last bias: the input gradient does not depend on it
+                assert grad.grad is None or torch.all(grad.grad[k] == 0), name
+            else:
+                assert torch.allclose(grad.grad[k], p.grad, atol=1e-6), name
+    assert params["1.weight"].grad.abs().sum() > 0
+
+
 def _generator():
     rows = [parse_row(r) for r in ["fc 4x4x8, vbn, relu", "deconv 4 3x3 x2, vbn, relu", "deconv 1 3x3 x2, tanh"]]
     return build_network(Network("g", (6,), rows, infer_network((6,), rows)))
