@@ -49,6 +49,7 @@ if "GENSPEC_DATA" not in os.environ and (ROOT.parent / "shared" / "data").is_dir
 import torch
 from torch import nn
 from torch.nn import functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import genspec
 from genspec.compile import Model, choose_device
@@ -420,6 +421,39 @@ def describe(fast) -> str:
     return ", ".join(on) or "float32, PyTorch's defaults"
 
 
+class OperatorCount(TorchDispatchMode):
+    """Counts the ATen operators dispatched below autograd (forward, backward and update) that do
+    work. On a GPU each is a kernel launch, or a few (a foreach or fused optimiser operator
+    launches one per chunk of tensors), so for a small model, where the launches and not the
+    arithmetic set the pace, this is what a step costs. Views, detach, dtype queries and
+    uninitialised allocations launch nothing and are left out."""
+
+    NO_WORK = {"aten::empty", "aten::empty_like", "aten::empty_strided", "aten::new_empty", "aten::new_empty_strided",
+               "aten::_unsafe_view"}  # a view that the schema does not mark as one
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        tensors = torch.is_tensor(out) or (isinstance(out, (tuple, list)) and any(torch.is_tensor(o) for o in out))
+        if tensors and not func.is_view and func.name().split(".")[0] not in self.NO_WORK:
+            self.count += 1
+        return out
+
+
+def count_operators(loops: dict, batches: list, device) -> dict:
+    """Operators per phase cycle of each loop, one untimed cycle each (after the comparison of
+    parameters: the extra steps change them)."""
+    counts = {}
+    for label, phase_steps in loops.items():
+        with OperatorCount() as counter:
+            run_block(phase_steps, batches, 0, len(phase_steps), device)
+        counts[label] = counter.count
+    return counts
+
+
 def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block: int, device, name: str) -> tuple:
     """Seconds per block of each loop, and on CUDA each loop's peak allocated bytes over its blocks.
     Block r of every loop runs the same steps on the same batches."""
@@ -471,6 +505,8 @@ def benchmark(name: str, args, device) -> dict:
         log(f"  {name}: the same steps untimed, by the hand loop on genspec's fast path ({describe(model.fast)})")
         replay(twin.phases, batches, warmup, rounds, block, device)
 
+    same_as_twin, plain = compare_state(model, twin), compare_state(model, hand)
+    operators = count_operators(loops, batches, device)
     genspec_rate, hand_rate = steps / sum(times["genspec"]), steps / sum(times["hand"])
     round_ratios = [h / g for g, h in zip(times["genspec"], times["hand"])]  # per round: genspec rate / hand rate
     return {
@@ -501,10 +537,13 @@ def benchmark(name: str, args, device) -> dict:
            if device.type == "cuda" else {}),
         "fast_path": describe(model.fast),
         # Against the hand loop given the same fast path (the twin): do both compute the same?
-        **compare_state(model, twin),
+        **same_as_twin,
         # Against the timed plain loop: fused kernels and autocast change the float order, and Adam,
         # which divides by the root of the gradients' second moment, magnifies that where a gradient is near 0.
-        "plain_max_abs_diff": compare_state(model, hand)["max_abs_diff"],
+        "plain_max_abs_diff": plain["max_abs_diff"],
+        # Deterministic, whatever the machine's load: the work each loop dispatches per phase cycle
+        "genspec_operators_per_cycle": operators["genspec"],
+        "hand_operators_per_cycle": operators["hand"],
         "steps_compared": warmup + steps,
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "quick": bool(args.quick),
