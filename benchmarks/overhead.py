@@ -437,10 +437,17 @@ class OperatorCount(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        tensors = torch.is_tensor(out) or (isinstance(out, (tuple, list)) and any(torch.is_tensor(o) for o in out))
-        if tensors and not func.is_view and func.name().split(".")[0] not in self.NO_WORK:
+        if self.does_work(func, out):
             self.count += 1
         return out
+
+    def does_work(self, func, out) -> bool:
+        if func.is_view or func.name().split(".")[0] in self.NO_WORK:
+            return False
+        # in-place operators that return nothing (foreach and fused optimiser updates) write their arguments
+        writes = any(a.alias_info is not None and a.alias_info.is_write for a in func._schema.arguments)
+        returns = torch.is_tensor(out) or (isinstance(out, (tuple, list)) and any(torch.is_tensor(o) for o in out))
+        return writes or returns
 
 
 def count_operators(loops: dict, batches: list, device) -> dict:

@@ -286,6 +286,10 @@ class _Infer:
                 self.fail("onehot(y): the dataset has no known number of classes")
             return Value("tensor", (self.spec.num_classes,))
         if node.func == "gp":
+            conditions = list(self.spec.networks[node.args[0].id].conditions)
+            if conditions:  # the penalty calls its critic on the interpolated images alone
+                self.fail(f"gp: the critic {node.args[0].id} also reads {', '.join(conditions)} (a conditional "
+                          "critic); the gradient penalty calls it on images alone, so give it an unconditional critic")
             for value in values[1:]:
                 if value.shape != values[0].shape:
                     self.fail(f"gp: the critic {node.args[0].id} takes {fmt(values[0].shape)}, got {fmt(value.shape)}")

@@ -57,7 +57,9 @@ def cannot_stack(spec: Spec) -> str | None:
     """Why this spec's replicas cannot train as one stacked model, or None."""
     expressions = [*spec.graph.values(), *spec.losses.values(), *(o.minimize for o in spec.objectives.values())]
     for critic in sorted({node.args[0].id for expression in expressions for node in _penalties(expression)}):
-        if any("bn" in (row.get("op"), row.get("norm")) for row in spec.networks[critic].rows):
+        # a frozen row's batch norm runs in eval mode (TableNet.train): it writes no statistics
+        if any("bn" in (info.row.get("op"), info.row.get("norm")) and not info.frozen
+               for info in spec.networks[critic].info.rows):
             return (f"the gradient penalty's critic {critic!r} has batch norm, whose running statistics "
                     "cannot be updated inside the penalty's vjp")
     if spec.states or spec.train.get("trace") or spec.train.get("balance"):

@@ -27,6 +27,15 @@ def test_the_count_takes_work_and_leaves_views_out(overhead):
         torch.empty_like(y)  # an uninitialised allocation launches nothing
         y.detach().view(3, 4).sum()  # sum
     assert counter.count == 4
+    params = [torch.zeros(3, requires_grad=True), torch.zeros(2, requires_grad=True)]
+    for p in params:
+        p.grad = torch.ones_like(p)
+    for implementation in ("foreach", "fused"):  # their operators update in place and return nothing
+        optimizer = torch.optim.Adam(params, **{implementation: True})
+        optimizer.step()  # the first: state created
+        with overhead.OperatorCount() as counter:
+            optimizer.step()
+        assert counter.count >= 2, implementation  # the step count's increment and the update itself
 
 
 @pytest.mark.parametrize("name", ["mnist_vae", "mnist_gan"])

@@ -191,6 +191,10 @@ def test_condition_inputs_are_checked_where_they_are_called():
     assert problems_of(cgan, ["networks.gen.condition.label=w"]) == [
         "networks.gen.condition.label: condition 'w' is neither a shape, y (one-hot labels) nor a latent"]
     assert problems_of(cgan, ["latent.c.shape=[2, 5]"])[0].startswith("latent.c.prior: a categorical prior draws one-hot vectors")
+    # the gradient penalty calls its critic on images alone: a conditional critic is refused where it is named
+    assert problems_of(cgan, ["losses.d_loss=bce(d_real, real) + bce(d_fake, 0) + 10 * gp(dis, x, x_fake)"]) == [
+        "losses.d_loss: gp: the critic dis also reads label (a conditional critic); the gradient penalty calls it on "
+        "images alone, so give it an unconditional critic"]
 
 
 def test_categorical_latent_draws_one_hot_labels_by_its_weights():

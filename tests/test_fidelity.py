@@ -161,6 +161,27 @@ def test_classifier_run_scores_accuracy_and_real_is(classifier_run):
     assert real["protocol"]["feature_row"] == 1  # the row tapped `as features`
 
 
+def test_the_real_set_score_keeps_the_checkpoint_the_training_loop_wrote(tmp_path):
+    """The classifier's extractor is read from the finished run's checkpoint. The loop has written
+    it after the last epoch, under --nproc with every rank's random streams, which a resume with
+    as many processes replays: scoring the real test set must not overwrite it without them."""
+    import yaml
+
+    from genspec.evaluate import _real_metrics
+    from genspec.train import RESOLVED, prepare, save_checkpoint
+
+    (tmp_path / "clf.yaml").write_text(CLASSIFIER_SPEC)
+    spec = genspec.load(tmp_path / "clf.yaml")
+    (tmp_path / RESOLVED).write_text(yaml.safe_dump(spec.raw, sort_keys=False))  # a run folder, as train.run leaves it
+    splits, model = prepare(spec)
+    streams = [{"cpu": torch.get_rng_state()}, {"cpu": torch.get_rng_state()}]
+    save_checkpoint(model, tmp_path, spec.train["epochs"], streams)
+    before = sha256_of(tmp_path / "checkpoint.pt")
+    real = _real_metrics(spec, model, splits, tmp_path)
+    assert sha256_of(tmp_path / "checkpoint.pt") == before == real["protocol"]["weights_sha256"]
+    assert len(torch.load(tmp_path / "checkpoint.pt", weights_only=True)["rank_rng"]) == 2
+
+
 def test_report_compares_paper_and_run(classifier_run):
     metrics = json.loads((classifier_run / "metrics.json").read_text())
     report = (classifier_run / "report.md").read_text()

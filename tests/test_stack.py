@@ -66,6 +66,15 @@ def test_specs_that_cannot_stack_say_why(tmp_path):
     assert cannot_stack(genspec.load(tmp_path / "bn_critic.yaml")) == (
         "the gradient penalty's critic 'dis' has batch norm, whose running statistics cannot be updated inside the "
         "penalty's vjp")
+    # a frozen batch norm row keeps its statistics (eval mode): the penalty's vjp writes nothing there
+    (tmp_path / "frozen_bn_critic.yaml").write_text(TINY_WGAN_GP.replace("lrelu 0.2, dropout 0.2", "bn, lrelu 0.2, frozen"))
+    frozen = genspec.load(tmp_path / "frozen_bn_critic.yaml")
+    assert cannot_stack(frozen) is None
+    stacked = StackedRuns([frozen, genspec.load(tmp_path / "frozen_bn_critic.yaml", ["train.seed=1"])], torch.device("cpu"))
+    for model in stacked.models:
+        model.train(True)
+    xs = torch.stack([s.train.x[:16] for s in stacked.splits])
+    assert torch.isfinite(stacked.step(0, xs, None)["penalty"]).all()
     assert cannot_stack(genspec.load(REPO / "specs" / "began.yaml")) == "states, traces and balancing run outside the step"
     # batch norm (the VAE-GAN), virtual batch norm (DCGAN) and categorical labels (CGAN) stack
     assert cannot_stack(genspec.load(REPO / "specs" / "cgan.yaml")) is None
