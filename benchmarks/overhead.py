@@ -461,6 +461,29 @@ def count_operators(loops: dict, batches: list, device) -> dict:
     return counts
 
 
+def count_python_calls(loops: dict, batches: list, device) -> dict:
+    """Python and builtin function calls per phase cycle of each loop (sys.setprofile, this
+    thread): the host-side work around the same operators, which a GPU's small steps wait for."""
+    counts = {}
+    for label, phase_steps in loops.items():
+        calls = 0
+
+        def profiler(frame, event, arg):
+            nonlocal calls
+            calls += event in ("call", "c_call")
+
+        torch.manual_seed(SEED)
+        sys.setprofile(profiler)  # around the steps alone: seeding's first calls vary
+        try:
+            for i, phase_step in enumerate(phase_steps):
+                phase_step(batches[i % len(batches)])
+        finally:
+            sys.setprofile(None)
+        sync(device)
+        counts[label] = calls
+    return counts
+
+
 def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block: int, device, name: str) -> tuple:
     """Seconds per block of each loop, and on CUDA each loop's peak allocated bytes over its blocks.
     Block r of every loop runs the same steps on the same batches."""
@@ -514,6 +537,7 @@ def benchmark(name: str, args, device) -> dict:
 
     same_as_twin, plain = compare_state(model, twin), compare_state(model, hand)
     operators = count_operators(loops, batches, device)
+    python_calls = count_python_calls(loops, batches, device)
     genspec_rate, hand_rate = steps / sum(times["genspec"]), steps / sum(times["hand"])
     round_ratios = [h / g for g, h in zip(times["genspec"], times["hand"])]  # per round: genspec rate / hand rate
     return {
@@ -551,6 +575,8 @@ def benchmark(name: str, args, device) -> dict:
         # Deterministic, whatever the machine's load: the work each loop dispatches per phase cycle
         "genspec_operators_per_cycle": operators["genspec"],
         "hand_operators_per_cycle": operators["hand"],
+        "genspec_python_calls_per_cycle": python_calls["genspec"],
+        "hand_python_calls_per_cycle": python_calls["hand"],
         "steps_compared": warmup + steps,
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "quick": bool(args.quick),

@@ -38,6 +38,19 @@ def test_the_count_takes_work_and_leaves_views_out(overhead):
         assert counter.count >= 2, implementation  # the step count's increment and the update itself
 
 
+def test_python_calls_are_counted_per_phase_step(overhead):
+    def helper():
+        return len([])  # one Python call and one builtin call
+
+    def step(n):
+        return lambda x: [helper() for _ in range(n)]
+
+    counts = overhead.count_python_calls({"one": [step(1)], "four": [step(4)], "both": [step(1), step(4)]},
+                                         [torch.zeros(1)], torch.device("cpu"))
+    assert counts["four"] - counts["one"] == 3 * 2  # three more helper() calls, each with its len()
+    assert counts["both"] > counts["four"]  # a cycle of two phase steps counts both
+
+
 @pytest.mark.parametrize("name", ["mnist_vae", "mnist_gan"])
 def test_genspec_dispatches_what_the_hand_loop_does(overhead, name):
     """Like for like (PyTorch's default optimiser), genspec's step dispatches exactly the hand
