@@ -450,22 +450,22 @@ class OperatorCount(TorchDispatchMode):
         return writes or returns
 
 
-def count_operators(loops: dict, batches: list, device) -> dict:
-    """Operators per phase cycle of each loop, one untimed cycle each (after the comparison of
-    parameters: the extra steps change them)."""
-    counts = {}
+def run_cycle(phase_steps: list, batches: list) -> None:
+    """One phase cycle, batch i for phase step i, untimed and unseeded."""
+    for i, phase_step in enumerate(phase_steps):
+        phase_step(batches[i % len(batches)])
+
+
+def count_work(loops: dict, batches: list, device) -> dict:
+    """What one phase cycle of each loop dispatches: ATen operators (`OperatorCount`), and Python
+    and builtin function calls (sys.setprofile, this thread), the host-side work around the same
+    operators that a GPU's small steps wait for. Run after the parameters are compared: the extra
+    cycles change them."""
+    work = {}
     for label, phase_steps in loops.items():
+        torch.manual_seed(SEED)
         with OperatorCount() as counter:
-            run_block(phase_steps, batches, 0, len(phase_steps), device)
-        counts[label] = counter.count
-    return counts
-
-
-def count_python_calls(loops: dict, batches: list, device) -> dict:
-    """Python and builtin function calls per phase cycle of each loop (sys.setprofile, this
-    thread): the host-side work around the same operators, which a GPU's small steps wait for."""
-    counts = {}
-    for label, phase_steps in loops.items():
+            run_cycle(phase_steps, batches)
         calls = 0
 
         def profiler(frame, event, arg):
@@ -475,13 +475,12 @@ def count_python_calls(loops: dict, batches: list, device) -> dict:
         torch.manual_seed(SEED)
         sys.setprofile(profiler)  # around the steps alone: seeding's first calls vary
         try:
-            for i, phase_step in enumerate(phase_steps):
-                phase_step(batches[i % len(batches)])
+            run_cycle(phase_steps, batches)
         finally:
             sys.setprofile(None)
         sync(device)
-        counts[label] = calls
-    return counts
+        work[label] = {"operators": counter.count, "python_calls": calls}
+    return work
 
 
 def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block: int, device, name: str) -> tuple:
@@ -536,8 +535,7 @@ def benchmark(name: str, args, device) -> dict:
         replay(twin.phases, batches, warmup, rounds, block, device)
 
     same_as_twin, plain = compare_state(model, twin), compare_state(model, hand)
-    operators = count_operators(loops, batches, device)
-    python_calls = count_python_calls(loops, batches, device)
+    work = count_work(loops, batches, device)
     genspec_rate, hand_rate = steps / sum(times["genspec"]), steps / sum(times["hand"])
     round_ratios = [h / g for g, h in zip(times["genspec"], times["hand"])]  # per round: genspec rate / hand rate
     return {
@@ -573,10 +571,7 @@ def benchmark(name: str, args, device) -> dict:
         # which divides by the root of the gradients' second moment, magnifies that where a gradient is near 0.
         "plain_max_abs_diff": plain["max_abs_diff"],
         # Deterministic, whatever the machine's load: the work each loop dispatches per phase cycle
-        "genspec_operators_per_cycle": operators["genspec"],
-        "hand_operators_per_cycle": operators["hand"],
-        "genspec_python_calls_per_cycle": python_calls["genspec"],
-        "hand_python_calls_per_cycle": python_calls["hand"],
+        **{f"{label}_{kind}_per_cycle": n for label, counts in work.items() for kind, n in counts.items()},
         "steps_compared": warmup + steps,
         "tolerance": {"rtol": RTOL, "atol": ATOL},
         "quick": bool(args.quick),

@@ -100,8 +100,10 @@ def gather_rng_states(world: World, device: torch.device) -> list[dict]:
     gathered = [torch.empty_like(flat, device=wire) for _ in range(world.size)]
     dist.all_gather(gathered, flat.to(wire))
     cpu_length = len(own[0])
-    return [{"cpu": g.cpu()[:cpu_length], **({"cuda": g.cpu()[cpu_length:]} if device.type == "cuda" else {})}
-            for g in gathered]
+    streams = []
+    for state in (g.cpu() for g in gathered):
+        streams.append({"cpu": state[:cpu_length], **({"cuda": state[cpu_length:]} if device.type == "cuda" else {})})
+    return streams
 
 
 def launch(argv: list[str], nproc: int) -> int:

@@ -287,12 +287,8 @@ def _sample_quality(spec: Spec, model: Model, splits: Splits, progress: bool) ->
 
 def _real_metrics(spec: Spec, model: Model, splits: Splits, out: Path) -> dict:
     """A classifier run scores the real test set in its own feature space (IS of real MNIST)."""
-    from .train import CHECKPOINT, save_checkpoint
-
-    # The extractor is loaded from the finished run's checkpoint, which the training loop writes
-    # after its last epoch (under --nproc with every rank's random streams: not to be overwritten)
-    if not (out / CHECKPOINT).exists():
-        save_checkpoint(model, out, spec.train["epochs"])
+    # The extractor is loaded from the finished run's checkpoint: the training loop (train.py's or
+    # stack.py's) wrote it after the last epoch, under --nproc with every rank's random streams
     test = splits.test.images()
     real = {m: {"samples": len(test), **options} for m, options in spec.evaluate["real"].items()}
     spec_like = _SpecView(spec, {"batch_size": spec.evaluate["batch_size"], **real, "extractor": {"classifier": str(out)}})

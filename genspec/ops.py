@@ -91,12 +91,13 @@ def gradient_penalty(critic, real: torch.Tensor, fake: torch.Tensor, functional:
     running statistics (an in-place write to a captured buffer), so one process keeps autograd.grad."""
     training = torch.is_grad_enabled()
     e = torch.rand((real.shape[0],) + (1,) * (real.dim() - 1), device=real.device, dtype=real.dtype)
+    x_hat = e * real.detach() + (1 - e) * fake.detach()
     if functional:
-        scores, pullback = torch.func.vjp(critic, e * real.detach() + (1 - e) * fake.detach())
+        scores, pullback = torch.func.vjp(critic, x_hat)
         (grad,) = pullback(torch.ones_like(scores))  # d sum(scores) / d x_hat: each example's own gradient
     else:
         with torch.enable_grad():
-            x_hat = (e * real.detach() + (1 - e) * fake.detach()).requires_grad_(True)
+            x_hat.requires_grad_(True)
             (grad,) = torch.autograd.grad(critic(x_hat).sum(), x_hat, create_graph=training)
     penalty = (grad.flatten(1).norm(2, dim=1) - 1).pow(2).mean()
     return penalty if training else penalty.detach()

@@ -45,8 +45,9 @@ def test_python_calls_are_counted_per_phase_step(overhead):
     def step(n):
         return lambda x: [helper() for _ in range(n)]
 
-    counts = overhead.count_python_calls({"one": [step(1)], "four": [step(4)], "both": [step(1), step(4)]},
-                                         [torch.zeros(1)], torch.device("cpu"))
+    work = overhead.count_work({"one": [step(1)], "four": [step(4)], "both": [step(1), step(4)]},
+                               [torch.zeros(1)], torch.device("cpu"))
+    counts = {label: w["python_calls"] for label, w in work.items()}
     assert counts["four"] - counts["one"] == 3 * 2  # three more helper() calls, each with its len()
     assert counts["both"] > counts["four"]  # a cycle of two phase steps counts both
 
@@ -65,8 +66,9 @@ def test_genspec_dispatches_what_the_hand_loop_does(overhead, name):
         hand = hand_class(model)
         loops = {"genspec": overhead.genspec_phase_steps(model, False), "hand": hand.phases}
         batches = [torch.rand(4, *spec.data_shape) * 2 - 1 for _ in range(2)]
-        overhead.count_operators(loops, batches, model.device)  # first steps: optimiser state created
-        counts[fused] = overhead.count_operators(loops, batches, model.device)
+        overhead.run_cycle(loops["genspec"], batches)  # first steps: optimiser state created
+        overhead.run_cycle(loops["hand"], batches)
+        counts[fused] = {label: w["operators"] for label, w in overhead.count_work(loops, batches, model.device).items()}
     assert counts[False]["genspec"] == counts[False]["hand"] > 100
     assert counts[True]["hand"] == counts[False]["hand"]
     assert counts[True]["genspec"] < counts[False]["genspec"] / 2
