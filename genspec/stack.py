@@ -30,13 +30,17 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from . import expr as E
 from . import fidelity
+from . import trace as step_trace
+from .balance import Balancer
 from .compile import Env, Model, choose_device, make_optimizer
 from .data import Splits, batches, load_data
-from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, grid_sources
+from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, graph_samples, grid_sources
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
 from .train import RESOLVED, _atomic_write_text, add_losses, save_checkpoint
+
+NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
 
 def _penalties(node):
@@ -62,23 +66,25 @@ def cannot_stack(spec: Spec) -> str | None:
                for info in spec.networks[critic].info.rows):
             return (f"the gradient penalty's critic {critic!r} has batch norm, whose running statistics "
                     "cannot be updated inside the penalty's vjp")
-    if spec.states or spec.train.get("trace") or spec.train.get("balance"):
-        return "states, traces and balancing run outside the step"
     return None
 
 
 class _Phase(nn.Module):
-    """One replica's phase step as a module call: the objectives' losses and the logged losses."""
+    """One replica's phase step as a module call: the objectives' losses, the logged losses and
+    each state's next value (unclamped; `StackedRuns.step` clamps and stores it after the update,
+    as `Model.update_states` does, from the same detached losses)."""
 
     def __init__(self, model: Model, plan):
         super().__init__()
         self.model, self.plan = model, plan
-        self.networks, self.priors = model.networks, model.priors
+        self.networks, self.priors, self.states = model.networks, model.priors, model.states
 
     def forward(self, x, y):
         env = self.model.compute(Env(x, y, functional=True), self.plan.nodes)
         out = {f"objective/{name}": torch.as_tensor(self.model.objectives[name].loss(env)) for name in self.plan.objectives}
         out.update({name: env[f"loss:{name}"] for name in self.plan.loss_names})
+        with torch.no_grad():
+            out.update({f"{NEXT}{name}": torch.as_tensor(fn(env)) for name, fn in self.plan.state_updates})
         return out
 
 
@@ -88,7 +94,7 @@ class _Evaluation(nn.Module):
     def __init__(self, model: Model, nodes: list, names: list[str]):
         super().__init__()
         self.model, self.nodes, self.names = model, nodes, names
-        self.networks, self.priors = model.networks, model.priors
+        self.networks, self.priors, self.states = model.networks, model.priors, model.states
 
     def forward(self, x, y):
         env = self.model.compute(Env(x, y, functional=True), self.nodes)
@@ -111,7 +117,8 @@ class StackedRuns:
             model = Model(spec, device)
             model.set_references(self.splits[-1].train)  # virtual batch norm's reference batch, as a sequential run sets it
             self.models.append(model)
-        holders = [nn.ModuleDict({"networks": m.networks, "priors": m.priors}) for m in self.models]
+        # states (BEGAN's k) stack as buffers: each replica reads and updates its own
+        holders = [nn.ModuleDict({"networks": m.networks, "priors": m.priors, "states": m.states}) for m in self.models]
         params, self.buffers = stack_module_state(holders)
         self.params = {k: v.detach().requires_grad_(True) for k, v in params.items() if self._trainable(holders[0], k)}
         self.frozen = {k: v.detach() for k, v in params.items() if k not in self.params}
@@ -158,7 +165,18 @@ class StackedRuns:
                 loss.sum().backward(inputs=[self.params[k] for k in keys], retain_graph=i < len(plan.objectives) - 1)
         for name in plan.objectives:
             self.optimizers[name][1].step()
+        self._update_states(out)
         return {k: v.detach() for k, v in out.items()}
+
+    def _update_states(self, out: dict) -> None:
+        """Each replica's state takes its next value, clamped to the state's range; logged as
+        state/NAME like a single run's `Model.update_states`."""
+        with torch.no_grad():
+            for key in [k for k in out if k.startswith(NEXT)]:
+                name = key[len(NEXT):]
+                state, buffer = self.specs[0].states[name], self.buffers[f"states.{name}"]
+                buffer.copy_(out.pop(key).to(buffer.dtype).clamp(state.low, state.high))
+                out[f"state/{name}"] = buffer.clone()
 
     def evaluate(self) -> list[dict]:
         """Each replica's test-set means of the evaluated losses (what evaluate_losses gives a
@@ -187,6 +205,17 @@ class StackedRuns:
         table = {name: (total / count).tolist() for name, total in sums.items()}
         return [{name: values[r] for name, values in table.items()} for r in range(len(self.specs))]
 
+    def rebalance(self, balancers: list) -> list[dict]:
+        """CGAN-MBL's balancing for each replica on its own (unstacked) model, whose new label
+        weights then go back into the stacked prior buffers. Returns what each run logs."""
+        logs = []
+        for r, (spec, model, balancer) in enumerate(zip(self.specs, self.models, balancers)):
+            logs.append(balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n)))
+            latent = spec.train["balance"]["latent"]
+            with torch.no_grad():
+                self.buffers[f"priors.{latent}.weights"][r].copy_(model.priors[latent].weights)
+        return logs
+
     def unstack(self) -> None:
         """Write each replica's slice back into its own Model (weights and optimiser state)."""
         with torch.no_grad():
@@ -194,7 +223,8 @@ class StackedRuns:
                 named = dict(model.networks.named_parameters(prefix="networks")) | dict(model.priors.named_parameters(prefix="priors"))
                 for key, value in {**self.params, **self.frozen}.items():
                     named[key].copy_(value[r])
-                buffers = dict(model.networks.named_buffers(prefix="networks")) | dict(model.priors.named_buffers(prefix="priors"))
+                buffers = (dict(model.networks.named_buffers(prefix="networks")) | dict(model.priors.named_buffers(prefix="priors"))
+                           | dict(model.states.named_buffers(prefix="states")))
                 for key, value in self.buffers.items():
                     buffers[key].copy_(value[r])
                 for name, (keys, optimizer) in self.optimizers.items():
@@ -220,14 +250,23 @@ def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True)
         _atomic_write_text(folder / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
     histories = [[] for _ in specs]
     train = specs[0].train
+    trace = step_trace.StepTrace(step_trace.trace_keys(specs[0]), device, replicas=len(specs))
+    balancers = ([Balancer(spec, model, splits.train) for spec, model, splits in zip(specs, stacked.models, stacked.splits)]
+                 if train.get("balance") else None)
     for epoch in range(1, train["epochs"] + 1):
         began = time.perf_counter()
-        means = _one_epoch(stacked, epoch)
+        means = _one_epoch(stacked, epoch, trace)
         seconds = round((time.perf_counter() - began) / len(specs), 4)  # per run, as a sequential study counts it
-        tests = stacked.evaluate()
         stacked.unstack()
+        balances = stacked.rebalance(balancers) if balancers and balancers[0].due(epoch) else None
+        tests = stacked.evaluate()  # after the label weights changed, as a single run evaluates
+        summaries = trace.flush_replicas(folders, epoch)
         for r, (spec, model, folder) in enumerate(zip(specs, stacked.models, folders)):
             record = {"epoch": epoch, "time_s": seconds, "train": means[r], "test": tests[r]}
+            if summaries[r]:
+                record["trace"] = summaries[r]
+            if balances:
+                record["balance"] = balances[r]
             histories[r].append(record)
             with open(folder / "metrics.jsonl", "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -245,7 +284,7 @@ def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True)
     return results
 
 
-def _one_epoch(stacked: StackedRuns, epoch: int) -> list[dict]:
+def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) -> list[dict]:
     specs, train = stacked.specs, stacked.specs[0].train
     for model in stacked.models:
         model.train(True)
@@ -257,6 +296,7 @@ def _one_epoch(stacked: StackedRuns, epoch: int) -> list[dict]:
     orders = [torch.randperm(len(s.train), generator=torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch))
               .to(stacked.device) for s, spec in zip(stacked.splits, specs)]
     n, size = len(stacked.splits[0].train), train["batch_size"]
+    steps_per_epoch = min(math.ceil(n / size), train.get("max_steps") or math.inf)
     sums, count = {}, {}
     for step, start in enumerate(range(0, n, size)):
         if train.get("max_steps") and step >= train["max_steps"]:
@@ -267,6 +307,7 @@ def _one_epoch(stacked: StackedRuns, epoch: int) -> list[dict]:
         xs = torch.stack([s.train.images(i) for s, i in zip(stacked.splits, idx)])
         ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[i] for s, i in zip(stacked.splits, idx)])
         out = stacked.step(cursor[step % len(cursor)], xs, ys)
+        trace.record((epoch - 1) * steps_per_epoch + step + 1, out)  # a single run's step numbers
         add_losses(sums, count, out)
     table = {name: (total / count[name]).tolist() for name, total in sums.items()}  # one read-back per epoch
     bad = [(name, v) for name, values in table.items() for v in values if not math.isfinite(v)]

@@ -21,34 +21,53 @@ def trace_keys(spec) -> list[tuple[str, str]]:
 
 
 class StepTrace:
-    """Collects one row per step for an epoch; `flush` writes them and returns the summary."""
+    """Collects one row per step for an epoch; `flush` writes them and returns the summary. With
+    `replicas` K (a stacked run, genspec/stack.py) each value is a (K,) tensor, one per replica,
+    and `flush_replicas` writes each replica's rows into its own folder."""
 
-    def __init__(self, keys: list[tuple[str, str]], device):
+    def __init__(self, keys: list[tuple[str, str]], device, replicas: int | None = None):
         import torch  # torch-free import of this module: `genspec show` reads plot code beside it
 
         self.torch = torch
         self.keys = keys
+        self.shape = () if replicas is None else (replicas,)
         self.rows: list = []
         self.steps: list[int] = []
-        self.missing = torch.tensor(math.nan, device=device)
+        self.missing = torch.tensor(math.nan, device=device).expand(self.shape)
 
     def record(self, step: int, values: dict) -> None:
         if self.keys:
-            self.rows.append(self.torch.stack([values.get(key, self.missing).float().reshape(()) for _, key in self.keys]))
+            self.rows.append(self.torch.stack([values[key].float().reshape(self.shape) if key in values else self.missing
+                                               for _, key in self.keys]))
             self.steps.append(step)
 
     def flush(self, out: Path, epoch: int) -> dict:
+        """Write the epoch's rows to out/trace.csv; returns the summary of each traced name."""
+        steps, table = self._read_back()
+        return {} if table is None else self._write(out, epoch, steps, table)
+
+    def flush_replicas(self, outs: list[Path], epoch: int) -> list[dict]:
+        """A stacked run's `flush`: replica r's rows go to outs[r]; one read-back for all."""
+        steps, table = self._read_back()
+        return [{} if table is None else self._write(out, epoch, steps, table[:, :, r]) for r, out in enumerate(outs)]
+
+    def _read_back(self):
+        """The epoch's steps and rows (steps x names [x replicas], on the CPU), and a fresh start."""
         if not self.keys or not self.rows:
-            return {}
+            return self.steps, None
+        steps, table = self.steps, self.torch.stack(self.rows).cpu()  # the one read-back of the epoch
+        self.rows, self.steps = [], []
+        return steps, table
+
+    def _write(self, out: Path, epoch: int, steps: list[int], table) -> dict:
         torch = self.torch
-        table = torch.stack(self.rows).cpu()  # the one read-back of the epoch
         path = out / TRACE_FILE
         new = not path.exists()
         with open(path, "a", newline="") as f:
             writer = csv.writer(f)
             if new:
                 writer.writerow(["step", "epoch"] + [name for name, _ in self.keys])
-            for step, row in zip(self.steps, table.tolist()):
+            for step, row in zip(steps, table.tolist()):
                 writer.writerow([step, epoch] + [f"{v:.6g}" for v in row])
         summary = {}
         for j, (name, _) in enumerate(self.keys):
@@ -57,7 +76,6 @@ class StepTrace:
             if len(column):
                 summary[name] = {"mean": float(column.mean()), "min": float(column.min()), "max": float(column.max()),
                                  "last": float(column[-1])}
-        self.rows, self.steps = [], []
         return summary
 
 

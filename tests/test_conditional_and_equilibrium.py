@@ -17,7 +17,7 @@ from genspec.compile import Env, Model
 from genspec.errors import SpecError
 from genspec.ops import TENSOR_OPS, noisy
 from genspec.trace import collapse_flags
-from spec_helpers import REPO, cli_in_process
+from spec_helpers import REPO, TINY_BEGAN, cli_in_process
 
 
 def problems_of(path: Path, overrides: list[str]) -> list[str]:
@@ -29,23 +29,6 @@ def problems_of(path: Path, overrides: list[str]) -> list[str]:
     raise AssertionError("expected a SpecError, but the spec is valid")
 
 BEGAN = REPO / "specs" / "began.yaml"
-
-# The shipped BEGAN spec, shrunk to 8x8 digits: its losses, state, trace and collapse flag stay as written.
-TINY_BEGAN = f"""\
-genspec: 1
-name: tiny_began
-extends: {BEGAN}
-params: {{lambda_k: 0.05}}
-data: {{dataset: digits, image_size: null, split: {{train: 64, test: 32}}}}
-latent: {{z: {{shape: [4], prior: "uniform(-1, 1)"}}}}
-networks:
-  gen: {{input: z, layers: ["fc 4x4x8, lrelu 0.2", upsample 2, conv 1 3x3]}}
-  dec: {{input: 4, layers: ["fc 4x4x8, lrelu 0.2", upsample 2, conv 1 3x3]}}
-  enc: {{input: x, layers: ["conv 8 3x3 /2, lrelu 0.2", flatten, fc 4]}}
-train: {{epochs: 2, batch_size: 16, device: cpu}}
-evaluate: {{grids: [samples, reconstructions]}}
-"""
-
 
 def tiny_began(tmp_path: Path, overrides=()) -> tuple[Path, object]:
     path = tmp_path / "tiny_began.yaml"

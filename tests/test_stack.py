@@ -3,6 +3,7 @@ leading model dimension give the results of separate runs."""
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -10,10 +11,11 @@ import pytest
 import torch
 
 import genspec
+from genspec.balance import Balancer
 from genspec.stack import StackedRuns, cannot_stack, train_stacked
 from genspec.evaluate import evaluate_losses
 from genspec.train import run
-from spec_helpers import REPO, TINY_DIGITS_CLASSIFIER
+from spec_helpers import REPO, TINY_BEGAN, TINY_DIGITS_CLASSIFIER
 
 def replicas(path: Path, seeds, extra=()) -> list:
     return [genspec.load(path, [f"train.seed={s}", *extra]) for s in seeds]
@@ -75,13 +77,15 @@ def test_specs_that_cannot_stack_say_why(tmp_path):
         model.train(True)
     xs = torch.stack([s.train.x[:16] for s in stacked.splits])
     assert torch.isfinite(stacked.step(0, xs, None)["penalty"]).all()
-    assert cannot_stack(genspec.load(REPO / "specs" / "began.yaml")) == "states, traces and balancing run outside the step"
     # batch norm (the VAE-GAN), virtual batch norm (DCGAN) and categorical labels (CGAN) stack
     assert cannot_stack(genspec.load(REPO / "specs" / "cgan.yaml")) is None
     assert cannot_stack(genspec.load(REPO / "specs" / "larsen_vaegan.yaml")) is None
     assert cannot_stack(genspec.load(REPO / "specs" / "dcgan.yaml")) is None
     assert cannot_stack(genspec.load(REPO / "specs" / "wgan_gp.yaml")) is None  # its critic has dropout, no batch norm
     assert cannot_stack(genspec.load(REPO / "specs" / "encoderless" / "mnist_base.yaml")) is None
+    # states (BEGAN's k), traces and balancing (CGAN-MBL) stack
+    for name in ("began.yaml", "began_cs.yaml", "began_vae.yaml", "cgan_mbl.yaml"):
+        assert cannot_stack(genspec.load(REPO / "specs" / name)) is None, name
 
 
 # WGAN-GP on the digits: the penalty inside the stacked step, dropout in the critic, five critic
@@ -276,3 +280,91 @@ class _Sampler(torch.nn.Module):
 
     def forward(self):
         return self.prior.sample(4000, "cpu")
+
+
+def test_each_stacked_replica_reads_and_updates_its_own_state(tmp_path):
+    """BEGAN's k stacks as a buffer: each replica's discriminator loss reads its own k, and after
+    the step its k is clamp(k + lambda_k (gamma L(x) - L(G(z))), 0, 1) of its own losses, exactly
+    as `Model.update_states` of a single run computes it."""
+    (tmp_path / "began.yaml").write_text(TINY_BEGAN)
+    specs = replicas(tmp_path / "began.yaml", (0, 1, 2))
+    assert cannot_stack(specs[0]) is None
+    stacked = StackedRuns(specs, torch.device("cpu"))
+    for model in stacked.models:
+        model.train(True)
+    k = torch.tensor([0.25, 0.75, 0.0])
+    stacked.buffers["states.k"].copy_(k)
+    for _ in range(3):
+        xs = torch.stack([s.train.x[:16] for s in stacked.splits])
+        out = stacked.step(0, xs, None)
+        assert torch.allclose(out["objective/dis"], out["l_real"] - k * out["l_fake"], atol=1e-6)
+        k = (k + 0.05 * (0.5 * out["l_real"] - out["l_fake"])).clamp(0, 1)
+        assert torch.allclose(out["state/k"], k, atol=1e-7) and torch.equal(stacked.buffers["states.k"], out["state/k"])
+    assert len(set(k.tolist())) == 3
+    stacked.unstack()
+    assert [float(m.states.k) for m in stacked.models] == k.tolist()
+
+
+def test_stacked_began_writes_each_runs_trace_and_state(tmp_path):
+    """A stacked BEGAN study writes what separate runs write: each folder its own trace.csv with a
+    single run's step numbers, per-epoch trace summaries, k in the checkpoint and the collapse check."""
+    (tmp_path / "began.yaml").write_text(TINY_BEGAN)
+    specs = replicas(tmp_path / "began.yaml", (0, 1))
+    train_stacked(specs, [tmp_path / "stacked" / f"seed{s}" for s in (0, 1)], progress=False)
+    run(specs[0], out=tmp_path / "alone", progress=False)
+    alone_rows = list(csv.DictReader((tmp_path / "alone" / "trace.csv").open()))
+    lasts = []
+    for seed in (0, 1):
+        folder = tmp_path / "stacked" / f"seed{seed}"
+        rows = list(csv.DictReader((folder / "trace.csv").open()))
+        assert [(r["step"], r["epoch"]) for r in rows] == [(r["step"], r["epoch"]) for r in alone_rows]
+        assert rows[0].keys() == alone_rows[0].keys() == {"step", "epoch", "k", "m_global"}
+        history = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        for record in history:
+            ks = [float(r["k"]) for r in rows if int(r["epoch"]) == record["epoch"]]
+            assert record["trace"]["k"]["last"] == pytest.approx(ks[-1], rel=1e-5)
+            assert record["trace"]["k"]["mean"] == pytest.approx(sum(ks) / len(ks), rel=1e-5)
+        state = torch.load(folder / "checkpoint.pt", weights_only=True)["model"]["states"]
+        assert float(state["k"]) == pytest.approx(float(rows[-1]["k"]), rel=1e-5) and float(state["k"]) > 0
+        lasts.append(rows[-1]["k"])
+        metrics = json.loads((folder / "metrics.json").read_text())
+        assert metrics["collapse"]["state"] == "k"
+        assert "![trace](trace.png)" in (folder / "report.md").read_text() and (folder / "trace.png").is_file()
+    assert lasts[0] != lasts[1]  # each replica its own k
+
+
+def test_stacked_balancing_reweights_each_replicas_own_labels(tmp_path):
+    """CGAN-MBL's balancing stacks: after each epoch every replica labels its own generator's
+    images and its new label weights go back into its slice of the stacked prior, which the next
+    epoch draws from; each run logs and keeps its own weights."""
+    text = TINY_CONDITIONAL_GAN.replace(
+        "train: {epochs: 1,", "train: {balance: {latent: c, images: x_fake, samples: 200}, epochs: 2,")
+    (tmp_path / "cgan.yaml").write_text(text)
+    specs = replicas(tmp_path / "cgan.yaml", (0, 1))
+    assert specs[0].train["balance"]["every"] == 1
+    assert cannot_stack(specs[0]) is None
+    train_stacked(specs, [tmp_path / f"seed{s}" for s in (0, 1)], progress=False)
+    finals = []
+    for seed in (0, 1):
+        history = [json.loads(line) for line in (tmp_path / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()]
+        assert [sum(h["balance"]["counts"]) for h in history] == [200, 200]
+        weights = torch.load(tmp_path / f"seed{seed}" / "checkpoint.pt", weights_only=True)["model"]["priors"]["c.weights"]
+        assert torch.allclose(weights, torch.tensor(history[-1]["balance"]["weights"]), atol=1e-5)
+        assert not torch.allclose(weights, torch.full((10,), 0.1))
+        finals.append(weights)
+    assert not torch.allclose(finals[0], finals[1])  # each replica labels its own generator
+
+
+def test_rebalancing_writes_each_replicas_new_weights_into_its_stacked_slice(tmp_path):
+    """The next epoch's vmapped draws read the stacked prior buffers (tested above), so each
+    replica's new label weights must land in its own slice of them."""
+    text = TINY_CONDITIONAL_GAN.replace("train: {epochs: 1,", "train: {balance: {latent: c, images: x_fake, samples: 200}, epochs: 1,")
+    (tmp_path / "cgan.yaml").write_text(text)
+    specs = replicas(tmp_path / "cgan.yaml", (0, 1))
+    stacked = StackedRuns(specs, torch.device("cpu"))
+    balancers = [Balancer(s, m, sp.train) for s, m, sp in zip(specs, stacked.models, stacked.splits)]
+    logs = stacked.rebalance(balancers)
+    for r, (model, log) in enumerate(zip(stacked.models, logs)):
+        assert torch.equal(stacked.buffers["priors.c.weights"][r], model.priors["c"].weights)
+        assert not torch.allclose(model.priors["c"].weights, torch.full((10,), 0.1))
+        assert model.priors["c"].weights.tolist() == pytest.approx(log["weights"], abs=1e-5)
