@@ -176,11 +176,11 @@ class Model:
         self.device = device
         self.distributed = world is not None and world.distributed  # average gradients and states over ranks
         self.wrappers: dict[str, nn.Module] = {}  # network -> its DistributedDataParallel wrapper (--nproc)
-        self.fast = fast_path(spec.train, device)
+        self.fast = fast_path(spec.train, device, any(convolves(net) for net in spec.networks.values()))
         self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
         if self.fast.channels_last:
             for name, net in spec.networks.items():
-                if any(r.row["op"] in ("conv", "deconv") for r in net.info.rows):
+                if convolves(net):
                     self.networks[name].to(memory_format=torch.channels_last)
         self.priors = nn.ModuleDict({name: build_prior(latent) for name, latent in spec.latents.items()}).to(device)
         self.states = States(spec.states).to(device)
@@ -338,20 +338,36 @@ class Model:
 
 
 def _match_parameter_layouts(optimizer: torch.optim.Optimizer) -> None:
-    """Give loaded optimiser state (Adam's moments) its parameter's memory layout. A checkpoint
-    written with channels-last weights (CUDA) and read with contiguous ones (CPU), or the other
-    way round, keeps the layout it was saved in; fused Adam then refuses the mismatch on CUDA and
-    on CPU silently pairs the wrong elements."""
+    """Give loaded optimiser state its parameter's memory layout and its step count PyTorch's
+    place. A checkpoint written with channels-last weights (CUDA) and read with contiguous ones
+    (CPU), or the other way round, keeps the layout it was saved in; fused Adam then refuses the
+    mismatch on CUDA and on CPU silently pairs the wrong elements. And a checkpoint loaded onto
+    the GPU puts Adam's `step` there, where a non-fused optimiser reads it back with .item() for
+    every parameter in every step (a wait for the device each time): it keeps it on the CPU."""
     for group in optimizer.param_groups:
         for param in group["params"]:
-            for key, value in optimizer.state.get(param, {}).items():
+            state = optimizer.state.get(param, {})
+            for key, value in state.items():
                 if torch.is_tensor(value) and value.shape == param.shape and value.stride() != param.stride():
-                    optimizer.state[param][key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+                    state[key] = torch.empty_like(param, dtype=value.dtype).copy_(value)
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].to(step_count_device(group, param.device))
+
+
+def step_count_device(group: dict, param_device: torch.device) -> torch.device:
+    """Where PyTorch keeps an optimiser's step count: beside the parameters for fused and
+    capturable implementations (their kernels read it there), else on the CPU."""
+    return param_device if group.get("fused") or group.get("capturable") else torch.device("cpu")
 
 
 # Where PyTorch has fused kernels for these optimisers (RMSprop has none).
 FUSED_DEVICES = ("cuda", "cpu")
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
+
+
+def convolves(net) -> bool:
+    """Whether a network has convolution rows, which channels-last memory speeds up."""
+    return any(r.row["op"] in ("conv", "deconv") for r in net.info.rows)
 
 
 @dataclass(frozen=True)
@@ -364,14 +380,15 @@ class FastPath:
     compile: bool
 
 
-def fast_path(train: dict, device: torch.device) -> FastPath:
+def fast_path(train: dict, device: torch.device, convolutional: bool = True) -> FastPath:
     """`auto` means on where it is safe and pays: bfloat16 autocast and channels-last convolutions on
-    CUDA, float32 and the default layout on CPU, where runs stay deterministic to the bit; fused
+    CUDA (channels-last only where a network convolves: else it is a copy of every batch for
+    nothing), float32 and the default layout on CPU, where runs stay deterministic to the bit; fused
     Adam/AdamW/SGD on both (one kernel for the whole update: 3-5x faster than PyTorch's default
     per-tensor loop on CPU, and equal to it up to float rounding)."""
     cuda = device.type == "cuda"
     precision = train.get("precision", "auto")
-    auto = {"channels_last": cuda, "fused": device.type in FUSED_DEVICES}
+    auto = {"channels_last": cuda and convolutional, "fused": device.type in FUSED_DEVICES}
     pick = {key: auto[key] if train.get(key, "auto") == "auto" else bool(train[key]) for key in auto}
     return FastPath(bf16=precision == "bf16" or (precision == "auto" and cuda), channels_last=pick["channels_last"],
                     fused=pick["fused"], compile=bool(train.get("compile", False)))

@@ -83,7 +83,15 @@ class ImageFiles:
                             pin_memory=self.device.type == "cuda", prefetch_factor=4 if workers else None,
                             generator=torch.Generator().manual_seed(0))
         for idx, pixels in zip(index_batches, loader):
-            yield self.finish(pixels), None if y is None else y[torch.as_tensor(idx, device=y.device)]
+            yield self.finish(pixels), None if y is None else y[_to_device(torch.as_tensor(idx), y.device)]
+
+
+def _to_device(index: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU index tensor on `device` without waiting for it: a copy from ordinary host memory to
+    the GPU blocks until the device has finished its queued work, one from pinned memory does not."""
+    if device.type != "cuda":
+        return index.to(device)
+    return index.pin_memory().to(device, non_blocking=True)
 
 
 class _DecodedFiles(torch.utils.data.Dataset):

@@ -49,11 +49,11 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
         torch.manual_seed(EVAL_SEED)
         for x, y in batches(split, spec.evaluate["batch_size"], None):
             env = model.compute(Env(x, y), nodes)
-            for name in names:
-                sums[name] += float(env[f"loss:{name}"]) * len(x)
+            for name in names:  # summed on the device in float64, read back once at the end
+                sums[name] = sums[name] + torch.as_tensor(env[f"loss:{name}"]).double() * len(x)
             count += len(x)
     model.train(True)
-    return {name: total / count for name, total in sums.items()}
+    return {name: float(total) / count for name, total in sums.items()}
 
 
 # ---------------------------------------------------------------- grids
@@ -254,9 +254,9 @@ def accuracy(spec: Spec, model: Model, split: Split) -> float:
     model.train(False)
     with forked_rng(model), torch.no_grad():
         for x, y in batches(split, spec.evaluate["batch_size"], None):
-            correct += int((model.compute(Env(x, y), nodes)[name].argmax(1) == y).sum())
+            correct = correct + (model.compute(Env(x, y), nodes)[name].argmax(1) == y).sum()  # read back once
     model.train(True)
-    return correct / len(split)
+    return int(correct) / len(split)
 
 
 def _reference_images(spec: Spec, splits: Splits) -> torch.Tensor:

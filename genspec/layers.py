@@ -158,7 +158,10 @@ class VirtualBatchNorm(nn.Module):
         if r == 0:
             raise RuntimeError("virtual batch norm needs the network's reference batch in front of the batch")
         per_example = (lambda t: t.mean((2, 3))) if self.spatial else (lambda t: t)  # (N, C)
-        mean_x, square_x = per_example(h), per_example(h * h)
+        # E[h^2] - E[h]^2 in float32: in bfloat16 (autocast on CUDA) the difference cancels to a
+        # few bits, and a variance of 0.12 comes out as 0.0625
+        h32 = h.float()
+        mean_x, square_x = per_example(h32), per_example(h32 * h32)
         w = 1.0 / (r + 1)
         mean = (1 - w) * mean_x[:r].mean(0) + w * mean_x
         var = ((1 - w) * square_x[:r].mean(0) + w * square_x - mean * mean).clamp_min(0)
@@ -167,7 +170,7 @@ class VirtualBatchNorm(nn.Module):
             weight, bias = self.weight[:, None, None], self.bias[:, None, None]
         else:
             weight, bias = self.weight, self.bias
-        return weight * (h - mean) / torch.sqrt(var + self.eps) + bias
+        return (weight * (h32 - mean) / torch.sqrt(var + self.eps) + bias).to(h.dtype)
 
 
 def _norm(name: str, shape: tuple) -> nn.Module:

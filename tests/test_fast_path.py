@@ -224,3 +224,36 @@ def test_gradient_penalty_trains_under_torch_compile():
                                  for flag in ("false", "true"))
     for a, b in zip(eager, compiled):
         assert a.keys() == b.keys() and all(b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-5) for k in a)
+
+
+def test_channels_last_is_left_off_where_no_network_convolves():
+    """Channels-last speeds up convolutions; for fully connected networks it is a copy of every
+    image batch for nothing, so `auto` turns it on only where a network convolves."""
+    from genspec.compile import convolves
+
+    auto = {"precision": "auto", "channels_last": "auto", "fused": "auto"}
+    assert fast_path(auto, torch.device("cuda"), convolutional=False).channels_last is False
+    assert fast_path({**auto, "channels_last": True}, torch.device("cuda"), convolutional=False).channels_last is True
+    assert any(convolves(net) for net in genspec.load(REPO / "specs" / "dcgan.yaml").networks.values())
+    assert not any(convolves(net) for net in genspec.load(QUICKSTART).networks.values())
+
+
+def test_a_loaded_step_count_goes_where_pytorch_keeps_it():
+    """A checkpoint loaded onto the GPU puts Adam's step count there; a non-fused Adam then reads
+    it back for every parameter in every step (a wait for the device). Loading moves it back to
+    the CPU; fused and capturable ones keep it beside their parameters, as PyTorch does."""
+    from genspec.compile import step_count_device
+
+    cuda = torch.device("cuda")
+    param = torch.nn.Parameter(torch.zeros(3))
+    for kwargs, expected in (({"foreach": True}, "cpu"), ({"foreach": False}, "cpu"), ({"fused": True}, "cuda"),
+                             ({"capturable": True}, "cuda")):
+        group = torch.optim.Adam([param], lr=0.1, **kwargs).param_groups[0]
+        assert step_count_device(group, cuda).type == expected, kwargs
+    # and on a CPU run the loaded count stays a CPU tensor, for the fused default and the others
+    for fused in (True, False):
+        model = Model(genspec.load(QUICKSTART, [f"train.fused={str(fused).lower()}"]), torch.device("cpu"))
+        model.step(model.phases[0], torch.rand(8, 1, 8, 8))
+        model.load_state_dict(model.state_dict())
+        steps = [s["step"] for run in model.objectives.values() for s in run.optimizer.state.values()]
+        assert steps and all(s.device.type == "cpu" and float(s) == 1 for s in steps)

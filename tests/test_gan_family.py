@@ -149,3 +149,21 @@ def test_is_splits_table_from_a_finished_run(tmp_path, capsys):
     one_split = rows[0].split("|")
     assert 1 <= float(one_split[2]) <= 10 and float(one_split[3]) == 0.0  # one split: no spread
     assert main(["is-splits", str(tmp_path / "vae"), "--splits", "100", "--samples", "60"]) == 1
+
+
+def test_virtual_batch_norm_keeps_float32_statistics_under_bfloat16():
+    """Under bf16 autocast (CUDA's default) a VBN row sees bfloat16 features: its E[h^2] - E[h]^2
+    in bfloat16 cancels to a few bits (a variance of 0.12 became 0.0625); computed in float32 the
+    output is float32's up to the output's own bfloat16 rounding."""
+    torch.manual_seed(0)
+    norm = VirtualBatchNorm(8, spatial=False)
+    h = 3 + 0.35 * torch.randn(64, 8)  # features far from zero: the cancellation bites
+    norm.reference_size = 32
+    expected = norm(h)
+    out = norm(h.bfloat16())
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - expected).abs().max() < 0.05
+    spatial = VirtualBatchNorm(4, spatial=True)
+    spatial.reference_size = 8
+    h = 3 + 0.35 * torch.randn(16, 4, 5, 5)
+    assert (spatial(h.bfloat16()).float() - spatial(h)).abs().max() < 0.05
