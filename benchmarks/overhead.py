@@ -104,7 +104,8 @@ class FeatureDiscriminator(nn.Module):
 
 
 def rsample(mean, logvar):
-    return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean)
+    # float32 noise under bf16 autocast too, as genspec's Gaussian draws it (layers.full_precision)
+    return mean + torch.exp(0.5 * logvar) * torch.randn_like(mean, dtype=torch.promote_types(mean.dtype, torch.float32))
 
 
 def kl_to_standard_normal(mean, logvar):
@@ -484,7 +485,9 @@ def count_work(loops: dict, batches: list, device) -> dict:
 
 
 def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block: int, device, name: str) -> tuple:
-    """Seconds per block of each loop, and on CUDA each loop's peak allocated bytes over its blocks.
+    """Seconds per block of each loop, and on CUDA each loop's peak bytes allocated over its blocks
+    above what was allocated as the block began: its activations, gradients and workspaces, not
+    what both loops hold throughout (weights, optimiser state, the batch pool; `resident_mib`).
     Block r of every loop runs the same steps on the same batches."""
     for phase_steps in loops.values():  # untimed: first-call allocations, lazy initialisation, caches
         run_block(phase_steps, batches, 0, warmup, device)
@@ -497,9 +500,10 @@ def time_alternating(loops: dict, batches: list, warmup: int, rounds: int, block
         for label, phase_steps in order:
             if device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(device)
+                before = torch.cuda.memory_allocated(device)
             times[label].append(run_block(phase_steps, batches, start, block, device))
             if device.type == "cuda":
-                peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated(device))
+                peaks[label] = max(peaks[label], torch.cuda.max_memory_allocated(device) - before)
         log(f"  {name} round {r + 1}/{rounds}: " + ", ".join(f"{label} {block / t[-1]:.3g} steps/s"
                                                            for label, t in times.items()))
     return times, peaks
@@ -561,9 +565,11 @@ def benchmark(name: str, args, device) -> dict:
         "median_round_ratio": round(statistics.median(round_ratios), 4),
         "best_round_ratio": round(min(times["hand"]) / min(times["genspec"]), 4),
         "loadavg": [round(load_before, 2), round(os.getloadavg()[0], 2)],
-        # CUDA only: the most memory allocated during any timed block (model, optimiser state, batches, activations)
-        **({"genspec_peak_mib": round(peaks["genspec"] / 2**20, 1), "hand_peak_mib": round(peaks["hand"] / 2**20, 1)}
-           if device.type == "cuda" else {}),
+        # CUDA only: each loop's peak memory above what was allocated as its block began (activations,
+        # gradients, workspaces), and what stays allocated throughout (both loops' weights and
+        # optimiser state, the twin, the batch pool)
+        **({"genspec_peak_mib": round(peaks["genspec"] / 2**20, 1), "hand_peak_mib": round(peaks["hand"] / 2**20, 1),
+            "resident_mib": round(torch.cuda.memory_allocated(device) / 2**20, 1)} if device.type == "cuda" else {}),
         "fast_path": describe(model.fast),
         # Against the hand loop given the same fast path (the twin): do both compute the same?
         **same_as_twin,

@@ -72,3 +72,13 @@ def test_genspec_dispatches_what_the_hand_loop_does(overhead, name):
     assert counts[False]["genspec"] == counts[False]["hand"] > 100
     assert counts[True]["hand"] == counts[False]["hand"]
     assert counts[True]["genspec"] < counts[False]["genspec"] / 2
+
+
+def test_the_hand_loops_noise_is_float32_under_bfloat16(overhead):
+    """genspec's Gaussian draws float32 noise beside bfloat16 outputs (layers.full_precision); the
+    fast-path twin must draw the same, or its parameters drift from genspec's for no reason."""
+    mean = torch.zeros(4, 3, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    z = overhead.rsample(mean, torch.zeros_like(mean))
+    torch.manual_seed(0)
+    assert z.dtype == torch.float32 and torch.equal(z, torch.randn(4, 3))
