@@ -95,13 +95,25 @@ def cmd_run(args) -> int:
     spec = runs[0][1]
     from .train import run
 
-    metrics = run(spec, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    out = args.out or f"reports/{spec.name}"
+    try:
+        metrics = run(spec, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
+    except KeyboardInterrupt:
+        raise KeyboardInterrupt(_interrupted_message(Path(out))) from None
     if not metrics:  # another rank of a distributed run: rank 0 reports
         return 0
-    out = args.out or f"reports/{spec.name}"
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics["test"].items())
     print(f"{spec.name}: done; test {summary}; report in {out}/report.md")
     return 0
+
+
+def _interrupted_message(out: Path) -> str:
+    """What a stopped run left in its folder, and how to go on."""
+    from .train import CHECKPOINT
+
+    if (out / CHECKPOINT).exists():
+        return f"interrupted; {out} keeps its last checkpoint, and --resume continues from it"
+    return f"interrupted before the first checkpoint; nothing to resume, and running it again starts afresh in {out}"
 
 
 def _without_nproc(argv: list[str]) -> list[str]:
@@ -301,8 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"{_speaker()}: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("genspec: interrupted (the last checkpoint is kept; --resume continues)", file=sys.stderr)
+    except KeyboardInterrupt as exc:
+        # a study's runs each keep their last checkpoint, and running the study again resumes them
+        print(f"genspec: {exc.args[0] if exc.args else 'interrupted; running it again resumes from the last checkpoints'}",
+              file=sys.stderr)
         return 130
 
 

@@ -63,9 +63,11 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
     if parallel < 1:
         raise RunError(f"--parallel must be a positive number of runs at once, got {parallel}")
     section, planned = plan_study(path, overrides, only, out)
+    statuses = [_status(item.folder) for item in planned]
+    if not overwrite:
+        statuses = _check_kept_runs(planned, statuses)
     todo, skipped = [], 0
-    for i, item in enumerate(planned, 1):
-        status = _status(item.folder)
+    for i, (item, status) in enumerate(zip(planned, statuses), 1):
         label = f"[{i}/{len(planned)}] {item.run.id or item.spec.name} seed {item.seed}"
         if status == "finished" and not overwrite:
             print(f"study: {label}: finished earlier, skipped", file=sys.stderr, flush=True)
@@ -200,6 +202,45 @@ def _worker(documents: list, folders: list, options: dict | None, threads: int) 
     torch.set_num_threads(threads)
     items = [StudyRun(None, check(Document(*document)), None, Path(folder)) for document, folder in zip(documents, folders)]
     _train_entry(items if options is None else items[0], options, progress=False)
+
+
+def _check_kept_runs(planned: list[StudyRun], statuses: list[str]) -> list[str]:
+    """A finished or interrupted run is kept only if it was made from the spec it would be made
+    from now: beyond what a resume may change (train.epochs and the like), any difference stops
+    the study before it trains anything, naming the runs and the keys, rather than report old
+    results as new ones. A finished run asked for more epochs is resumed for them."""
+    from .train import describe_changes, spec_changes
+
+    changed, fewer = [], []
+    for i, (item, status) in enumerate(zip(planned, statuses)):
+        if status not in ("finished", "interrupted"):
+            continue
+        differences = spec_changes(item.spec, item.folder)
+        if differences:
+            changed.append((item, differences))
+            continue
+        done = _epochs_done(item.folder)
+        if status == "finished" and done < item.spec.train["epochs"]:
+            statuses[i] = "interrupted"  # resumed to the new number of epochs
+        elif done > item.spec.train["epochs"]:
+            fewer.append((item, done))
+    if changed:
+        item, differences = changed[0]
+        others = f" (and {len(changed) - 1} more run(s))" if len(changed) > 1 else ""
+        raise RunError(f"{item.folder}{others} was made from a different spec than this study's; it differs in\n"
+                       f"{describe_changes(differences)}\n"
+                       "use --overwrite to retrain every run, or --out for a new study folder")
+    if fewer:
+        item, done = fewer[0]
+        raise RunError(f"{item.folder} already has {done} epochs, more than the {item.spec.train['epochs']} asked; "
+                       "use --overwrite to retrain, or --out for a new study folder")
+    return statuses
+
+
+def _epochs_done(folder: Path) -> int:
+    """The last epoch a run folder recorded (metrics.jsonl)."""
+    lines = (folder / "metrics.jsonl").read_text().splitlines() if (folder / "metrics.jsonl").exists() else []
+    return json.loads(lines[-1])["epoch"] if lines else 0
 
 
 def _status(folder: Path) -> str:

@@ -89,9 +89,16 @@ def prepare(spec: Spec, world: dist.World = dist.SINGLE) -> tuple[Splits, Model]
 
 def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
     has_run = out.exists() and any(out.iterdir())
+    if has_run and not resume and _stopped_before_first_epoch(out):
+        print(f"genspec: {out} holds a run stopped before its first epoch ended (no checkpoint, no metrics); "
+              "starting it afresh", file=sys.stderr)
+        return
     if resume:
         if not (out / CHECKPOINT).exists():
-            raise RunError(f"nothing to resume in {out}: no {CHECKPOINT} there")
+            started = out.exists() and _stopped_before_first_epoch(out)
+            raise RunError(f"nothing to resume in {out}: no {CHECKPOINT} there"
+                           + ("; it stopped before its first checkpoint: run it again without --resume to start afresh"
+                              if started else ""))
         _check_same_spec(spec, out)
     elif has_run and not any((out / marker).exists() for marker in RUN_MARKERS):
         raise RunError(f"{out} is not empty and is not a genspec run folder; choose another --out")
@@ -100,6 +107,14 @@ def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
 
 
 RUN_MARKERS = (RESOLVED, CHECKPOINT, "metrics.jsonl", "metrics.json")
+STARTED_ONLY = {RESOLVED, "layers.md"}  # what a run writes before its first epoch ends
+
+
+def _stopped_before_first_epoch(out: Path) -> bool:
+    """A genspec run folder holding only what a run writes before its first epoch ends: nothing
+    in it is worth keeping, so running the spec again needs no --overwrite."""
+    names = {p.name for p in out.iterdir()}
+    return RESOLVED in names and names <= STARTED_ONLY
 
 
 def _clear_folder(out: Path, resume: bool) -> None:
@@ -109,14 +124,23 @@ def _clear_folder(out: Path, resume: bool) -> None:
 
 
 def _check_same_spec(spec: Spec, out: Path) -> None:
+    differences = spec_changes(spec, out)
+    if differences:
+        raise RunError(f"cannot resume {out}: it was made from a different spec:\n" + describe_changes(differences))
+
+
+def spec_changes(spec: Spec, out: Path) -> list[tuple[tuple, object, object]]:
+    """What differs between the spec a run folder was made from and `spec`, beyond what a resume
+    may change (`RESUMABLE_CHANGES`): (key path, old, new) for each difference."""
     try:
         previous = yaml.safe_load((out / RESOLVED).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise RunError(f"cannot resume: {out / RESOLVED} is missing or unreadable ({exc})") from None
-    differences = [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES]
-    if differences:
-        lines = [f"  {'.'.join(map(str, path))}: {old!r} -> {new!r}" for path, old, new in differences[:20]]
-        raise RunError(f"cannot resume {out}: it was made from a different spec:\n" + "\n".join(lines))
+    return [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES]
+
+
+def describe_changes(differences: list, limit: int = 20) -> str:
+    return "\n".join(f"  {'.'.join(map(str, path))}: {old!r} -> {new!r}" for path, old, new in differences[:limit])
 
 
 def _differences(a, b, path=()) -> list:

@@ -284,3 +284,36 @@ def test_sample_command_draws_from_a_finished_run(tiny_run, tmp_path):
     again = tmp_path / "again.png"
     assert run_cli("sample", out, "--n", 9, "--out", again, "--seed", 1)[0] == 0
     assert again.read_bytes() == target.read_bytes()
+
+
+def test_an_interrupted_run_says_what_it_left_and_starts_afresh_without_a_checkpoint(tmp_path, monkeypatch):
+    """Ctrl-C before the first checkpoint leaves only the layer tables and the resolved spec:
+    the message says there is nothing to resume, --resume says to run it again, and a plain run
+    starts afresh without --overwrite. Stopped after a checkpoint, the message says --resume."""
+    import genspec.train
+
+    out = tmp_path / "run"
+    real_epoch = genspec.train._one_epoch
+
+    def stop_at(epoch_to_stop):
+        def one_epoch(spec, model, splits, epoch, *args, **kwargs):
+            if epoch == epoch_to_stop:
+                raise KeyboardInterrupt
+            return real_epoch(spec, model, splits, epoch, *args, **kwargs)
+        return one_epoch
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "_one_epoch", stop_at(1))
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 130 and "interrupted before the first checkpoint; nothing to resume" in err
+    assert sorted(p.name for p in out.iterdir()) == ["layers.md", "spec.resolved.yaml"]
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--resume", *sets(FAST))
+    assert rc == 1 and "run it again without --resume to start afresh" in err
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "_one_epoch", stop_at(2))
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(BASE + ["train.epochs=2", "evaluate.grids=[]"]))
+    assert rc == 130 and "stopped before its first epoch ended" in err, err
+    assert f"interrupted; {out} keeps its last checkpoint, and --resume continues from it" in err
+    assert (out / "checkpoint.pt").is_file()
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 1 and "already holds a run" in err  # a checkpoint is worth keeping: --overwrite or --resume

@@ -176,6 +176,39 @@ def test_a_second_run_skips_every_finished_run(study, tmp_path):
     assert "8 of 8 runs finished" in (copy / "study.md").read_text()
 
 
+def test_a_changed_spec_stops_the_study_before_it_reuses_old_results(study, tmp_path):
+    """Finished runs are skipped only if they were made from the spec as it is now: a changed
+    learning rate stops the study before anything trains, naming a run and the key, and leaves
+    every folder as it was."""
+    spec, out, _ = study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    stamps = {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()}
+    rc, _, err = run_cli("run", spec, "--out", copy, "--no-progress", "--set", "train.batch_size=16")
+    assert rc == 1 and "Traceback" not in err
+    assert "was made from a different spec than this study's" in err and "(and 7 more run(s))" in err
+    assert "train.batch_size: 32 -> 16" in err and "--overwrite" in err
+    assert {p: p.stat().st_mtime_ns for p in copy.rglob("*") if p.is_file()} == stamps
+
+
+def test_more_epochs_resume_the_finished_runs_for_them(study, tmp_path):
+    """train.epochs is what a resume may change: asked for more, each finished run trains on
+    from its final checkpoint (here one configuration, with --only); asked for fewer, the study
+    refuses, as a single run's --resume does."""
+    spec, out, _ = study
+    copy = tmp_path / "out"
+    shutil.copytree(out, copy)
+    only = ["--only", "encoder=L", "--only", "prior=flow2"]
+    rc, _, err = run_cli("run", spec, "--out", copy, "--no-progress", "--set", "train.epochs=2", *only)
+    assert rc == 0, err
+    assert "study: 2 run(s) trained, 0 skipped" in err and err.count("(resumed)") == 2
+    for seed in SEEDS:
+        records = (copy / run_id("L", "flow2") / f"seed{seed}" / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(r)["epoch"] for r in records] == [1, 2]
+    rc, _, err = run_cli("run", spec, "--out", copy, "--no-progress", *only)
+    assert rc == 1 and "already has 2 epochs, more than the 1 asked" in err
+
+
 def test_a_run_without_metrics_is_resumed_alone(study, tmp_path):
     spec, out, _ = study
     copy = tmp_path / "out"
