@@ -11,6 +11,7 @@ with an RBF kernel and expected improvement. Ax and BoTorch are imported only he
 from __future__ import annotations
 
 import csv
+import difflib
 import json
 import logging
 import math
@@ -74,9 +75,26 @@ def settings_from(spec_path: str, names: list[str], ranges: list, trials: int | 
     )
     if settings.strategy not in STRATEGIES:
         raise RunError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}")
+    _check_metric(settings.metric, spec)
     if settings.initial > settings.total:
         settings.initial = settings.total
     return settings
+
+
+def _check_metric(metric: str, spec) -> None:
+    """Refuse, before the first trial trains, a metric no run of this spec can report: its test
+    losses, accuracy where `evaluate.accuracy` asks for it; sample metrics (torch-fidelity's
+    names and ours) only where the spec computes them, whose names are checked after a trial."""
+    from .fidelity import requested
+
+    known = list(spec.evaluate.get("losses", spec.losses)) + (["test_accuracy"] if spec.evaluate.get("accuracy") else [])
+    if REPORTED_ALIASES.get(metric, metric) in known or metric in known:
+        return
+    if requested(spec.evaluate) or spec.evaluate.get("real"):
+        return  # FID, IS, KID... or a classifier's real-data scores: named by what evaluate computes
+    close = difflib.get_close_matches(metric, known, n=1)
+    raise RunError(f"--metric {metric}: no run of this spec reports it; it reports {', '.join(known)}"
+                   + (f" (did you mean {close[0]!r}?)" if close else ""))
 
 
 def _default_metric(spec) -> str:
@@ -320,7 +338,8 @@ def _run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, 
         row.update(status="completed", value=value, note="")
     except (RunError, SpecError) as exc:
         row.update(status="failed", value=float("nan"), note=str(exc).splitlines()[0][:200])
-    print(f"tune: trial {index} {row['status']}: {settings.metric} = {row['value']:.5g} {row['note']}", file=sys.stderr, flush=True)
+    outcome = f"{settings.metric} = {row['value']:.5g}" if row["status"] == "completed" else row["note"]
+    print(f"tune: trial {index} {row['status']}: {outcome}", file=sys.stderr, flush=True)
     return row
 
 
