@@ -40,6 +40,19 @@ class Document:
         return self.locations.get((), Location(self.file, 1, 1))
 
 
+def _flow_hint(exc: yaml.MarkedYAMLError, text: str) -> str:
+    """The usual cause of a broken {...} or [...]: an unquoted value with its own commas or
+    brackets, such as adam(lr, betas=[0.5, 0.999]), which YAML splits at the commas."""
+    if "flow" not in str(exc.context or "") or exc.problem_mark is None:
+        return ""
+    lines = text.splitlines()
+    first = exc.context_mark.line if exc.context_mark else exc.problem_mark.line
+    if not any("(" in line for line in lines[first:exc.problem_mark.line + 1]):
+        return ""
+    return ("; inside { } or [ ] a value with commas or brackets of its own needs quotes, "
+            'e.g. optimizer: "adam(lr, betas=[0.5, 0.999])"')
+
+
 def load_text(text: str, file: str = "<string>") -> Document:
     """Parse YAML text. Raises SpecError (never a YAML exception) on bad input."""
     try:
@@ -50,7 +63,7 @@ def load_text(text: str, file: str = "<string>") -> Document:
         context = exc.context
         if context and exc.context_mark and exc.problem_mark and exc.context_mark.line != exc.problem_mark.line:
             context += f" (opened at {exc.context_mark.line + 1}:{exc.context_mark.column + 1})"
-        message = ": ".join(str(x) for x in (context, exc.problem) if x)
+        message = ": ".join(str(x) for x in (context, exc.problem) if x) + _flow_hint(exc, text)
         raise SpecError([Problem(Location(file, line, col), (), f"YAML syntax error: {message}")]) from None
     except (yaml.YAMLError, RecursionError, ValueError) as exc:
         raise SpecError([Problem(Location(file, 1, 1), (), f"YAML error: {exc}")]) from None

@@ -88,6 +88,8 @@ DATASETS = ("digits", "mnist", "fashion_mnist", "svhn", "celeba", "image_folder"
 # Native image shape (channels, height, width) of each built-in dataset.
 DATASET_SHAPES = {"digits": (1, 8, 8), "mnist": (1, 28, 28), "fashion_mnist": (1, 28, 28), "svhn": (3, 32, 32)}
 DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "svhn": 10}
+# Images in each official pool: one pool (digits: every split drawn from it), or train and test
+DATASET_SIZES = {"digits": (1797,), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "svhn": (73257, 26032)}
 FILE_DATASETS = ("image_folder", "celeba")  # read from image files: held decoded in memory, or streamed
 LOADERS = ("auto", "memory", "stream")  # train.loader
 

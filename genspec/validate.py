@@ -16,7 +16,7 @@ from pathlib import Path
 from . import expr as E
 from .errors import Collector, SpecError
 from .loader import Document
-from .registry import DATASET_CLASSES, FILE_DATASETS, DATASET_SHAPES, INITS, OPTIMIZERS, PRIOR_KWARGS, PRIORS
+from .registry import DATASET_CLASSES, DATASET_SIZES, FILE_DATASETS, DATASET_SHAPES, INITS, OPTIMIZERS, PRIOR_KWARGS, PRIORS
 from .rows import RowError, parse_row
 from .shapes import ShapeError, infer_network
 from .spec import Latent, Network, Objective, Phase, Spec, State
@@ -54,6 +54,7 @@ def schema_problems(doc: Document, problems: Collector) -> None:
     if not isinstance(doc.data, dict):
         problems.add((), "a spec is a mapping of sections (genspec, name, data, networks, ...)")
         return
+    misspelt = set()
     for error in validator.iter_errors(doc.data):
         error = _deepest(error)
         path = tuple(error.absolute_path)
@@ -62,7 +63,14 @@ def schema_problems(doc: Document, problems: Collector) -> None:
             for key in _unexpected_keys(error):
                 hint = difflib.get_close_matches(str(key), known, n=1)
                 where = f"; did you mean {hint[0]!r}?" if hint else (f"; known keys: {', '.join(known)}" if known else "")
+                if any(c in str(key) for c in "()=["):  # adam(lr, beta=0.5) unquoted in { }: YAML split it at the comma
+                    where += ('; inside { } a value with commas of its own needs quotes, '
+                              'e.g. optimizer: "adam(lr, betas=[0.5, 0.999])"')
                 problems.add(path + (key,), f"unknown key {key!r}{where}")
+        elif error.validator == "required" and _misspelt_network(doc.data, path):
+            if path not in misspelt:  # one message for its missing input and layers
+                misspelt.add(path)
+                problems.add(path, _misspelt_network(doc.data, path))
         else:
             problems.add(path, _message(error))
 
@@ -165,6 +173,21 @@ def _kind(value) -> str:
 def _short(value) -> str:
     text = json.dumps(value) if not isinstance(value, str) else repr(value)
     return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _misspelt_network(data: dict, path: tuple) -> str | None:
+    """A network entry without its table whose name is close to one that has one: most likely a
+    misspelt name in --set or a patch (networks.encc.init=...), which made a new, empty network."""
+    if len(path) != 2 or path[0] != "networks" or not isinstance(data.get("networks"), dict):
+        return None
+    entry = data["networks"].get(path[1])
+    if not isinstance(entry, dict) or "layers" in entry:
+        return None
+    tables = [name for name, net in data["networks"].items() if isinstance(net, dict) and "layers" in net]
+    close = difflib.get_close_matches(str(path[1]), tables, n=1)
+    if not close:
+        return None
+    return f"no network named {path[1]!r}; did you mean {close[0]!r}? (a new network needs its input and layers)"
 
 
 def study_problems(doc: Document) -> None:
@@ -293,7 +316,25 @@ def _data_shape(data: dict, problems: Collector) -> tuple:
         if "image_size" in data:
             h = w = data["image_size"]
     pad = data.get("pad", 0)
+    _check_split_sizes(dataset, data.get("split") or {}, problems)
     return (c, h + 2 * pad, w + 2 * pad), DATASET_CLASSES.get(dataset)
+
+
+def _check_split_sizes(dataset: str, split: dict, problems: Collector) -> None:
+    """A split larger than a dataset of known size fails now, at its key, not when the data loads.
+    (The test split of a train / test dataset is capped at its size, with a note, as before.)"""
+    sizes = DATASET_SIZES.get(dataset)
+    if not sizes or not all(isinstance(split.get(k, 0), int) for k in ("train", "val", "test")):
+        return
+    val = split.get("val", 0)
+    test = split.get("test", max(1, sizes[0] // 6) if len(sizes) == 1 else 0)  # data.py's default test share
+    train = split.get("train", 0)
+    if len(sizes) == 1 and train + val + test > sizes[0]:
+        problems.add(("data", "split"), f"asks for {train + val + test} images ({train} train, {val} val, {test} test) "
+                                        f"but {dataset} has {sizes[0]}")
+    elif len(sizes) == 2 and train + val > sizes[0]:
+        problems.add(("data", "split"), f"asks for {train + val} training and validation images but {dataset}'s "
+                                        f"training set has {sizes[0]}")
 
 
 def _latent(name: str, entry: dict, params: dict, problems: Collector) -> Latent:

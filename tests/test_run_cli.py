@@ -219,11 +219,24 @@ def test_overwrite_that_fails_before_training_keeps_the_old_run(tmp_path):
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
     assert rc == 0, err
     before = folder_bytes(out)
-    # the data stage fails (more images asked than digits has): the old run must survive
+    # the data stage fails (an image folder that is not there): the old run must survive
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite",
-                         *sets(FAST + ["data.split.train=5000"]))
-    assert rc == 1 and "5032" in err and "1797" in err
+                         *sets(FAST + ["data.dataset=image_folder", f"data.root={tmp_path / 'no_images'}",
+                                       "data.image_size=8", "data.channels=1"]))
+    assert rc == 1 and "does not exist: set data.root" in err
     assert folder_bytes(out) == before
+
+
+def test_a_split_larger_than_the_dataset_is_a_located_spec_error(tmp_path):
+    """digits has 1797 images and MNIST's training set 60000: a larger split fails in validation,
+    at data.split, before any data is read."""
+    rc, _, err = run_cli("validate", QUICKSTART, "--set", "data.split.train=5000")
+    assert rc == 2 and "data.split: asks for 5297 images (5000 train, 0 val, 297 test) but digits has 1797" in err
+    rc, _, err = run_cli("validate", QUICKSTART, "--set", "data.split={train: 1600}")  # + the default sixth as test
+    assert rc == 2 and "asks for 1899 images (1600 train, 0 val, 299 test)" in err
+    rc, _, err = run_cli("validate", ROOT / "specs" / "mnist_vae.yaml", "--set", "data.split={train: 55000, val: 5001}")
+    assert rc == 2 and "asks for 60001 training and validation images but mnist's training set has 60000" in err
+    assert run_cli("validate", ROOT / "specs" / "mnist_vae.yaml", "--set", "data.split={train: 55000, val: 5000}")[0] == 0
 
 
 def test_overwrite_does_not_delete_a_folder_that_is_not_a_run(tmp_path):

@@ -338,3 +338,39 @@ def test_grid_mapping_must_name_a_graph_tensor():
 def test_accuracy_must_name_a_graph_tensor():
     assert set_problems("evaluate.accuracy=nope") == [
         "--set evaluate.accuracy=nope: evaluate.accuracy: no graph tensor named 'nope'"]
+
+
+def test_a_misspelt_network_in_an_override_is_named_as_such():
+    """`--set networks.encc.init=...` makes a new network without a table: the error says which
+    network was meant, not that 'encc' lacks input and layers."""
+    with pytest.raises(SpecError) as exc:
+        load_spec(QUICKSTART, ["networks.encc.init=xavier_normal"])
+    messages = [str(p) for p in exc.value.problems]
+    assert len(messages) == 1 and messages[0].endswith(
+        "networks.encc: no network named 'encc'; did you mean 'enc'? (a new network needs its input and layers)")
+
+
+def test_an_unquoted_optimiser_inside_braces_gets_the_quoting_hint(tmp_path):
+    text = QUICKSTART_TEXT_FOR_FLOW
+    for optimizer, expected in (("adam(lr, betas=[0.5, 0.999])", "YAML syntax error"),
+                                ("adam(lr, beta=0.5)", "unknown key 'beta=0.5)'")):
+        path = tmp_path / "flow.yaml"
+        path.write_text(text.replace("OPTIMIZER", optimizer))
+        with pytest.raises(SpecError) as exc:
+            load_spec(path)
+        message = " ".join(str(p) for p in exc.value.problems)
+        assert expected in message and 'needs quotes, e.g. optimizer: "adam(lr, betas=[0.5, 0.999])"' in message
+
+
+QUICKSTART_TEXT_FOR_FLOW = """\
+genspec: 1
+name: flow
+data: {dataset: digits}
+latent: {z: {shape: [2]}}
+networks:
+  dec: {input: z, layers: ["fc 64, sigmoid", reshape 1 8 8]}
+graph: {x_fake: dec(sample(z))}
+losses: {rec: sqerr(x_fake, x)}
+objectives:
+  dec: {networks: [dec], minimize: rec, optimizer: OPTIMIZER}
+"""
