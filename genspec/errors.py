@@ -79,3 +79,11 @@ class Collector:
 
 def _problem_order(p: Problem):
     return (p.location.file, p.location.line, p.location.column, format_path(p.path))
+
+
+def suggest(name: str, known) -> str:
+    """"; did you mean 'x'?" for the closest of `known` to a misspelt name, else nothing."""
+    import difflib
+
+    hint = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
+    return f"; did you mean {hint[0]!r}?" if hint else ""

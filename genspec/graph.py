@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from . import expr as E
-from .errors import Collector
+from .errors import Collector, suggest
 from .registry import EXPRESSION_OPS
 from .shapes import fmt
 from .spec import Spec
@@ -135,7 +135,7 @@ def _dependencies(node, spec: Spec, kind: str, path: tuple, problems: Collector,
             return [d for d in deps if d]
         else:
             known = sorted(EXPRESSION_OPS) + sorted(spec.networks)
-            problems.add(path, f"unknown op or network {func!r}; known: {', '.join(known)}")
+            problems.add(path, f"unknown op or network {func!r}" + (suggest(func, known) or f"; known: {', '.join(known)}"))
         for arg in node.args:
             deps += _dependencies(arg, spec, kind, path, problems)
         return [d for d in deps if d]
@@ -181,7 +181,10 @@ def _resolve_name(name: str, spec: Spec, kind: str, path: tuple, problems: Colle
         elif name == "y":
             problems.add(path, "labels y are not available: set data.labels: true")
         else:
-            problems.add(path, f"undefined name {name!r}")
+            known = [*spec.graph, *spec.params, *spec.states, *spec.latents, "x"]
+            if kind in ("loss", "objective", "update"):
+                known += list(spec.losses)
+            problems.add(path, f"undefined name {name!r}{suggest(name, known)}")
     return None
 
 

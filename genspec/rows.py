@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import re
 
+from .errors import suggest
 from .registry import ACTIVATIONS, LAYER_OPS, NORMS, ROW_KEYS, UPSAMPLE_MODES
 
 
@@ -79,7 +80,7 @@ def parse_row(row) -> dict:
 def _parse_main(words: list[str]) -> dict:
     op, args = words[0], words[1:]
     if op not in LAYER_OPS:
-        raise RowError(f"unknown layer {op!r}; known: {', '.join(LAYER_OPS)}")
+        raise RowError(f"unknown layer {op!r}" + (suggest(op, LAYER_OPS) or f"; known: {', '.join(LAYER_OPS)}"))
     if op in ("conv", "deconv"):
         return _parse_conv(op, args)
     if op == "gaussian" and len(args) >= 2 and _DIMS.match(args[1]) and _INT.match(args[0]):

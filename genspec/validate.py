@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from . import expr as E
-from .errors import Collector, SpecError
+from .errors import Collector, SpecError, suggest
 from .loader import Document
 from .registry import DATASET_CLASSES, DATASET_SIZES, FILE_DATASETS, DATASET_SHAPES, INITS, OPTIMIZERS, PRIOR_KWARGS, PRIORS
 from .rows import RowError, parse_row
@@ -241,7 +241,7 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     grids = evaluate.get("grids", [])
     for kind, tensor in (grids.items() if isinstance(grids, dict) else []):
         if tensor not in raw.get("graph", {}):
-            problems.add(("evaluate", "grids", kind), f"no graph tensor named {tensor!r}" + _suggest(tensor, raw.get("graph", {})))
+            problems.add(("evaluate", "grids", kind), f"no graph tensor named {tensor!r}" + suggest(tensor, raw.get("graph", {})))
     if evaluate.get("accuracy") and evaluate["accuracy"] not in raw.get("graph", {}):
         problems.add(("evaluate", "accuracy"), f"no graph tensor named {evaluate['accuracy']!r}")
     labels = {}
@@ -281,7 +281,7 @@ def _check_training_extras(raw: dict, train: dict, evaluate: dict, latents: dict
     losses = raw.get("losses", {})
     for i, name in enumerate(train.get("trace", [])):
         if name not in losses and name not in states:
-            problems.add(("train", "trace", i), f"no loss or state named {name!r}" + _suggest(name, list(losses) + list(states)))
+            problems.add(("train", "trace", i), f"no loss or state named {name!r}" + suggest(name, list(losses) + list(states)))
     balance = train.get("balance")
     if balance:
         latent = latents.get(balance["latent"])
@@ -487,7 +487,7 @@ def _objectives(entries: dict, networks: dict, declared: set, latents: dict, par
                 continue
             if net not in networks:
                 if net not in declared:  # a declared network with a bad table has been reported already
-                    problems.add(where, f"no network named {net!r} to train" + _suggest(net, declared))
+                    problems.add(where, f"no network named {net!r} to train" + suggest(net, declared))
                 continue
             if net in owner:
                 problems.add(where, f"parameters of network {net!r} routed to two optimisers (objectives {owner[net]!r} and {name!r})")
@@ -513,11 +513,6 @@ def _objectives(entries: dict, networks: dict, declared: set, latents: dict, par
             problems.add(("networks", net), f"network {net!r} has {info.info.trainable} trainable parameters but no objective trains it "
                          "(add an objective, or `freeze: true`)")
     return out
-
-
-def _suggest(name: str, known) -> str:
-    hint = difflib.get_close_matches(name, list(known), n=1)
-    return f"; did you mean {hint[0]!r}?" if hint else ""
 
 
 def _optimizer(path: tuple, text: str, params: dict, problems: Collector) -> tuple[str | None, dict]:
@@ -550,7 +545,7 @@ def _phases(train: dict, objectives: dict, problems: Collector) -> list[Phase]:
     for i, entry in enumerate(train["phases"]):
         for j, name in enumerate(entry["update"]):
             if name not in objectives:
-                problems.add(("train", "phases", i, "update", j), f"no objective named {name!r}" + _suggest(name, objectives))
+                problems.add(("train", "phases", i, "update", j), f"no objective named {name!r}" + suggest(name, objectives))
         epochs = tuple(entry["epochs"]) if "epochs" in entry else None
         if epochs and epochs[0] > epochs[1]:
             problems.add(("train", "phases", i, "epochs"), "first epoch after the last")

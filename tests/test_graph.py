@@ -238,3 +238,17 @@ def test_a_long_sum_in_a_loss_is_a_located_error_not_a_crash():
 def test_a_sum_within_the_size_bound_is_valid():
     text = quickstart_with(("  kl: kl(q, z)\n", "  kl: kl(q, z)\n  deep: " + "+".join(["rec"] * 150) + "\n"))
     check(text)
+
+
+def test_unknown_names_ops_and_layers_suggest_the_close_one():
+    from spec_helpers import problems_of, quickstart_with
+
+    assert any(p.endswith("undefined name 'nelbp'; did you mean 'elbo'?")
+               for p in problems_of(quickstart_with(("minimize: elbo", "minimize: nelbp"))))
+    assert any(p.endswith("unknown op or network 'decc'; did you mean 'dec'?")
+               for p in problems_of(quickstart_with(("x_rec: dec(z)", "x_rec: decc(z)"))))
+    assert any(p.endswith("unknown layer 'droput'; did you mean 'dropout'?")
+               for p in problems_of(quickstart_with(("- fc 64, sigmoid", "- droput 0.1\n      - fc 64, sigmoid"))))
+    # nothing close: the known ones are listed instead
+    assert any("undefined name 'qqqqq'" in p and "did you mean" not in p
+               for p in problems_of(quickstart_with(("minimize: elbo", "minimize: qqqqq"))))

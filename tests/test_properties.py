@@ -236,8 +236,9 @@ main_rows = st.one_of(
     st.builds(lambda p: f"dropout {p}", prob),
     st.builds(lambda dims: "reshape " + " ".join(dims), st.lists(small, min_size=1, max_size=4)),
     st.builds(lambda s: f"lrelu {s}", slope),
+    st.sampled_from(["label", "c", "cond_1"]).map(lambda name: f"concat {name}"),  # concat names a condition input
     st.sampled_from([op for op in LAYER_OPS if op not in ("conv", "deconv", "fc", "gaussian", "maxpool", "avgpool",
-                                                           "upsample", "dropout", "crop", "reshape")]),
+                                                           "upsample", "dropout", "crop", "reshape", "concat")]),
 )
 frozen = st.sampled_from(["", "frozen"])
 compact_rows = st.one_of(
