@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import RunError, SpecError
+from .errors import RunError, SpecError, plural
 
 
 def cmd_validate(args) -> int:
@@ -27,7 +27,11 @@ def cmd_validate(args) -> int:
             failed.append(exc)
             continue
         if len(runs) > 1 or runs[0][0].id:
-            print(f"{path}: ok ({runs[0][1].name}: a sweep of {len(runs)} runs, each valid)")
+            from .study import plan_study
+
+            seeds = len(plan_study(path, args.set, args.only, None)[1]) // len(runs)
+            print(f"{path}: ok ({runs[0][1].name}: {plural(len(runs), 'configuration')} x {plural(seeds, 'seed')} = "
+                  f"{plural(len(runs) * seeds, 'run')}, each valid)")
             continue
         spec = runs[0][1]
         nets = ", ".join(f"{n} {net.info.trainable + net.info.frozen:,}" for n, net in spec.networks.items())

@@ -159,7 +159,7 @@ def render_text(result: dict, markdown: bool = False) -> str:
     a, b = result["a"], result["b"]
     lines = [f"{'## ' if markdown else ''}{a['file']} ({a['name']})  ->  {b['file']} ({b['name']})", ""]
     if is_equivalent(result):
-        return "\n".join(lines + ["equivalent: no differences after resolution"])
+        return "\n".join(lines + ["equivalent: no differences after resolution", ""])
     if result["changes"]:
         if markdown:
             lines += ["| key | " + a["name"] + " | " + b["name"] + " |", "|---|---|---|"]

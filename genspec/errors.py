@@ -87,3 +87,8 @@ def suggest(name: str, known) -> str:
 
     hint = difflib.get_close_matches(str(name), [str(k) for k in known], n=1)
     return f"; did you mean {hint[0]!r}?" if hint else ""
+
+
+def plural(n: int, noun: str) -> str:
+    """'1 epoch', '2 epochs'."""
+    return f"{n} {noun}{'' if n == 1 else 's'}"

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .errors import plural
 from .rows import format_row
 from .shapes import fmt, prior_parameters
 from .spec import Spec
@@ -245,7 +246,7 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     if source_text:
         lines += [f"Source: {source_text}" + (f", {source['table']}" if isinstance(source, dict) and source.get("table") else ""), ""]
     lines += [f"Spec: `{spec.file}`; resolved copy: [spec.resolved.yaml](spec.resolved.yaml). "
-              f"Device {metrics['device']}, seed {metrics['seed']}, {metrics['epochs']} epochs, "
+              f"Device {metrics['device']}, seed {metrics['seed']}, {plural(metrics['epochs'], 'epoch')}, "
               f"{metrics['time_per_epoch_s'] or 0:.2f} s per epoch; data {metrics['data']['dataset']} "
               f"({metrics['data']['train']} train / {metrics['data']['test']} test).", ""]
     for note in metrics["data"].get("notes", []):

@@ -18,7 +18,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from .errors import RunError
+from .errors import RunError, plural
 from .loader import Document
 from .pipeline import check, load_runs, split_overrides
 from .resolve import apply_overrides, resolve
@@ -253,6 +253,12 @@ def _status(folder: Path) -> str:
 
 # ---------------------------------------------------------------- tables
 
+def _axes(rows: list, columns: list) -> str:
+    """How the tables are laid out, in words: a one-factor study has columns only."""
+    parts = [f"{label} {' x '.join(factors)}" for label, factors in (("rows", rows), ("columns", columns)) if factors]
+    return ", ".join(parts) or "one cell per table"
+
+
 def metric_value(metrics: dict, key: str):
     """A dotted path into metrics.json; `trainable` / `frozen` sum the networks' parameter counts."""
     if key in ("trainable", "frozen"):
@@ -286,9 +292,9 @@ def write_study_report(section: dict, planned: list[StudyRun]) -> Path:
     columns = section.get("columns") or factors[:1]
     rows = section.get("rows") or [f for f in factors if f not in columns]
     lines = [f"# Study {section['name']}", "",
-             f"{len(finished)} of {len(planned)} runs finished; {section['repeats']} seed(s) per configuration. "
-             f"Cells: mean (M) and standard deviation (Std) over the seeds; rows {' x '.join(rows) or '-'}, "
-             f"columns {' x '.join(columns) or '-'}.", ""]
+             f"{len(finished)} of {len(planned)} runs finished; {plural(section['repeats'], 'seed')} per configuration. "
+             f"Cells: mean (M) and standard deviation (Std) over the seeds; "
+             f"{_axes(rows, columns)}.", ""]
     extractors = sorted({m.get("protocol", {}).get("extractor") for _, m in finished if m.get("protocol")})
     for table in _tables(section, finished):
         grid = _grid(finished, table["metric"], rows, columns)

@@ -21,7 +21,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import RunError, SpecError
+from .errors import RunError, SpecError, plural
 from .pipeline import load_spec
 from .report import REPORTED_ALIASES, flat_results
 
@@ -464,7 +464,7 @@ def _write_markdown(settings: TuneSettings, table: list[dict], best, suggestion,
     names = list(settings.params)
     lines = [f"# Tuning {', '.join(names)}", "",
              f"Objective: {'minimise' if settings.minimize else 'maximise'} `{settings.metric}`; strategy {settings.strategy} "
-             f"({settings.initial} quasi-random initial trials, {settings.total} in all). Ranges: "
+             f"({plural(settings.initial, 'quasi-random initial trial')}, {settings.total} in all). Ranges: "
              + ", ".join(f"{n} in [{lo:g}, {hi:g}]{' (log)' if log else ''}" for n, (lo, hi, log) in settings.params.items()), ""]
     if best:
         lines += ["Best: " + ", ".join(f"{n} = {best[n]:.5g}" for n in names) + f" with {settings.metric} = {best['value']:.5g} "

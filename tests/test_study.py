@@ -104,7 +104,7 @@ def test_study_md_lays_out_each_table(study):
     _, out, _ = study
     text = (out / "study.md").read_text()
     assert text.startswith("# Study tiny_study\n")
-    assert "8 of 8 runs finished; 2 seed(s) per configuration" in text and "rows prior, columns encoder" in text
+    assert "8 of 8 runs finished; 2 seeds per configuration" in text and "rows prior, columns encoder" in text
     metrics = metrics_of(out)
     titles = re.findall(r"^## (.+)$", text, re.M)
     assert titles == [*TABLES.values(), "Runs"]  # the declared tables, in order
@@ -371,3 +371,11 @@ def test_study_stack_in_the_spec_stacks_and_no_stack_overrides_it(tmp_path):
     assert "one at a time (--no-stack)" in err and "stacked model" not in err
     rc, _, err = run_cli("validate", tmp_path / "s.yaml", "--set", "study.stack=sometimes")
     assert rc == 2 and "study.stack" in err
+
+
+def test_the_table_layout_is_said_in_words_without_placeholders():
+    from genspec.study import _axes
+
+    assert _axes(["prior"], ["encoder"]) == "rows prior, columns encoder"
+    assert _axes([], ["beta"]) == "columns beta"  # one factor: no '-' for the rows
+    assert _axes([], []) == "one cell per table"

@@ -147,9 +147,9 @@ def test_study_level_and_per_run_overrides():
 def test_validate_and_show_on_the_study():
     rc, out, err = run_cli("validate", STUDY)
     assert rc == 0, err
-    assert out == f"{STUDY}: ok (encoderless_mnist: a sweep of 24 runs, each valid)\n"
+    assert out == f"{STUDY}: ok (encoderless_mnist: 24 configurations x 5 seeds = 120 runs, each valid)\n"
     rc, out, err = run_cli("validate", STUDY, "--only", "encoder=NL")
-    assert rc == 0 and "a sweep of 6 runs" in out
+    assert rc == 0 and "6 configurations x 5 seeds = 30 runs" in out
     rc, out, err = run_cli("show", STUDY, "--only", "encoder=RKS", "--only", "layers=conv")
     assert rc == 0, err
     headers = re.findall(r"^=== (.+)$", out, re.M)
