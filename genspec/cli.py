@@ -17,7 +17,7 @@ from .errors import RunError, SpecError, plural
 
 
 def cmd_validate(args) -> int:
-    from .pipeline import load_runs
+    from .pipeline import is_study, load_runs
 
     failed = []
     for path in args.specs:
@@ -26,7 +26,7 @@ def cmd_validate(args) -> int:
         except SpecError as exc:
             failed.append(exc)
             continue
-        if len(runs) > 1 or runs[0][0].id:
+        if is_study(runs):
             from .study import plan_study
 
             seeds = len(plan_study(path, args.set, args.only, None)[1]) // len(runs)
@@ -73,19 +73,19 @@ def cmd_graph(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import load_runs
+    from .pipeline import is_study, load_runs
 
     runs = load_runs(args.spec, args.set, args.only)  # every spec problem surfaces before anything is written
     nproc = args.nproc
     if nproc is not None and nproc < 1:
         raise RunError(f"--nproc must be a positive number of processes, got {nproc}")
     if nproc is not None and nproc > 1 and os.environ.get("WORLD_SIZE") is None:
-        if runs[0][0].id or len(runs) > 1:
+        if is_study(runs):
             raise RunError("--nproc trains one spec across processes; run a study's runs one by one or without it")
         from .distributed import launch
 
         return launch(_without_nproc(args.argv), nproc)
-    if runs[0][0].id or len(runs) > 1:
+    if is_study(runs):
         from .study import run_study
 
         if args.resume:

@@ -42,7 +42,7 @@ def load_runs(path: str | Path, overrides: list[str] | None = None, only: list[s
     overrides apply to each run after its levels. Problems of all runs are reported together."""
     study_level, per_run = split_overrides(overrides or [])
     doc = resolve(path, study_level)
-    if is_sweep(doc):
+    if isinstance(doc.data, dict) and any(key in doc.data for key in STUDY_KEYS):
         study_problems(doc)
     runs = expand(doc, only) if is_sweep(doc) else [Run("", {}, doc)]
     out, problems, seen = [], [], set()
@@ -60,3 +60,10 @@ def load_runs(path: str | Path, overrides: list[str] | None = None, only: list[s
     if problems:
         raise SpecError(problems)
     return out
+
+
+def is_study(runs: list[tuple[Run, Spec]]) -> bool:
+    """Whether `load_runs` gave a study: a sweep's configurations, or one spec with `repeats` > 1
+    (its seeds are a study of one configuration, genspec/study.py)."""
+    first = runs[0][0]
+    return len(runs) > 1 or bool(first.id) or (first.doc.data.get("repeats") or 1) > 1

@@ -131,13 +131,13 @@ def _stacked_groups(todo: list, flag: bool | None, setting) -> list:
 
         reason = cannot_stack(fresh[0][1].spec)
         if reason:
-            print(f"study: {run_id}: trained one seed at a time ({reason})", file=sys.stderr, flush=True)
+            print(f"study: {run_id or fresh[0][1].spec.name}: trained one seed at a time ({reason})", file=sys.stderr, flush=True)
             left += entries
             continue
         left += [e for e in entries if e[2]["resume"]]
         # the stacked step ignores bf16 autocast (see StackedRuns.step): say so where a run would use it
         precision = "; in float32, not bf16" if fast_path(fresh[0][1].spec.train, device).bf16 else ""
-        left.append((f"{run_id}: {len(fresh)} seeds as one stacked model ({why}{precision})", [item for _, item, _ in fresh], None))
+        left.append((f"{run_id or fresh[0][1].spec.name}: {len(fresh)} seeds as one stacked model ({why}{precision})", [item for _, item, _ in fresh], None))
     return left
 
 

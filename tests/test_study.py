@@ -379,3 +379,23 @@ def test_the_table_layout_is_said_in_words_without_placeholders():
     assert _axes(["prior"], ["encoder"]) == "rows prior, columns encoder"
     assert _axes([], ["beta"]) == "columns beta"  # one factor: no '-' for the rows
     assert _axes([], []) == "one cell per table"
+
+
+def test_repeats_without_a_sweep_is_a_study_of_one_configuration(tmp_path):
+    """`repeats: 2` on a plain spec trains two seeds (it was read as one run before), each in its
+    own folder, with the study report; validate says so, and --resume is refused as for any study."""
+    spec = tmp_path / "repeated.yaml"
+    spec.write_text(tiny_digits_vae("repeated", "repeats: 2\n"))
+    rc, out, err = run_cli("validate", spec)
+    assert rc == 0 and "repeated: 1 configuration x 2 seeds = 2 runs, each valid" in out, err
+    rc, _, err = run_cli("run", spec, "--out", tmp_path / "out", "--no-progress")
+    assert rc == 0, err
+    assert "study: 2 run(s) trained, 0 skipped" in err
+    seeds = [json.loads((tmp_path / "out" / "run" / f"seed{s}" / "metrics.json").read_text())["seed"] for s in (0, 1)]
+    assert seeds == [0, 1]
+    assert "2 of 2 runs finished; 2 seeds per configuration" in (tmp_path / "out" / "study.md").read_text()
+    rc, _, err = run_cli("run", spec, "--out", tmp_path / "out", "--resume")
+    assert rc == 1 and "a study resumes by itself" in err
+    spec.write_text(tiny_digits_vae("repeated", "repeats: 0\n"))
+    rc, _, err = run_cli("validate", spec)
+    assert rc == 2 and "repeats" in err
