@@ -103,7 +103,9 @@ def cmd_run(args) -> int:
     try:
         metrics = run(spec, out=args.out, resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(_interrupted_message(Path(out))) from None
+        raise KeyboardInterrupt(_interrupted_message(Path(out)) + _replaced_note(Path(out))) from None
+    except RunError as exc:
+        raise RunError(f"{exc}{_replaced_note(Path(out))}") from None
     if not metrics:  # another rank of a distributed run: rank 0 reports
         return 0
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics["test"].items())
@@ -118,6 +120,17 @@ def _interrupted_message(out: Path) -> str:
     if (out / CHECKPOINT).exists():
         return f"interrupted; {out} keeps its last checkpoint, and --resume continues from it"
     return f"interrupted before the first checkpoint; nothing to resume, and running it again starts afresh in {out}"
+
+
+def _replaced_note(out: Path) -> str:
+    """Where the run that --overwrite was replacing waits, when the new one did not finish."""
+    from .train import replaced_path
+
+    backup = replaced_path(out)
+    if not backup.exists():
+        return ""
+    return (f"\nthe run --overwrite was replacing is kept in {backup}: move it back to {out} to restore it, "
+            "or finish the new run (--resume, or --overwrite again) and it is removed")
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

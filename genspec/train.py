@@ -67,6 +67,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
         return {}
     metrics = final_evaluation(spec, model, splits, out, history, progress and sys.stderr.isatty())
     write_report(spec, out, metrics, history)
+    _drop_replaced(out)  # the new run is complete: the one it replaced can go
     return metrics
 
 
@@ -118,9 +119,29 @@ def _stopped_before_first_epoch(out: Path) -> bool:
 
 
 def _clear_folder(out: Path, resume: bool) -> None:
+    """Make `out` ready for a fresh run (or keep it for a resume). A run it held is moved aside to
+    `replaced_path(out)` rather than deleted, until the new run has finished (`_drop_replaced`):
+    a new run stopped by Ctrl-C, a divergence or a full disk leaves the old one there. Where a
+    replaced run is already waiting there, `out` holds only an unfinished replacement of it,
+    which goes; the replaced run stays."""
     if not resume and out.exists():
-        shutil.rmtree(out)  # _check_folder made sure it is empty or a genspec run
+        backup = replaced_path(out)
+        if any(out.iterdir()) and not backup.exists() and (out / CHECKPOINT).exists():
+            out.rename(backup)
+        else:
+            shutil.rmtree(out)  # _check_folder made sure it is empty or a genspec run
     out.mkdir(parents=True, exist_ok=True)
+
+
+def replaced_path(out: Path) -> Path:
+    """Where --overwrite keeps the run it replaces until the new one finishes: a hidden sibling."""
+    return out.with_name(f".{out.name}.replaced")
+
+
+def _drop_replaced(out: Path) -> None:
+    backup = replaced_path(out)
+    if backup.exists():
+        shutil.rmtree(backup)
 
 
 def _check_same_spec(spec: Spec, out: Path) -> None:

@@ -330,3 +330,32 @@ def test_an_interrupted_run_says_what_it_left_and_starts_afresh_without_a_checkp
     assert (out / "checkpoint.pt").is_file()
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
     assert rc == 1 and "already holds a run" in err  # a checkpoint is worth keeping: --overwrite or --resume
+
+
+def test_an_overwrite_that_stops_mid_training_keeps_the_old_run(tmp_path, monkeypatch):
+    """--overwrite moves the old run aside until the new one has finished: Ctrl-C in the new run's
+    first epoch leaves the old one, byte for byte, where the message says; the next finished run
+    removes it."""
+    import genspec.train
+
+    out = tmp_path / "run"
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 0, err
+    before = folder_bytes(out)
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=3"]))
+    backup = tmp_path / ".run.replaced"
+    assert rc == 130 and f"the run --overwrite was replacing is kept in {backup}" in err
+    assert folder_bytes(backup) == before
+    with monkeypatch.context() as patch:  # stopped again: the first replaced run is the one kept
+        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=4"]))
+    assert rc == 130 and folder_bytes(backup) == before
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=5"]))
+    assert rc == 0, err
+    assert not backup.exists() and json.loads((out / "metrics.json").read_text())["seed"] == 5
