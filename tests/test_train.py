@@ -393,8 +393,11 @@ def test_digits_default_split_and_no_val():
 
 
 def test_split_larger_than_dataset_is_a_run_error():
+    """Validation refuses it for datasets of known size (test_run_cli); loading checks it too, for
+    the data whose size only the files tell (image folders) and for data sections built in code."""
+    data = {**digits_data(), "split": {"train": 1700, "test": 200}}
     with pytest.raises(RunError, match="1797"):
-        load_data(digits_data("data.split={train: 1700, test: 200}"), 0)
+        load_data(data, 0)
 
 
 @pytest.mark.parametrize("value_range, low", [([0, 1], 0.0), ([-1, 1], -1.0)])
