@@ -115,11 +115,14 @@ def cmd_run(args) -> int:
 
 def _interrupted_message(out: Path) -> str:
     """What a stopped run left in its folder, and how to go on."""
-    from .train import CHECKPOINT
+    from .train import CHECKPOINT, _stopped_before_first_epoch
 
     if (out / CHECKPOINT).exists():
         return f"interrupted; {out} keeps its last checkpoint, and --resume continues from it"
-    return f"interrupted before the first checkpoint; nothing to resume, and running it again starts afresh in {out}"
+    if not out.exists() or not any(out.iterdir()) or _stopped_before_first_epoch(out):
+        return f"interrupted before the first checkpoint; nothing to resume, and running it again starts afresh in {out}"
+    return (f"interrupted before the first checkpoint (train.checkpoint_every); nothing to resume: --overwrite "
+            f"starts {out} afresh")
 
 
 def _replaced_note(out: Path) -> str:

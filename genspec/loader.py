@@ -47,7 +47,8 @@ def _flow_hint(exc: yaml.MarkedYAMLError, text: str) -> str:
         return ""
     lines = text.splitlines()
     first = exc.context_mark.line if exc.context_mark else exc.problem_mark.line
-    if not any("(" in line for line in lines[first:exc.problem_mark.line + 1]):
+    unquoted = [re.sub(r'"[^"]*"|\'[^\']*\'', "", line) for line in lines[first:exc.problem_mark.line + 1]]
+    if not any(re.search(r"\w\([^)]*,", line) for line in unquoted):  # name(a, b) outside quotes
         return ""
     return ("; inside { } or [ ] a value with commas or brackets of its own needs quotes, "
             'e.g. optimizer: "adam(lr, betas=[0.5, 0.999])"')

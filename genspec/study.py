@@ -77,12 +77,15 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
         todo.append((label + (" (resumed)" if status == "interrupted" else ""), item,
                      {"resume": status == "interrupted" and not overwrite, "overwrite": overwrite or status == "started"}))
     todo = _stacked_groups(todo, stack, section.get("stack", "auto"))
-    if parallel == 1 or len(todo) <= 1:
-        for label, what, options in todo:
-            print(f"study: {label}", file=sys.stderr, flush=True)
-            _train_entry(what, options, progress)
-    else:
-        _train_in_workers(todo, parallel)
+    try:
+        if parallel == 1 or len(todo) <= 1:
+            for label, what, options in todo:
+                print(f"study: {label}", file=sys.stderr, flush=True)
+                _train_entry(what, options, progress)
+        else:
+            _train_in_workers(todo, parallel)
+    finally:
+        _say_replaced(planned)
     done = sum(1 for item in planned if _status(item.folder) == "finished") - skipped
     report = write_study_report(section, planned)
     print(f"study: {done} run(s) trained, {skipped} skipped; report in {report}", file=sys.stderr, flush=True)
@@ -147,11 +150,13 @@ def _train_entry(what, options: dict | None, progress: bool) -> None:
         _train(what.spec, what.folder, progress=progress, **options)
         return
     from .stack import train_stacked
+    from .train import _clear_folder, _drop_replaced
 
-    for item in what:
-        if item.folder.exists():
-            shutil.rmtree(item.folder)  # new or started-but-empty folders only (finished runs were skipped)
+    for item in what:  # new or started-only folders go; under --overwrite a finished run is moved aside
+        _clear_folder(item.folder, resume=False)
     train_stacked([item.spec for item in what], [item.folder for item in what], progress)
+    for item in what:
+        _drop_replaced(item.folder)  # the new runs are complete
 
 
 def _train(spec: Spec, folder: Path, resume: bool, overwrite: bool, progress: bool) -> None:
@@ -202,6 +207,17 @@ def _worker(documents: list, folders: list, options: dict | None, threads: int) 
     torch.set_num_threads(threads)
     items = [StudyRun(None, check(Document(*document)), None, Path(folder)) for document, folder in zip(documents, folders)]
     _train_entry(items if options is None else items[0], options, progress=False)
+
+
+def _say_replaced(planned: list[StudyRun]) -> None:
+    """Where runs that --overwrite was replacing still wait: their new runs did not finish."""
+    from .train import replaced_path
+
+    waiting = [replaced_path(item.folder) for item in planned if replaced_path(item.folder).exists()]
+    if waiting:
+        print(f"study: {len(waiting)} run(s) that --overwrite was replacing are kept beside their folders, e.g. "
+              f"{waiting[0]}: move one back to restore it; a new run that finishes removes its own",
+              file=sys.stderr, flush=True)
 
 
 def _check_kept_runs(planned: list[StudyRun], statuses: list[str]) -> list[str]:

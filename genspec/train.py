@@ -34,6 +34,7 @@ CHECKPOINT = "checkpoint.pt"
 RESOLVED = "spec.resolved.yaml"
 # Keys allowed to differ when resuming: more epochs, or a different checkpoint cadence.
 # How batches are fed (train.loader, train.workers) does not change them, so it may change too.
+STUDY_ONLY = {("repeats",), ("study",), ("sweep",)}
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"),
                      ("train", "loader"), ("train", "workers")}
 
@@ -157,7 +158,8 @@ def spec_changes(spec: Spec, out: Path) -> list[tuple[tuple, object, object]]:
         previous = yaml.safe_load((out / RESOLVED).read_text())
     except (OSError, yaml.YAMLError) as exc:
         raise RunError(f"cannot resume: {out / RESOLVED} is missing or unreadable ({exc})") from None
-    return [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES]
+    # repeats and study: sections of the study a run belongs to, not of the run itself
+    return [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES and d[0][:1] not in STUDY_ONLY]
 
 
 def describe_changes(differences: list, limit: int = 20) -> str:

@@ -181,8 +181,8 @@ def _misspelt_network(data: dict, path: tuple) -> str | None:
     if len(path) != 2 or path[0] != "networks" or not isinstance(data.get("networks"), dict):
         return None
     entry = data["networks"].get(path[1])
-    if not isinstance(entry, dict) or "layers" in entry:
-        return None
+    if not isinstance(entry, dict) or "layers" in entry or "input" in entry:
+        return None  # a network of its own, missing part of its table
     tables = [name for name, net in data["networks"].items() if isinstance(net, dict) and "layers" in net]
     close = difflib.get_close_matches(str(path[1]), tables, n=1)
     if not close:
@@ -316,25 +316,35 @@ def _data_shape(data: dict, problems: Collector) -> tuple:
         if "image_size" in data:
             h = w = data["image_size"]
     pad = data.get("pad", 0)
-    _check_split_sizes(dataset, data.get("split") or {}, problems)
+    _check_split_sizes(dataset, data.get("split") or {}, data.get("pool", "official"), problems)
     return (c, h + 2 * pad, w + 2 * pad), DATASET_CLASSES.get(dataset)
 
 
-def _check_split_sizes(dataset: str, split: dict, problems: Collector) -> None:
-    """A split larger than a dataset of known size fails now, at its key, not when the data loads.
-    (The test split of a train / test dataset is capped at its size, with a note, as before.)"""
+def _check_split_sizes(dataset: str, split: dict, pool: str, problems: Collector) -> None:
+    """A split larger than a dataset of known size fails now, at its key, not when the data loads
+    (data.py's _split, whose rules this follows). `pool` train or all draws every split from one
+    pool (the training set, or both sets merged); the test split of an official train / test
+    pair is capped at the test set's size, with a note, and is not checked here."""
     sizes = DATASET_SIZES.get(dataset)
     if not sizes or not all(isinstance(split.get(k, 0), int) for k in ("train", "val", "test")):
         return
+    if len(sizes) == 2 and pool in ("train", "all"):
+        sizes = (sizes[0] if pool == "train" else sum(sizes),)
     val = split.get("val", 0)
-    test = split.get("test", max(1, sizes[0] // 6) if len(sizes) == 1 else 0)  # data.py's default test share
-    train = split.get("train", 0)
-    if len(sizes) == 1 and train + val + test > sizes[0]:
-        problems.add(("data", "split"), f"asks for {train + val + test} images ({train} train, {val} val, {test} test) "
-                                        f"but {dataset} has {sizes[0]}")
-    elif len(sizes) == 2 and train + val > sizes[0]:
-        problems.add(("data", "split"), f"asks for {train + val} training and validation images but {dataset}'s "
-                                        f"training set has {sizes[0]}")
+    if len(sizes) == 2:
+        train = split.get("train", 0)
+        if train + val > sizes[0]:
+            problems.add(("data", "split"), f"asks for {train + val} training and validation images but {dataset}'s "
+                                            f"training set has {sizes[0]}")
+        return
+    n = sizes[0]
+    test = split.get("test", max(1, n // 6))  # data.py's default test share
+    asked = {"train": split.get("train"), "val": val, "test": test}
+    total = sum(v for v in asked.values() if v is not None)  # without train given, train takes the rest
+    if total > n:
+        parts = ", ".join(f"{v} {k}" for k, v in asked.items() if v is not None)
+        where = {"official": "", "train": "'s training set", "all": " (training and test sets together)"}[pool]
+        problems.add(("data", "split"), f"asks for {total} images ({parts}) but {dataset}{where} has {n}")
 
 
 def _latent(name: str, entry: dict, params: dict, problems: Collector) -> Latent:

@@ -249,6 +249,6 @@ def test_unknown_names_ops_and_layers_suggest_the_close_one():
                for p in problems_of(quickstart_with(("x_rec: dec(z)", "x_rec: decc(z)"))))
     assert any(p.endswith("unknown layer 'droput'; did you mean 'dropout'?")
                for p in problems_of(quickstart_with(("- fc 64, sigmoid", "- droput 0.1\n      - fc 64, sigmoid"))))
-    # nothing close: the known ones are listed instead
+    # nothing close: no suggestion
     assert any("undefined name 'qqqqq'" in p and "did you mean" not in p
                for p in problems_of(quickstart_with(("minimize: elbo", "minimize: qqqqq"))))

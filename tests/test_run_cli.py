@@ -359,3 +359,26 @@ def test_an_overwrite_that_stops_mid_training_keeps_the_old_run(tmp_path, monkey
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=5"]))
     assert rc == 0, err
     assert not backup.exists() and json.loads((out / "metrics.json").read_text())["seed"] == 5
+
+
+def test_interrupted_with_metrics_but_no_checkpoint_says_overwrite(tmp_path, monkeypatch):
+    """With train.checkpoint_every 2, a run stopped in epoch 2 has epoch 1's metrics and no
+    checkpoint: the message says --overwrite, which is what a rerun then asks for."""
+    import genspec.train
+
+    out = tmp_path / "run"
+    real_epoch = genspec.train._one_epoch
+
+    def stop_in_second(spec, model, splits, epoch, *args, **kwargs):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real_epoch(spec, model, splits, epoch, *args, **kwargs)
+
+    overrides = sets(BASE + ["train.epochs=2", "train.checkpoint_every=2", "evaluate.grids=[]"])
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "_one_epoch", stop_in_second)
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *overrides)
+    assert rc == 130 and f"nothing to resume: --overwrite starts {out} afresh" in err, err
+    assert (out / "metrics.jsonl").is_file() and not (out / "checkpoint.pt").exists()
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *overrides)
+    assert rc == 1 and "--overwrite" in err

@@ -396,6 +396,30 @@ def test_repeats_without_a_sweep_is_a_study_of_one_configuration(tmp_path):
     assert "2 of 2 runs finished; 2 seeds per configuration" in (tmp_path / "out" / "study.md").read_text()
     rc, _, err = run_cli("run", spec, "--out", tmp_path / "out", "--resume")
     assert rc == 1 and "a study resumes by itself" in err
+    # more seeds: only the new one trains (repeats is the study's, not a run's, setting)
+    rc, _, err = run_cli("run", spec, "--out", tmp_path / "out", "--no-progress", "--set", "repeats=3")
+    assert rc == 0 and "study: 1 run(s) trained, 2 skipped" in err, err
     spec.write_text(tiny_digits_vae("repeated", "repeats: 0\n"))
     rc, _, err = run_cli("validate", spec)
     assert rc == 2 and "repeats" in err
+
+
+def test_a_stacked_overwrite_that_fails_keeps_the_runs_it_was_replacing(tmp_path):
+    """Under --overwrite the seeds of a stacked group are moved aside as a single run's are, not
+    deleted: when the new stacked runs diverge, the old ones wait beside their folders and the
+    study says where."""
+    spec = tmp_path / "repeated.yaml"
+    spec.write_text(tiny_digits_vae("repeated", "repeats: 2\n"))
+    out = tmp_path / "out"
+    rc, _, err = run_cli("run", spec, "--out", out, "--no-progress")
+    assert rc == 0, err
+    finished = {s: (out / "run" / f"seed{s}" / "metrics.json").read_text() for s in (0, 1)}
+    rc, _, err = run_cli("run", spec, "--out", out, "--no-progress", "--stack", "--overwrite",
+                         "--set", "objectives.vae.optimizer=adam(1e30)")
+    assert rc == 1 and "the runs stopped" in err, err
+    assert "2 run(s) that --overwrite was replacing are kept beside their folders" in err
+    for s in (0, 1):
+        assert (out / "run" / f".seed{s}.replaced" / "metrics.json").read_text() == finished[s]
+    rc, _, err = run_cli("run", spec, "--out", out, "--no-progress", "--stack", "--overwrite")
+    assert rc == 0, err
+    assert not any(p.name.endswith(".replaced") for p in (out / "run").iterdir())

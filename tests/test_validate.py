@@ -374,3 +374,34 @@ losses: {rec: sqerr(x_fake, x)}
 objectives:
   dec: {networks: [dec], minimize: rec, optimizer: OPTIMIZER}
 """
+
+
+def test_split_sizes_follow_the_pool():
+    """pool: all draws every split from MNIST's 70000 images together, pool: train from its 60000."""
+    from spec_helpers import REPO
+
+    mnist = REPO / "specs" / "mnist_vae.yaml"
+    load_spec(mnist, ["data.pool=all", "data.split={train: 62000, val: 4000, test: 4000}"])
+    with pytest.raises(SpecError) as exc:
+        load_spec(mnist, ["data.pool=train", "data.split={train: 55000, test: 10000}"])
+    assert "asks for 65000 images (55000 train, 0 val, 10000 test) but mnist's training set has 60000" in str(exc.value.problems[0])
+    with pytest.raises(SpecError) as exc:  # without train, train takes the rest: val and the default test share
+        load_spec(QUICKSTART, ["data.split={val: 1600}"])
+    assert "asks for 1899 images (1600 val, 299 test) but digits has 1797" in str(exc.value.problems[0])
+
+
+def test_a_network_missing_its_layers_is_not_called_misspelt():
+    with pytest.raises(SpecError) as exc:
+        load_spec(QUICKSTART, ["networks.dec={input: z}"])
+    messages = [str(p) for p in exc.value.problems]
+    assert any("networks.dec: missing required key 'layers'" in m for m in messages)
+    assert not any("no network named" in m for m in messages)
+
+
+def test_the_quoting_hint_is_left_out_of_unrelated_yaml_errors(tmp_path):
+    path = tmp_path / "brace.yaml"
+    path.write_text('genspec: 1\nsource: {paper: "Kingma (2014)"\nname: x\n')  # a missing }
+    with pytest.raises(SpecError) as exc:
+        load_spec(path)
+    message = str(exc.value.problems[0])
+    assert "YAML syntax error" in message and "needs quotes" not in message
