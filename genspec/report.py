@@ -148,6 +148,17 @@ REPORTED_ALIASES = {"fid": "frechet_inception_distance", "is": "inception_score_
                     "kid": "kernel_inception_distance_mean"}
 
 
+def _grid_caption(spec: Spec, kind: str) -> list[str]:
+    """What a grid shows, in a line above it."""
+    captions = {
+        "samples": "Images generated from draws of the prior.",
+        "reconstructions": "Test images (odd columns) each followed by its reconstruction (the column to its right).",
+        "interpolations": (f"Each row: {spec.evaluate['interpolation_steps']} images along a straight line between two "
+                           "draws of the latent, from left to right."),
+    }
+    return [captions[kind], ""] if kind in captions else []
+
+
 def flat_results(metrics: dict) -> dict:
     """Every number a run produced, by name: test losses, accuracy, sample metrics, real-data metrics."""
     out = {**metrics.get("test", {}), **metrics.get("fidelity", {})}
@@ -252,14 +263,18 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     for note in metrics["data"].get("notes", []):
         lines += [f"> Note: {note}", ""]
     lines += ["## Test-set losses", "", "| loss | test | train (last epoch) |", "|---|---|---|"]
+    untrained = False
     for name, value in metrics["test"].items():
         train = metrics["train_last_epoch"].get(name)
-        lines.append(f"| {name} | {value:.5g} | {'' if train is None else f'{train:.5g}'} |")
+        untrained |= train is None
+        lines.append(f"| {name} | {value:.5g} | {'–' if train is None else f'{train:.5g}'} |")
     lines.append("")
+    if untrained:
+        lines += ["–: no training phase computes this loss; it is evaluated on the test set only.", ""]
     lines += _quality_lines(metrics)
     lines += _reported_lines(spec, metrics)
     for kind, file in metrics.get("grids", {}).items():
-        lines += [f"## {kind.capitalize()}", "", f"![{kind}]({file})", ""]
+        lines += [f"## {kind.capitalize()}", "", *_grid_caption(spec, kind), f"![{kind}]({file})", ""]
     if has_curves:
         lines += ["## Loss curves", "", "![losses](losses.png)", ""]
     lines += _trace_lines(spec, out, metrics, history)

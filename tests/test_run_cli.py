@@ -382,3 +382,18 @@ def test_interrupted_with_metrics_but_no_checkpoint_says_overwrite(tmp_path, mon
     assert (out / "metrics.jsonl").is_file() and not (out / "checkpoint.pt").exists()
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *overrides)
     assert rc == 1 and "--overwrite" in err
+
+
+def test_the_report_says_what_each_grid_shows_and_why_a_train_cell_is_empty(tmp_path):
+    out = tmp_path / "run"
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress",
+                         *sets(BASE + ["train.epochs=1", "evaluate.grid_size=2", "losses.l1rec=l1(x_rec, x)",
+                                       "evaluate.losses=[rec, kl, elbo, l1rec]"]))
+    assert rc == 0, err
+    report = (out / "report.md").read_text()
+    l1rec = next(line for line in report.splitlines() if line.startswith("| l1rec |"))
+    assert l1rec.endswith("| – |") and "–: no training phase computes this loss" in report
+    assert not next(line for line in report.splitlines() if line.startswith("| elbo |")).endswith("| – |")
+    assert "Test images (odd columns) each followed by its reconstruction" in report
+    assert "Each row: 8 images along a straight line between two draws of the latent" in report
+    assert "Images generated from draws of the prior." in report
