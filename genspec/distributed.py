@@ -40,6 +40,7 @@ channels-last work on them, and the wrappers share their parameters.
 
 from __future__ import annotations
 
+import atexit
 import inspect
 import os
 import sys
@@ -135,6 +136,10 @@ def setup(world: World, device_setting: str) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
+        # Left for the interpreter's teardown, gloo's worker threads can still hold tensors and
+        # abort the process ("terminate called without an active exception", SIGABRT) after a
+        # run that went well: the group is destroyed while Python is still whole.
+        atexit.register(shutdown)
     return device
 
 
