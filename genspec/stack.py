@@ -38,7 +38,7 @@ from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng,
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
-from .train import RESOLVED, _atomic_write_text, add_losses, save_checkpoint
+from .train import RESOLVED, _atomic_write_text, add_losses, epoch_steps, save_checkpoint
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
@@ -296,7 +296,7 @@ def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) ->
     orders = [torch.randperm(len(s.train), generator=torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch))
               .to(stacked.device) for s, spec in zip(stacked.splits, specs)]
     n, size = len(stacked.splits[0].train), train["batch_size"]
-    steps_per_epoch = min(math.ceil(n / size), train.get("max_steps") or math.inf)
+    steps_per_epoch = epoch_steps(train, n)
     sums, count = {}, {}
     for step, start in enumerate(range(0, n, size)):
         if train.get("max_steps") and step >= train["max_steps"]:

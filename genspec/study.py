@@ -213,7 +213,7 @@ def _say_replaced(planned: list[StudyRun]) -> None:
     """Where runs that --overwrite was replacing still wait: their new runs did not finish."""
     from .train import replaced_path
 
-    waiting = [replaced_path(item.folder) for item in planned if replaced_path(item.folder).exists()]
+    waiting = [path for path in (replaced_path(item.folder) for item in planned) if path.exists()]
     if waiting:
         print(f"study: {len(waiting)} run(s) that --overwrite was replacing are kept beside their folders, e.g. "
               f"{waiting[0]}: move one back to restore it; a new run that finishes removes its own",

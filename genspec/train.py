@@ -203,10 +203,8 @@ def _read_history(out: Path) -> list:
 
 def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: int, history: list, progress: bool,
                   balancer: Balancer | None = None, world: dist.World = dist.SINGLE) -> None:
-    epochs, batch_size = spec.train["epochs"], spec.train["batch_size"]
-    steps_per_epoch = max(1, math.ceil(len(splits.train) / batch_size))
-    if spec.train.get("max_steps"):
-        steps_per_epoch = min(steps_per_epoch, spec.train["max_steps"])
+    epochs = spec.train["epochs"]
+    steps_per_epoch = epoch_steps(spec.train, len(splits.train))
     bar = _progress_bar(spec, epochs, steps_per_epoch, start, progress)
     trace = step_trace.StepTrace(step_trace.trace_keys(spec) if world.main else [], model.device)
     for epoch in range(start, epochs + 1):
@@ -241,6 +239,12 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         _epoch_message(bar, spec, record, epochs)
     if bar is not None:
         bar.close()
+
+
+def epoch_steps(train: dict, examples: int) -> int:
+    """Steps an epoch counts (what step numbers in traces and the progress bar advance by)."""
+    steps = max(1, math.ceil(examples / train["batch_size"]))
+    return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 
 def add_losses(sums: dict, counts: dict, losses: dict) -> None:

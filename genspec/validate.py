@@ -67,10 +67,10 @@ def schema_problems(doc: Document, problems: Collector) -> None:
                     where += ('; inside { } a value with commas of its own needs quotes, '
                               'e.g. optimizer: "adam(lr, betas=[0.5, 0.999])"')
                 problems.add(path + (key,), f"unknown key {key!r}{where}")
-        elif error.validator == "required" and _misspelt_network(doc.data, path):
+        elif error.validator == "required" and (message := _misspelt_network(doc.data, path)):
             if path not in misspelt:  # one message for its missing input and layers
                 misspelt.add(path)
-                problems.add(path, _misspelt_network(doc.data, path))
+                problems.add(path, message)
         else:
             problems.add(path, _message(error))
 
