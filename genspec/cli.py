@@ -115,11 +115,11 @@ def cmd_run(args) -> int:
 
 def _interrupted_message(out: Path) -> str:
     """What a stopped run left in its folder, and how to go on."""
-    from .train import CHECKPOINT, _stopped_before_first_epoch
+    from .train import CHECKPOINT, _stopped_before_first_epoch, run_files
 
     if (out / CHECKPOINT).exists():
         return f"interrupted; {out} keeps its last checkpoint, and --resume continues from it"
-    if not out.exists() or not any(out.iterdir()) or _stopped_before_first_epoch(out):
+    if not run_files(out) or _stopped_before_first_epoch(out):
         return f"interrupted before the first checkpoint; nothing to resume, and running it again starts afresh in {out}"
     return (f"interrupted before the first checkpoint (train.checkpoint_every); nothing to resume: --overwrite "
             f"starts {out} afresh")
@@ -132,7 +132,7 @@ def _replaced_note(out: Path) -> str:
     backup = replaced_path(out)
     if not backup.exists():
         return ""
-    return (f"\nthe run --overwrite was replacing is kept in {backup}: move it back to {out} to restore it, "
+    return (f"\nthe run --overwrite was replacing is kept in {backup}: move its files back into {out} to restore it, "
             "or finish the new run (--resume, or --overwrite again) and it is removed")
 
 

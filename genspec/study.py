@@ -216,7 +216,7 @@ def _say_replaced(planned: list[StudyRun]) -> None:
     waiting = [path for path in (replaced_path(item.folder) for item in planned) if path.exists()]
     if waiting:
         print(f"study: {len(waiting)} run(s) that --overwrite was replacing are kept beside their folders, e.g. "
-              f"{waiting[0]}: move one back to restore it; a new run that finishes removes its own",
+              f"{waiting[0]}: move its files back to restore it; a new run that finishes removes its own",
               file=sys.stderr, flush=True)
 
 

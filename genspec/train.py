@@ -8,6 +8,7 @@ every `checkpoint_every`), with the RNG state, so `--resume` continues bit-for-b
 
 from __future__ import annotations
 
+import fnmatch
 import json
 import math
 import os
@@ -90,7 +91,9 @@ def prepare(spec: Spec, world: dist.World = dist.SINGLE) -> tuple[Splits, Model]
 
 
 def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
-    has_run = out.exists() and any(out.iterdir())
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file, not a folder; choose another --out")
+    has_run = bool(run_files(out))
     if has_run and not resume and _stopped_before_first_epoch(out):
         print(f"genspec: {out} holds a run stopped before its first epoch ended (no checkpoint, no metrics); "
               "starting it afresh", file=sys.stderr)
@@ -110,12 +113,24 @@ def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
 
 RUN_MARKERS = (RESOLVED, CHECKPOINT, "metrics.jsonl", "metrics.json")
 STARTED_ONLY = {RESOLVED, "layers.md"}  # what a run writes before its first epoch ends
+# A study of a spec reports in the spec's run folder (reports/<name>/) beside a run of it.
+STUDY_FILES = ("study.md", "study_*.csv")
+
+
+def run_files(out: Path) -> list[Path]:
+    """What in `out` belongs to the run there: its plain files. A folder inside it is another
+    run's or a tuning's (`reports/<name>/tune/`, a study's `<config>/seed<k>/`), and a study's
+    report sits beside the run's files; neither is the run's to replace or delete."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir()
+                  if not p.is_dir() and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
 
 
 def _stopped_before_first_epoch(out: Path) -> bool:
     """A genspec run folder holding only what a run writes before its first epoch ends: nothing
     in it is worth keeping, so running the spec again needs no --overwrite."""
-    names = {p.name for p in out.iterdir()}
+    names = {p.name for p in run_files(out)}
     return RESOLVED in names and names <= STARTED_ONLY
 
 
@@ -124,14 +139,33 @@ def _clear_folder(out: Path, resume: bool) -> None:
     `replaced_path(out)` rather than deleted, until the new run has finished (`_drop_replaced`):
     a new run stopped by Ctrl-C, a divergence or a full disk leaves the old one there. Where a
     replaced run is already waiting there, `out` holds only an unfinished replacement of it,
-    which goes; the replaced run stays."""
+    whose files go; the replaced run stays. Only the run's own files move or go: what else the
+    folder holds (a tuning, a study) stays where it is."""
     if not resume and out.exists():
         backup = replaced_path(out)
-        if any(out.iterdir()) and not backup.exists() and (out / CHECKPOINT).exists():
-            out.rename(backup)
+        own = run_files(out)
+        if own and not backup.exists() and (out / CHECKPOINT).exists():
+            try:
+                out.rename(backup)  # one atomic step; what is not the run's comes back just below
+            except OSError as exc:  # e.g. a mount point
+                raise RunError(f"cannot move the run in {out} aside to {backup} ({exc.strerror}); "
+                               "remove it yourself or choose another --out") from None
+            out.mkdir()
+            _return_others(backup, out)
         else:
-            shutil.rmtree(out)  # _check_folder made sure it is empty or a genspec run
+            for path in own:  # _check_folder made sure these are a genspec run's
+                path.unlink()
     out.mkdir(parents=True, exist_ok=True)
+
+
+def _return_others(backup: Path, out: Path) -> None:
+    """Move what is not the run's (nested folders, a study's report) from the replaced run's
+    backup to `out`. Run again before the backup is deleted: a kill between the rename and
+    this step leaves them in the backup, not lost."""
+    own = set(run_files(backup))
+    for path in sorted(backup.iterdir()):
+        if path not in own and not (out / path.name).exists():
+            path.rename(out / path.name)
 
 
 def replaced_path(out: Path) -> Path:
@@ -142,6 +176,7 @@ def replaced_path(out: Path) -> Path:
 def _drop_replaced(out: Path) -> None:
     backup = replaced_path(out)
     if backup.exists():
+        _return_others(backup, out)
         shutil.rmtree(backup)
 
 

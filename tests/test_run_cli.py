@@ -361,6 +361,61 @@ def test_an_overwrite_that_stops_mid_training_keeps_the_old_run(tmp_path, monkey
     assert not backup.exists() and json.loads((out / "metrics.json").read_text())["seed"] == 5
 
 
+def test_overwrite_keeps_what_is_not_the_runs(tmp_path, monkeypatch):
+    """A tuning (`reports/<name>/tune/`) and a study's report live in the run folder of their
+    spec: --overwrite replaces the run's files only, also when the new run is stopped, and a
+    folder holding only such things takes a first run without --overwrite."""
+    import genspec.train
+
+    out = tmp_path / "run"
+    (out / "tune").mkdir(parents=True)
+    (out / "tune" / "trials.csv").write_text("trial,beta\n0,1.0\n")
+    (out / "study.md").write_text("# Study quickstart\n")
+    others = folder_bytes(out)
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 0, err  # nothing of a run there yet
+    first = {name: data for name, data in folder_bytes(out).items() if name not in others}
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=3"]))
+    assert rc == 130
+    backup = tmp_path / ".run.replaced"
+    assert folder_bytes(backup) == first  # the old run's files, and only those
+    assert {k: v for k, v in folder_bytes(out).items() if k in others} == others
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=5"]))
+    assert rc == 0, err
+    assert not backup.exists()
+    assert {k: v for k, v in folder_bytes(out).items() if k in others} == others
+
+
+def test_a_nested_folder_left_in_the_backup_comes_back(tmp_path):
+    """A kill between moving the old run aside and moving the nested folders back leaves those
+    in the backup: the next finished run brings them back rather than delete them with it."""
+    out = tmp_path / "run"
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 0, err
+    backup = tmp_path / ".run.replaced"
+    out.rename(backup)  # as the kill would leave it: the whole old folder aside, a new empty one
+    (backup / "tune").mkdir()
+    (backup / "tune" / "trials.csv").write_text("trial\n0\n")
+    out.mkdir()
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST))
+    assert rc == 0, err
+    assert (out / "tune" / "trials.csv").read_text() == "trial\n0\n" and not backup.exists()
+
+
+def test_an_out_that_is_a_file_is_refused(tmp_path):
+    out = tmp_path / "notes.txt"
+    out.write_text("mine\n")
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 1 and "is a file, not a folder" in err and "Traceback" not in err
+    assert out.read_text() == "mine\n"
+
+
 def test_interrupted_with_metrics_but_no_checkpoint_says_overwrite(tmp_path, monkeypatch):
     """With train.checkpoint_every 2, a run stopped in epoch 2 has epoch 1's metrics and no
     checkpoint: the message says --overwrite, which is what a rerun then asks for."""
