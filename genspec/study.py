@@ -149,14 +149,20 @@ def _train_entry(what, options: dict | None, progress: bool) -> None:
     if options is not None:
         _train(what.spec, what.folder, progress=progress, **options)
         return
+    from contextlib import ExitStack
+
+    from .guard import folder_lock
     from .stack import train_stacked
     from .train import _clear_folder, _drop_replaced
 
-    for item in what:  # new or started-only folders go; under --overwrite a finished run is moved aside
-        _clear_folder(item.folder, resume=False)
-    train_stacked([item.spec for item in what], [item.folder for item in what], progress)
-    for item in what:
-        _drop_replaced(item.folder)  # the new runs are complete
+    with ExitStack() as locks:  # as run() does, one process at a time in each folder
+        for item in what:
+            locks.enter_context(folder_lock(item.folder))
+        for item in what:  # new or started-only folders go; under --overwrite a finished run is moved aside
+            _clear_folder(item.folder, resume=False)
+        train_stacked([item.spec for item in what], [item.folder for item in what], progress)
+        for item in what:
+            _drop_replaced(item.folder)  # the new runs are complete
 
 
 def _train(spec: Spec, folder: Path, resume: bool, overwrite: bool, progress: bool) -> None:
@@ -204,6 +210,9 @@ def _worker(documents: list, folders: list, options: dict | None, threads: int) 
     """A worker process's entry: the specs travel as plain documents and are checked again here."""
     import torch
 
+    from .guard import exit_with_parent
+
+    exit_with_parent()  # a study killed outright takes its workers with it
     torch.set_num_threads(threads)
     items = [StudyRun(None, check(Document(*document)), None, Path(folder)) for document, folder in zip(documents, folders)]
     _train_entry(items if options is None else items[0], options, progress=False)
@@ -264,7 +273,9 @@ def _status(folder: Path) -> str:
         return "finished"
     if (folder / "checkpoint.pt").exists():
         return "interrupted"
-    return "started" if folder.exists() and any(folder.iterdir()) else "new"
+    from .train import run_files
+
+    return "started" if run_files(folder) else "new"
 
 
 # ---------------------------------------------------------------- tables

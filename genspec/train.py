@@ -8,6 +8,7 @@ every `checkpoint_every`), with the RNG state, so `--resume` continues bit-for-b
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 import json
 import math
@@ -27,6 +28,7 @@ from . import fidelity
 from . import distributed as dist
 from . import trace as step_trace
 from .balance import Balancer
+from .guard import LOCK_FILE, folder_lock
 from .evaluate import evaluate_losses, final_evaluation, graph_samples, grid_sources
 from .report import write_layer_tables, write_report
 from .spec import Spec
@@ -45,6 +47,14 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     """Train and evaluate a spec, writing everything into its run folder. Returns the final metrics."""
     out = Path(out or Path("reports") / spec.name)
     world = dist.from_environment()  # several processes under torchrun (`genspec run --nproc N`)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file, not a folder; choose another --out")
+    # rank 0 writes the folder; the lock keeps a second process (a rerun, a left-over worker) out of it
+    with folder_lock(out) if world.main else contextlib.nullcontext():
+        return _run(spec, out, resume, overwrite, progress, world)
+
+
+def _run(spec: Spec, out: Path, resume: bool, overwrite: bool, progress: bool, world: dist.World) -> dict:
     if world.main:
         _check_folder(spec, out, resume, overwrite)
     fidelity.preflight(spec.evaluate)
@@ -91,8 +101,6 @@ def prepare(spec: Spec, world: dist.World = dist.SINGLE) -> tuple[Splits, Model]
 
 
 def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out} is a file, not a folder; choose another --out")
     has_run = bool(run_files(out))
     if has_run and not resume and _stopped_before_first_epoch(out):
         print(f"genspec: {out} holds a run stopped before its first epoch ended (no checkpoint, no metrics); "
@@ -123,8 +131,8 @@ def run_files(out: Path) -> list[Path]:
     report sits beside the run's files; neither is the run's to replace or delete."""
     if not out.is_dir():
         return []
-    return sorted(p for p in out.iterdir()
-                  if not p.is_dir() and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
+    return sorted(p for p in out.iterdir() if not p.is_dir() and p.name != LOCK_FILE
+                  and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
 
 
 def _stopped_before_first_epoch(out: Path) -> bool:

@@ -45,6 +45,7 @@ def settings_from(spec_path: str, names: list[str], ranges: list, trials: int | 
     """Merge the spec's `tune` section with the command line (the command line wins)."""
     spec = load_spec(spec_path, overrides)
     section = spec.raw.get("tune", {})
+    given = list(names)
     names = names or [k for k in section if k not in ("objective", "trials", "strategy")]
     if not names:
         raise RunError("nothing to tune: give --param NAME or a tune section naming params")
@@ -53,7 +54,10 @@ def settings_from(spec_path: str, names: list[str], ranges: list, trials: int | 
     params = {}
     for i, name in enumerate(names):
         if name not in spec.params:
-            raise RunError(f"--param {name}: the spec has no param {name!r} (params: {', '.join(spec.params) or 'none'})")
+            where = "--param" if name in given else "the tune section names"  # the user's words for it
+            close = difflib.get_close_matches(name, list(spec.params), n=1)
+            raise RunError(f"{where} {name}: the spec has no param {name!r} (params: {', '.join(spec.params) or 'none'})"
+                           + (f"; did you mean {close[0]!r}?" if close else ""))
         entry = section.get(name, {})
         low, high = ranges[i] if ranges else entry.get("range", (None, None))
         if low is None or not low < high:
@@ -156,55 +160,171 @@ def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume
 
     `parallel` trials run at once when it is more than 1, each in a spawned worker process (so a
     script that calls this needs the usual `if __name__ == "__main__":` guard)."""
-    parallel = parallel_count(parallel)
-    from .train import run
+    from .guard import folder_lock
 
+    parallel = parallel_count(parallel)
     base = load_spec(spec_path, settings.overrides)
     out = Path(out or Path("reports") / base.name / "tune")
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file, not a folder; choose another --out")
+    with folder_lock(out, "tuning"):  # one tuning at a time in a folder
+        try:
+            return _tune(spec_path, settings, base, out, resume, overwrite, progress, parallel)
+        except KeyboardInterrupt:
+            raise KeyboardInterrupt(f"interrupted; {out} keeps the finished trials, and --resume continues the "
+                                    "tuning (trials that were running are run again)" + _replaced_note(out)) from None
+
+
+def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, overwrite: bool, progress: bool,
+          parallel: int) -> dict:
+    from .train import run
+
     client_file = out / CLIENT_FILE
     if resume:
         if not client_file.exists():
             raise RunError(f"nothing to resume in {out}: no {CLIENT_FILE}")
-        client = _import_ax().Client.load_from_json_file(str(client_file))
+        _check_same_settings(settings, out)
+        client = _load_client(client_file)
         table = _read_table(out)
+        _catch_up(client, table)
     else:
-        if out.exists() and any(out.iterdir()) and not overwrite:
+        if _contents(out) and not overwrite:
             raise RunError(f"{out} already holds a tuning run; use --resume to continue it or --overwrite to replace it")
-        import shutil
-
-        if out.exists():
-            shutil.rmtree(out)
-        out.mkdir(parents=True)
+        _set_aside(out)
         client = _new_client(settings, base.name, base.train["seed"])
         table = []
-        (out / "settings.json").write_text(json.dumps(settings.__dict__, indent=2, default=list) + "\n")
+        _atomic_write(out / SETTINGS_FILE, json.dumps(_settings_record(settings), indent=2) + "\n")
     done = {row["trial"] for row in table if row["status"] in ("completed", "failed")}
     # trials that were running when a previous session died are run again with their parameters
     pending = {i: dict(t.arm.parameters) for i, t in client._experiment.trials.items()
                if t.status.is_running and i not in done}
     if parallel > 1:
         table = _tune_parallel(spec_path, settings, base.train["device"], client, out, table, done, pending, parallel)
-        return _finish(client, settings, table, out)
-    while len(done) < settings.total:
-        if not pending:
-            pending = client.get_next_trials(max_trials=1)
-        index, parameters = pending.popitem()
-        row = _run_trial(spec_path, settings, index, parameters, out, run, progress)
-        table = _record(client, client_file, out, settings, table, done, index, row)
-    return _finish(client, settings, table, out)
+    else:
+        while len(done) < settings.total:
+            if not pending:
+                pending = client.get_next_trials(max_trials=1)
+                _save_client(client, client_file)  # the trial is `running` in the saved client: --resume runs it again
+            index, parameters = pending.popitem()
+            row = _run_trial(spec_path, settings, index, parameters, out, run, progress)
+            table = _record(client, client_file, out, settings, table, done, index, row)
+    result = _finish(client, settings, table, out)
+    _drop_replaced_tuning(out)  # the new tuning is complete: the one it replaced can go
+    return result
+
+
+SETTINGS_FILE = "settings.json"
+# what --resume may change: ask for more trials
+RESUMABLE_SETTINGS = {"total"}
+
+
+def _settings_record(settings: TuneSettings) -> dict:
+    return json.loads(json.dumps(settings.__dict__, default=list))  # tuples as lists, as read back
+
+
+def _check_same_settings(settings: TuneSettings, out: Path) -> None:
+    """--resume continues the tuning it finds only with the settings it was made with (beyond
+    more trials): another metric, direction, range or --set would mix two tunings' results."""
+    try:
+        previous = json.loads((out / SETTINGS_FILE).read_text())
+    except (OSError, ValueError) as exc:
+        raise RunError(f"cannot resume: {out / SETTINGS_FILE} is missing or unreadable ({exc})") from None
+    now = _settings_record(settings)
+    changed = [f"  {key}: {previous.get(key)!r} -> {now.get(key)!r}" for key in now
+               if key not in RESUMABLE_SETTINGS and previous.get(key) != now.get(key)]
+    if changed:
+        raise RunError(f"cannot resume {out}: it was tuned with other settings (give the same --param, --range, "
+                       "--metric, --set... or --overwrite to start afresh):\n" + "\n".join(changed))
+
+
+def _load_client(client_file: Path):
+    ax = _import_ax()
+    try:
+        return ax.Client.load_from_json_file(str(client_file))
+    except Exception as exc:  # noqa: BLE001 - Ax raises many kinds on a damaged file; each means the same here
+        raise RunError(f"cannot resume: {client_file} is unreadable ({type(exc).__name__}: {str(exc)[:200]}); "
+                       "--overwrite starts the tuning afresh") from None
+
+
+def _catch_up(client, table: list) -> None:
+    """trials.csv is written before the client: a trial the table has finished and the saved
+    client still has running (a kill between the two saves) is finished in the client now."""
+    for row in table:
+        trial = client._experiment.trials.get(row["trial"])
+        if trial is None or not trial.status.is_running:
+            continue
+        if row["status"] == "completed":
+            client.complete_trial(row["trial"], raw_data={"objective": row["value"]})
+        elif row["status"] == "failed":
+            client.mark_trial_failed(row["trial"])
+
+
+def _contents(out: Path) -> list[Path]:
+    from .guard import LOCK_FILE
+
+    return sorted(p for p in out.iterdir() if p.name != LOCK_FILE) if out.is_dir() else []
+
+
+def _set_aside(out: Path) -> None:
+    """--overwrite: the old tuning moves to a hidden sibling until the new one finishes, so an
+    interrupted new tuning leaves it. Where one already waits there, `out` holds an unfinished
+    replacement of it, which goes."""
+    import shutil
+
+    from .train import replaced_path
+
+    backup = replaced_path(out)
+    if backup.exists():
+        for path in _contents(out):
+            shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink()
+        return
+    if _contents(out):
+        backup.mkdir()
+        for path in _contents(out):  # entry by entry: the lock file stays, and with it the lock
+            path.rename(backup / path.name)
+
+
+def _drop_replaced_tuning(out: Path) -> None:
+    import shutil
+
+    from .train import replaced_path
+
+    if replaced_path(out).exists():
+        shutil.rmtree(replaced_path(out))
+
+
+def _replaced_note(out: Path) -> str:
+    from .train import replaced_path
+
+    backup = replaced_path(out)
+    return (f"; the tuning --overwrite was replacing is kept in {backup}: move its contents back into {out} to "
+            "restore it" if backup.exists() else "")
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _save_client(client, client_file: Path) -> None:
+    """Ax writes the file in place: a kill mid-write would leave it empty. Write beside it, then swap."""
+    tmp = client_file.with_name(client_file.name + ".tmp")
+    client.save_to_json_file(str(tmp))
+    os.replace(tmp, client_file)
 
 
 def _record(client, client_file: Path, out: Path, settings, table: list, done: set, index: int, row: dict) -> list:
-    """Tell Ax how a trial ended and save the client and trials.csv at once (--resume starts
-    from here). Returns the updated table."""
+    """Tell Ax how a trial ended and save trials.csv, then the client (--resume starts from
+    here; `_catch_up` mends a kill between the two). Returns the updated table."""
     if row["status"] == "completed":
         client.complete_trial(index, raw_data={"objective": row["value"]})
     else:
         client.mark_trial_failed(index)
     done.add(index)
-    client.save_to_json_file(str(client_file))
     table = [r for r in table if r["trial"] != index] + [row]
     _write_table(out, table, settings)
+    _save_client(client, client_file)
     return table
 
 
@@ -245,7 +365,7 @@ def _tune_parallel(spec_path, settings: TuneSettings, device: str, client, out: 
                     if not running:
                         raise
                 if pending:  # the new trials are `running` in the saved client: --resume runs them again
-                    client.save_to_json_file(str(client_file))
+                    _save_client(client, client_file)
             while free and pending and len(done) + len(running) < settings.total:
                 index = min(pending)
                 slot = free.pop(0)
@@ -276,6 +396,9 @@ def _init_worker(threads: int) -> None:
     import signal
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle: it stops the workers
+    from .guard import exit_with_parent
+
+    exit_with_parent()  # a tuning killed outright (no Ctrl-C to handle) takes its workers with it
     warnings.filterwarnings("ignore", category=FutureWarning)
     import torch
 
@@ -380,7 +503,7 @@ def _finish(client, settings: TuneSettings, table: list[dict], out: Path) -> dic
     picture = _plot(client, settings, table, suggestion, out)
     _write_markdown(settings, table, best, suggestion, picture, out)
     result = {"best": best, "trials": table, "suggestion": suggestion, "metric": settings.metric, "minimize": settings.minimize}
-    (out / "tune.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    _atomic_write(out / "tune.json", json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 

@@ -237,3 +237,97 @@ def test_resume_after_an_interrupted_trial(tmp_path, monkeypatch):
     rows = read_trials(out)
     assert [(int(r["trial"]), r["status"]) for r in rows] == [(0, "completed"), (1, "completed"), (2, "completed")]
     assert "half a trial" not in (out / "trial_002" / "metrics.jsonl").read_text()
+
+
+# ---------------------------------------------------------------- what a stop or a second process leaves
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    """--resume continues a tuning only as it was set up (more trials aside): another metric or
+    direction would rank trials measured two ways in one table."""
+    out = tmp_path / "tune"
+    rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out)
+    assert rc == 0, stderr
+    before = (out / "trials.csv").read_text()
+    rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 2, "--initial", 1, "--metric", "kl",
+                         *TINY, "--out", out, "--resume")
+    assert rc == 1 and "Traceback" not in stderr
+    assert "it was tuned with other settings" in stderr and "metric: 'rec' -> 'kl'" in stderr
+    assert (out / "trials.csv").read_text() == before
+
+
+def test_a_damaged_client_file_is_a_clear_error(tmp_path):
+    out = tmp_path / "tune"
+    rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out)
+    assert rc == 0, stderr
+    (out / "ax_client.json").write_text("")  # as an in-place write killed half-way left it, before it was atomic
+    rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 2, "--initial", 1, *TINY, "--out", out,
+                         "--resume")
+    assert rc == 1 and "Traceback" not in stderr
+    assert f"cannot resume: {out / 'ax_client.json'} is unreadable" in stderr and "--overwrite" in stderr
+
+
+def test_a_stop_between_the_table_and_the_client_loses_no_trial(tmp_path, monkeypatch):
+    """trials.csv is saved before ax_client.json: a stop between the two leaves a trial finished
+    in the table and running in the client, which --resume finishes in the client, not again."""
+    import genspec.tune
+
+    real_save, saves = genspec.tune._save_client, []
+
+    def stop_after_first_trial(client, path):
+        saves.append(path)
+        if len(saves) == 2:  # the first save marks trial 0 running; the second would record it finished
+            raise KeyboardInterrupt
+        real_save(client, path)
+
+    out = tmp_path / "tune"
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.tune, "_save_client", stop_after_first_trial)
+        rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 2, "--initial", 2, *TINY, "--out", out,
+                             "--parallel", 1)
+    assert rc == 130 and "--resume continues the tuning" in stderr
+    assert [r["status"] for r in read_trials(out)] == ["completed"]
+    rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 2, "--initial", 2, *TINY, "--out", out,
+                         "--resume")
+    assert rc == 0, stderr
+    assert "tune: trial 0 " not in stderr and "tune: trial 1 " in stderr
+    rows = read_trials(out)
+    assert [(int(r["trial"]), r["status"]) for r in rows] == [(0, "completed"), (1, "completed")]
+    from genspec.tune import _load_client
+
+    trials = _load_client(out / "ax_client.json")._experiment.trials
+    assert [trials[i].status.is_completed for i in (0, 1)] == [True, True]
+
+
+def test_an_interrupted_overwrite_keeps_the_old_tuning(tmp_path, monkeypatch):
+    import genspec.train
+
+    out = tmp_path / "tune"
+    rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out)
+    assert rc == 0, stderr
+    old = (out / "trials.csv").read_text()
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "run", interrupted)
+        rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out,
+                             "--overwrite")
+    backup = tmp_path / ".tune.replaced"
+    assert rc == 130 and f"the tuning --overwrite was replacing is kept in {backup}" in stderr
+    assert (backup / "trials.csv").read_text() == old and (backup / "trial_000" / "metrics.json").exists()
+    rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out,
+                         "--overwrite")
+    assert rc == 0, stderr
+    assert not backup.exists() and (out / "trial_000" / "metrics.json").exists()
+
+
+def test_a_tune_section_naming_an_unknown_param_says_so(tmp_path):
+    spec = yaml.safe_load(BETA_VAE.read_text())
+    spec["tune"] = {"betta": {"range": [0.1, 10]}}
+    spec["extends"] = str(REPO / "specs" / spec["extends"])  # the copy lives elsewhere
+    path = tmp_path / "typo.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    rc, _, stderr = main("tune", path, "--trials", 1, "--out", tmp_path / "t", "--no-progress")
+    assert rc == 1 and "Traceback" not in stderr
+    assert "the tune section names betta: the spec has no param 'betta'" in stderr and "did you mean 'beta'?" in stderr
