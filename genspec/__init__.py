@@ -43,13 +43,11 @@ class FinishedRun:
 
 def load_run(folder, device="cpu") -> FinishedRun:
     """Load the trained networks of a run folder from its checkpoint (weights_only)."""
-    import json
-
     import torch
 
     from .graph import build_graph
     from .loader import load_file
-    from .train import CHECKPOINT, RESOLVED
+    from .train import CHECKPOINT, RESOLVED, finished_metrics
     from .validate import validate
 
     folder = Path(folder)
@@ -66,8 +64,7 @@ def load_run(folder, device="cpu") -> FinishedRun:
     torch.nn.ModuleDict(priors).load_state_dict(state["model"].get("priors", {}))
     for module in [*networks.values(), *priors.values()]:
         module.eval()
-    metrics_path = folder / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    metrics = finished_metrics(folder) or {}
     return FinishedRun(folder, spec, networks, priors, metrics, int(state["epoch"]))
 
 

@@ -8,6 +8,7 @@ draws.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -198,8 +199,6 @@ def interpolation_images(module, prior, rows: int, steps: int, device, condition
 
 
 def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list, progress: bool = False) -> dict:
-    import json
-
     began = time.perf_counter()
     metrics = {
         "name": spec.name,
@@ -229,8 +228,12 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
     if spec.evaluate.get("real"):
         metrics["real"] = _real_metrics(spec, model, splits, out)
     metrics["eval_time_s"] = round(time.perf_counter() - began, 3)
-    (out / "metrics.json").write_text(json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n")
     return metrics
+
+
+def metrics_text(metrics: dict) -> str:
+    """metrics.json's text (NaN and infinities as null, which JSON has)."""
+    return json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
 
 
 def _json_safe(value):

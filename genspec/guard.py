@@ -31,30 +31,43 @@ _watching = False  # exit_with_parent started its thread
 
 @contextmanager
 def folder_lock(folder: Path, what: str = "run"):
-    """Hold `folder`'s lock for the `with` block, creating the folder if needed (and removing it
-    again afterwards if the block left nothing else in it)."""
+    """Hold `folder`'s lock for the `with` block, creating the folder if needed. The lock file
+    goes when the block ends (and the folder too, if the block left nothing else in it)."""
     if fcntl is None:
         yield
         return
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / LOCK_FILE
-    descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    descriptor = _acquire(path, folder, what)
     try:
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # before the release: a process waiting on this file sees it gone
+        os.close(descriptor)
+        if created and folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()  # a run that failed before writing anything leaves no folder
+
+
+def _acquire(path: Path, folder: Path, what: str) -> int:
+    while True:
+        descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(descriptor, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = os.read(descriptor, 32).decode(errors="replace").strip() or "unknown"
+            os.close(descriptor)
             raise RunError(f"{folder} is in use: another genspec process (pid {holder}) is writing its {what} there; "
                            "wait for it to finish or stop it, then run again") from None
-        os.ftruncate(descriptor, 0)
-        os.write(descriptor, str(os.getpid()).encode())
-        yield
-    finally:
-        os.close(descriptor)  # releases the lock
-        if created and folder.is_dir() and [p.name for p in folder.iterdir()] == [LOCK_FILE]:
-            path.unlink(missing_ok=True)  # a run that failed before writing anything leaves no folder
-            folder.rmdir()
+        try:
+            current = os.stat(path).st_ino
+        except FileNotFoundError:
+            current = None
+        if current == os.fstat(descriptor).st_ino:  # not a file its holder removed as we opened it
+            os.ftruncate(descriptor, 0)
+            os.write(descriptor, str(os.getpid()).encode())
+            return descriptor
+        os.close(descriptor)
 
 
 def exit_with_parent(poll_s: float = 1.0) -> None:

@@ -38,7 +38,7 @@ from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng,
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
-from .train import RESOLVED, _atomic_write_text, add_losses, epoch_steps, save_checkpoint
+from .train import RESOLVED, _atomic_write_text, add_losses, epoch_steps, save_checkpoint, write_metrics
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
@@ -280,6 +280,7 @@ def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True)
     for spec, model, splits, folder, history in zip(specs, stacked.models, stacked.splits, folders, histories):
         metrics = final_evaluation(spec, model, splits, folder, history)
         write_report(spec, folder, metrics, history)
+        write_metrics(folder, metrics)
         results.append(metrics)
     return results
 

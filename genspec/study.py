@@ -269,7 +269,9 @@ def _epochs_done(folder: Path) -> int:
 
 
 def _status(folder: Path) -> str:
-    if (folder / "metrics.json").exists():
+    from .train import finished_metrics
+
+    if finished_metrics(folder) is not None:
         return "finished"
     if (folder / "checkpoint.pt").exists():
         return "interrupted"
@@ -313,8 +315,9 @@ def _tables(section: dict, finished: list[tuple[StudyRun, dict]]) -> list[dict]:
 def write_study_report(section: dict, planned: list[StudyRun]) -> Path:
     out: Path = section["out"]
     out.mkdir(parents=True, exist_ok=True)
-    finished = [(item, json.loads((item.folder / "metrics.json").read_text())) for item in planned
-                if (item.folder / "metrics.json").exists()]
+    from .train import finished_metrics
+
+    finished = [(item, metrics) for item in planned if (metrics := finished_metrics(item.folder)) is not None]
     factors = section["factors"]
     columns = section.get("columns") or factors[:1]
     rows = section.get("rows") or [f for f in factors if f not in columns]

@@ -29,7 +29,7 @@ from . import distributed as dist
 from . import trace as step_trace
 from .balance import Balancer
 from .guard import LOCK_FILE, folder_lock
-from .evaluate import evaluate_losses, final_evaluation, graph_samples, grid_sources
+from .evaluate import evaluate_losses, final_evaluation, graph_samples, grid_sources, metrics_text
 from .report import write_layer_tables, write_report
 from .spec import Spec
 
@@ -79,8 +79,28 @@ def _run(spec: Spec, out: Path, resume: bool, overwrite: bool, progress: bool, w
         return {}
     metrics = final_evaluation(spec, model, splits, out, history, progress and sys.stderr.isatty())
     write_report(spec, out, metrics, history)
+    write_metrics(out, metrics)
     _drop_replaced(out)  # the new run is complete: the one it replaced can go
     return metrics
+
+
+FINAL_METRICS = "metrics.json"
+
+
+def write_metrics(out: Path, metrics: dict) -> None:
+    """metrics.json, atomically and last of a run's files: it marks the run finished (a study
+    skips it, `load_run` reads it), so it must not be there before the report, nor half there."""
+    _atomic_write_text(out / FINAL_METRICS, metrics_text(metrics))
+
+
+def finished_metrics(out: Path) -> dict | None:
+    """A finished run's final metrics; None where the run has not finished, or its metrics.json
+    is unreadable (damaged outside genspec: the run is then treated as unfinished, and resumed)."""
+    try:
+        metrics = json.loads((out / FINAL_METRICS).read_text())
+    except (OSError, ValueError):
+        return None
+    return metrics if isinstance(metrics, dict) else None
 
 
 def prepare(spec: Spec, world: dist.World = dist.SINGLE) -> tuple[Splits, Model]:
@@ -231,6 +251,8 @@ def _restore(model: Model, out: Path, device, epochs: int, world: dist.World, se
     _restore_rng(state, world, seed, epoch)
     if not world.main:  # another rank of a distributed run: rank 0 keeps the folder
         return epoch + 1, []
+    if epoch < epochs:  # training on: the old final metrics no longer describe the run (nor mark it finished)
+        (out / FINAL_METRICS).unlink(missing_ok=True)
     history = [h for h in _read_history(out) if h["epoch"] <= epoch]  # epochs after the checkpoint are redone
     _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     step_trace.truncate(out, epoch)

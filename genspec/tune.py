@@ -177,7 +177,7 @@ def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume
 
 def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, overwrite: bool, progress: bool,
           parallel: int) -> dict:
-    from .train import run
+    from .train import _atomic_write_text, run
 
     client_file = out / CLIENT_FILE
     if resume:
@@ -193,7 +193,7 @@ def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, over
         _set_aside(out)
         client = _new_client(settings, base.name, base.train["seed"])
         table = []
-        _atomic_write(out / SETTINGS_FILE, json.dumps(_settings_record(settings), indent=2) + "\n")
+        _atomic_write_text(out / SETTINGS_FILE, json.dumps(_settings_record(settings), indent=2) + "\n")
     done = {row["trial"] for row in table if row["status"] in ("completed", "failed")}
     # trials that were running when a previous session died are run again with their parameters
     pending = {i: dict(t.arm.parameters) for i, t in client._experiment.trials.items()
@@ -299,12 +299,6 @@ def _replaced_note(out: Path) -> str:
     backup = replaced_path(out)
     return (f"; the tuning --overwrite was replacing is kept in {backup}: move its contents back into {out} to "
             "restore it" if backup.exists() else "")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _save_client(client, client_file: Path) -> None:
@@ -503,7 +497,9 @@ def _finish(client, settings: TuneSettings, table: list[dict], out: Path) -> dic
     picture = _plot(client, settings, table, suggestion, out)
     _write_markdown(settings, table, best, suggestion, picture, out)
     result = {"best": best, "trials": table, "suggestion": suggestion, "metric": settings.metric, "minimize": settings.minimize}
-    _atomic_write(out / "tune.json", json.dumps(result, indent=2, default=str) + "\n")
+    from .train import _atomic_write_text
+
+    _atomic_write_text(out / "tune.json", json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 

@@ -65,9 +65,10 @@ def test_the_lock_is_held_for_the_block_only(tmp_path):
     folder = tmp_path / "a"
     with folder_lock(folder):
         (folder / "x").write_text("1")
+        assert (folder / LOCK_FILE).read_text() == str(os.getpid())
     with folder_lock(folder):  # released: taken again at once
         pass
-    assert (folder / LOCK_FILE).exists()
+    assert [p.name for p in folder.iterdir()] == ["x"]  # the lock file goes with the lock
 
 
 def test_a_failed_run_in_a_new_folder_leaves_no_folder(tmp_path):

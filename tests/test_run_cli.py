@@ -416,6 +416,38 @@ def test_an_out_that_is_a_file_is_refused(tmp_path):
     assert out.read_text() == "mine\n"
 
 
+def test_metrics_json_comes_last_and_marks_the_run_finished(tmp_path, monkeypatch):
+    """A run stopped while writing its report has no metrics.json (which a study reads as
+    "finished"); --resume evaluates again and finishes it. A resume asked for more epochs drops
+    the old metrics.json at once: stopped part-way, the folder does not claim to be finished."""
+    import genspec.train
+
+    out = tmp_path / "run"
+    real_report = genspec.train.write_report
+
+    def stopped_in_report(*args, **kwargs):
+        real_report(*args, **kwargs)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "write_report", stopped_in_report)
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
+    assert rc == 130 and (out / "report.md").exists() and not (out / "metrics.json").exists()
+    assert not list(out.glob("*.tmp"))
+    rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--resume", *sets(FAST))
+    assert rc == 0, err
+    assert json.loads((out / "metrics.json").read_text())["test"]
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--resume",
+                             *sets(FAST + ["train.epochs=2"]))
+    assert rc == 130 and not (out / "metrics.json").exists() and (out / "checkpoint.pt").exists()
+
+
 def test_interrupted_with_metrics_but_no_checkpoint_says_overwrite(tmp_path, monkeypatch):
     """With train.checkpoint_every 2, a run stopped in epoch 2 has epoch 1's metrics and no
     checkpoint: the message says --overwrite, which is what a rerun then asks for."""

@@ -209,14 +209,21 @@ def test_more_epochs_resume_the_finished_runs_for_them(study, tmp_path):
     assert rc == 1 and "already has 2 epochs, more than the 1 asked" in err
 
 
-def test_a_run_without_metrics_is_resumed_alone(study, tmp_path):
+@pytest.mark.parametrize("damage", ["deleted", "half-written"])
+def test_a_run_without_metrics_is_resumed_alone(study, tmp_path, damage):
+    """metrics.json marks a run finished: without it, or with a torn one (damaged outside
+    genspec, which writes it atomically), the run is resumed and evaluated again."""
     spec, out, _ = study
     copy = tmp_path / "out"
     shutil.copytree(out, copy)
     folder = copy / run_id("L", "flow2") / "seed1"
     before = json.loads((folder / "metrics.json").read_text())
-    (folder / "metrics.json").unlink()
-    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("*/*/*") if p.name in ("metrics.json", "checkpoint.pt")}
+    if damage == "deleted":
+        (folder / "metrics.json").unlink()
+    else:
+        (folder / "metrics.json").write_text((folder / "metrics.json").read_text()[:40])
+    stamps = {p: p.stat().st_mtime_ns for p in copy.glob("*/*/*") if p.name in ("metrics.json", "checkpoint.pt")
+              and p != folder / "metrics.json"}
     assert (folder / "checkpoint.pt") in stamps
     rc, _, err = run_cli("run", spec, "--out", copy, "--no-progress")
     assert rc == 0, err
