@@ -38,7 +38,7 @@ from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng,
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
-from .train import RESOLVED, _atomic_write_text, add_losses, epoch_steps, save_checkpoint, write_metrics
+from .train import RESOLVED, _atomic_write_text, add_losses, epoch_steps, phase_cycle, save_checkpoint, write_metrics
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
@@ -289,9 +289,8 @@ def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) ->
     specs, train = stacked.specs, stacked.specs[0].train
     for model in stacked.models:
         model.train(True)
-    active = [(i, phase.repeat) for i, phase in enumerate(specs[0].phases) if phase.active(epoch)]
-    cursor = [i for i, repeat in active for _ in range(repeat)]
-    if not cursor:
+    cycle = phase_cycle(specs[0].phases, epoch)
+    if not cycle:
         return [{} for _ in specs]
     # each replica shuffles its own split exactly as a sequential run of its seed does
     orders = [torch.randperm(len(s.train), generator=torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch))
@@ -307,8 +306,9 @@ def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) ->
             break
         xs = torch.stack([s.train.images(i) for s, i in zip(stacked.splits, idx)])
         ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[i] for s, i in zip(stacked.splits, idx)])
-        out = stacked.step(cursor[step % len(cursor)], xs, ys)
-        trace.record((epoch - 1) * steps_per_epoch + step + 1, out)  # a single run's step numbers
+        run_step = (epoch - 1) * steps_per_epoch + step  # a single run's step numbers
+        out = stacked.step(cycle[run_step % len(cycle)], xs, ys)
+        trace.record(run_step + 1, out)
         add_losses(sums, count, out)
     table = {name: (total / count[name]).tolist() for name, total in sums.items()}  # one read-back per epoch
     bad = [(name, v) for name, values in table.items() for v in values if not math.isfinite(v)]

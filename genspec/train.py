@@ -312,6 +312,14 @@ def epoch_steps(train: dict, examples: int) -> int:
     return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 
+def phase_cycle(phases: list, epoch: int) -> list[int]:
+    """The phases active in `epoch`, each index `repeat` times: step n of the run trains phase
+    cycle[n % len(cycle)]. The cycle runs on across epochs (indexed by the run's step, not the
+    epoch's) so that a phase late in the cycle still trains when an epoch has fewer steps than
+    the cycle, and a resumed run picks up where it left off."""
+    return [i for i, phase in enumerate(phases) if phase.active(epoch) for _ in range(phase.repeat)]
+
+
 def add_losses(sums: dict, counts: dict, losses: dict) -> None:
     """Add one step's losses to the epoch's running sums, on the device, in float32: under bf16
     autocast some losses (a mean) are bfloat16, and a bfloat16 sum stops growing at ~256x a loss."""
@@ -324,10 +332,9 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
                world: dist.World = dist.SINGLE) -> dict:
     model.train(True)
     shuffle = torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch)
-    active = [(plan, phase.repeat) for plan, phase in zip(model.phases, spec.phases) if phase.active(epoch)]
-    if not active:
+    cycle = phase_cycle(spec.phases, epoch)
+    if not cycle:
         return {}
-    cursor = [(plan) for plan, repeat in active for _ in range(repeat)]  # each entry consumes one batch
     sums: dict[str, torch.Tensor] = {}
     counts: dict[str, int] = {}
     max_steps = spec.train.get("max_steps")
@@ -337,7 +344,7 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
     for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle, world)):
         if max_steps and step >= max_steps:
             break
-        losses = model.step(cursor[step % len(cursor)], x, y)
+        losses = model.step(model.phases[cycle[(first_step + step) % len(cycle)]], x, y)
         finite.record(step, losses)
         if trace is not None:
             trace.record(first_step + step + 1, losses)

@@ -551,16 +551,34 @@ def _optimizer(path: tuple, text: str, params: dict, problems: Collector) -> tup
 def _phases(train: dict, objectives: dict, problems: Collector) -> list[Phase]:
     if "phases" not in train:
         return [Phase(update=list(objectives))]
-    out = []
+    out, sound = [], True
     for i, entry in enumerate(train["phases"]):
         for j, name in enumerate(entry["update"]):
             if name not in objectives:
+                sound = False
                 problems.add(("train", "phases", i, "update", j), f"no objective named {name!r}" + suggest(name, objectives))
         epochs = tuple(entry["epochs"]) if "epochs" in entry else None
         if epochs and epochs[0] > epochs[1]:
+            sound = False
             problems.add(("train", "phases", i, "epochs"), "first epoch after the last")
         out.append(Phase([n for n in entry["update"] if n in objectives], entry.get("repeat", 1), epochs))
+    if sound:  # a misspelt objective or a reversed window is the problem to report, not its consequence
+        _check_every_objective_is_trained(train, objectives, out, problems)
     return out
+
+
+def _check_every_objective_is_trained(train: dict, objectives: dict, phases: list[Phase], problems: Collector) -> None:
+    """An objective that no phase updates within train.epochs would leave its networks as initialised."""
+    epochs = range(1, train["epochs"] + 1)
+    for name in objectives:
+        named = [p for p in phases if name in p.update]
+        if not named:
+            problems.add(("train", "phases"), f"no phase updates objective {name!r}: its networks would never train "
+                                              "(add it to a phase's update list, or remove the objective)")
+        elif not any(p.active(e) for p in named for e in epochs):
+            problems.add(("train", "phases"), f"objective {name!r} is updated only in epochs "
+                         + ", ".join(f"{p.epochs[0]}-{p.epochs[1]}" for p in named)
+                         + f", after the last epoch (train.epochs is {train['epochs']}): it would never train")
 
 
 def _check_names_do_not_clash(raw: dict, problems: Collector) -> None:

@@ -112,18 +112,38 @@ def test_phase_epochs_limit_when_a_phase_runs(tmp_path):
         assert set(r["train"]) == {"g_adv", "objective/gen"}
 
 
-def test_inactive_phase_leaves_networks_untouched(tmp_path):
-    # the generator's phase only starts in epoch 2, so after one epoch gen still has its initial weights
+def test_a_phase_joins_the_cycle_in_its_first_epoch(tmp_path):
+    # epoch 1 trains only the discriminator (10 steps); in epoch 2 the cycle is dis, gen (5 each)
     phases = [{"update": ["dis"]}, {"update": ["gen"], "epochs": [2, 2]}]
-    spec = write_yaml(tmp_path / "gan.yaml", gan_doc(phases, epochs=1))
+    spec = write_yaml(tmp_path / "gan.yaml", gan_doc(phases, epochs=2))
     rc, _, err = run_spec(spec, tmp_path / "run")
     assert rc == 0, err
-    trained = checkpoint(tmp_path / "run")["model"]["networks"]
-    torch.manual_seed(0)
-    fresh = genspec.build(genspec.load(spec))
-    for key, value in fresh["gen"].state_dict().items():
-        assert torch.equal(trained[f"gen.{key}"], value), key
-    assert any(not torch.equal(trained[f"dis.{k}"], v) for k, v in fresh["dis"].state_dict().items())
+    assert optimizer_steps(tmp_path / "run") == {"dis": {15}, "gen": {5}}
+    records = history(tmp_path / "run")
+    assert "objective/gen" not in records[0]["train"] and "objective/gen" in records[1]["train"]
+
+
+def test_the_phase_cycle_runs_on_across_epochs(tmp_path):
+    # two steps an epoch and a cycle of four (dis, dis, dis, gen): restarted each epoch, the
+    # generator would never train; running on, epoch 2's second step is the generator's
+    phases = [{"update": ["dis"], "repeat": 3}, {"update": ["gen"]}]
+    spec = write_yaml(tmp_path / "gan.yaml", gan_doc(phases, epochs=2, max_steps=2))
+    rc, _, err = run_spec(spec, tmp_path / "run")
+    assert rc == 0, err
+    assert optimizer_steps(tmp_path / "run") == {"dis": {3}, "gen": {1}}
+
+
+@pytest.mark.parametrize("phases, epochs, message", [
+    ([{"update": ["dis"]}], 1, "train.phases: no phase updates objective 'gen': its networks would never train"),
+    ([{"update": ["dis"]}, {"update": ["gen"], "epochs": [2, 3]}], 1,
+     "train.phases: objective 'gen' is updated only in epochs 2-3, after the last epoch (train.epochs is 1)"),
+])
+def test_an_objective_that_would_never_train_is_refused(tmp_path, phases, epochs, message):
+    spec = write_yaml(tmp_path / "gan.yaml", gan_doc(phases, epochs=epochs))
+    rc, _, err = run_spec(spec, tmp_path / "run")
+    assert rc != 0 and message in err and "Traceback" not in err
+    assert "gan.yaml:" in err  # names the file (and the line of train.phases)
+    assert not (tmp_path / "run").exists()
 
 
 # ---------------------------------------------------------------- determinism and resume

@@ -202,6 +202,9 @@ CROSS = [
                                        "did you mean 'vae'?"),
     ("train.phases=[{update: [vae], epochs: [3, 1]}]", "--set train.phases=[{update: [vae], epochs: [3, 1]}]: train.phases[0].epochs: "
                                                         "first epoch after the last"),
+    ("train.phases=[{update: [vae], epochs: [300, 400]}]", "--set train.phases=[{update: [vae], epochs: [300, 400]}]: train.phases: "
+                                                        "objective 'vae' is updated only in epochs 300-400, after the last epoch "
+                                                        "(train.epochs is 100): it would never train"),
     ("evaluate.losses=[rec, foo]", "--set evaluate.losses=[rec, foo]: evaluate.losses[1]: no loss named 'foo'"),
     ("params.enc=1", "--set params.enc=1: params.enc: name 'enc' is already used by networks.enc"),
     ("params.x=1", "--set params.x=1: params.x: name 'x' is already used by the input x"),
