@@ -47,7 +47,7 @@ def load_run(folder, device="cpu") -> FinishedRun:
 
     from .graph import build_graph
     from .loader import load_file
-    from .train import CHECKPOINT, RESOLVED, finished_metrics
+    from .train import CHECKPOINT, RESOLVED, finished_metrics, load_checkpoint
     from .validate import validate
 
     folder = Path(folder)
@@ -56,7 +56,7 @@ def load_run(folder, device="cpu") -> FinishedRun:
     spec = validate(load_file(folder / RESOLVED))
     spec.graph_nx = build_graph(spec)
     networks = build(spec, device)
-    state = torch.load(folder / CHECKPOINT, map_location=device, weights_only=True)
+    state = load_checkpoint(folder, device)
     torch.nn.ModuleDict(networks).load_state_dict(state["model"]["networks"])
     from .priors import build_prior
 

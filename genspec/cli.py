@@ -190,7 +190,7 @@ def cmd_sample(args) -> int:
     with torch.no_grad():
         if args.interpolate:
             steps = run.spec.evaluate["interpolation_steps"]
-            rows = max(1, args.n // steps)
+            rows = math.ceil(args.n / steps)  # whole rows: at least the --n images asked for
             images, nrow = interpolation_images(module, prior, rows, steps, "cpu", conditions), steps
         else:
             images, nrow = sample_images(module, prior, args.n, "cpu", conditions), math.ceil(math.sqrt(args.n))
@@ -267,7 +267,8 @@ def parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_diff)
     sm = sub.add_parser("sample", help="draw fresh samples from a finished run, without retraining")
     sm.add_argument("run_dir")
-    sm.add_argument("--n", type=int, default=64)
+    sm.add_argument("--n", type=int, default=64,
+                    help="images to draw; with --interpolate, rounded up to whole rows of evaluate.interpolation_steps")
     sm.add_argument("--out", help="PNG file to write (default RUN_DIR/samples_new.png)")
     sm.add_argument("--interpolate", action="store_true", help="an interpolation grid instead")
     sm.add_argument("--seed", type=int, default=0)
@@ -332,6 +333,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except RunError as exc:
         print(f"{_speaker()}: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # a folder that cannot be written, a full disk: what the system said, and where
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(f"{_speaker()}: {exc.strerror or exc}{where}", file=sys.stderr)
         return 1
     except KeyboardInterrupt as exc:
         # a study's runs each keep their last checkpoint, and running the study again resumes them

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from . import expr as E
+from .errors import RunError
 from .graph import plan, step_extras
 from .layers import REFERENCE_BATCH, Gaussian, build_network
 from .ops import TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
@@ -412,9 +413,17 @@ def build(spec: Spec, device: torch.device | str = "cpu") -> dict[str, nn.Module
 
 
 def choose_device(setting: str = "auto") -> torch.device:
+    """train.device: auto takes the GPU when there is one. Asking for a GPU this machine lacks is
+    a RunError, raised here rather than as torch's error at the first tensor moved."""
     if setting == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(setting)
+    device = torch.device(setting)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise RunError(f"train.device is {setting}, but torch sees no CUDA GPU here; use train.device=auto or cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise RunError(f"train.device is {setting}, but this machine has {torch.cuda.device_count()} GPU(s)")
+    return device
 
 
 __all__ = ["Model", "Env", "Gaussian", "build", "choose_device", "make_optimizer"]

@@ -367,23 +367,29 @@ def _split_partition(pools: list, sizes: dict, g: torch.Generator, notes: list) 
     return Splits(parts[0], parts[1], parts[2], notes)
 
 
-def batches(split: Split, batch_size: int, generator: torch.Generator | None, world=None):
-    """Shuffled mini-batches; a final batch of one is dropped (batch norm needs two).
+def drops_last_batch(examples: int, batch_size: int, world_size: int = 1) -> bool:
+    """Whether a training epoch leaves out its final batch: a leftover of one example (batch norm
+    in training mode needs two; with batch_size 1 every batch is one and none is left out), or,
+    across processes, a last global batch too small to give every rank an example."""
+    last = examples % batch_size
+    return last != 0 and ((last < 2 and batch_size > 1 and examples > 1) or last < world_size)
+
+
+def batches(split: Split, batch_size: int, generator: torch.Generator | None, world=None, training: bool = True):
+    """Shuffled mini-batches of a split; in `training`, without the final batch that
+    `drops_last_batch` leaves out. Evaluation (training=False) sees every example.
 
     Under `world` (several processes) every rank draws the same global batches and takes its
-    own slice of each (the DistributedSampler's idea); a last global batch too small to give
-    every rank an example is dropped. Streamed splits decode only the rank's slice."""
+    own slice of each (the DistributedSampler's idea). Streamed splits decode only the rank's slice."""
     world = world or SINGLE
     n = len(split)
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     if not split.streamed:
         order = order.to(split.x.device)  # one copy per epoch; each batch then indexes on the device
-    index_batches = []
-    for start in range(0, n, batch_size):
-        idx = order[start:start + batch_size]
-        if len(idx) < 2 and n > 1 or len(idx) < world.size:
-            break
-        index_batches.append(shard(idx, None, world)[0])
+    starts = range(0, n, batch_size)
+    if training and drops_last_batch(n, batch_size, world.size):
+        starts = starts[:-1]
+    index_batches = [shard(order[start:start + batch_size], None, world)[0] for start in starts]
     if split.streamed:
         yield from split.x.batches([idx.tolist() for idx in index_batches], split.y)
         return

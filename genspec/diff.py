@@ -14,7 +14,7 @@ import json
 from . import expr as E
 from .rows import canonical, format_row
 from .shapes import fmt
-from .spec import Spec
+from .spec import Spec, call_text
 
 # Sections that describe the run rather than the model: shown in the header, never a difference.
 METADATA = ("name", "source", "genspec")
@@ -25,7 +25,7 @@ def spec_view(spec: Spec) -> dict:
     view = {
         "params": dict(spec.params),
         "data": dict(spec.data),
-        "latent": {n: {"shape": list(l.shape), "prior": _call_text(l.prior, l.prior_args)} for n, l in spec.latents.items()},
+        "latent": {n: {"shape": list(l.shape), "prior": call_text(l.prior, l.prior_args)} for n, l in spec.latents.items()},
         "graph": {n: E.to_text(node) for n, node in spec.graph.items()},
         "losses": {n: E.to_text(node) for n, node in spec.losses.items()},
         "objectives": {n: {"networks": o.networks, "minimize": E.to_text(o.minimize),
@@ -40,10 +40,6 @@ def spec_view(spec: Spec) -> dict:
         if section not in known:
             view[section] = value  # sections added by later format versions (tune, sweep, ...)
     return view
-
-
-def _call_text(name: str, args) -> str:
-    return name + (f"({', '.join(f'{a:g}' for a in args)})" if args else "")
 
 
 def diff_specs(a: Spec, b: Spec) -> dict:
@@ -93,7 +89,7 @@ def _network_diff(a: Spec, b: Spec, name: str) -> dict | None:
     if na.input != nb.input:
         entry["input"] = [fmt(na.input), fmt(nb.input)]
     if (na.init, na.init_args) != (nb.init, nb.init_args):
-        entry["init"] = [_call_text(na.init, na.init_args), _call_text(nb.init, nb.init_args)]
+        entry["init"] = [na.init_text, nb.init_text]
     frozen_a = [r.frozen for r in na.info.rows]
     frozen_b = [r.frozen for r in nb.info.rows]
     rows = _align_rows(na, nb)

@@ -48,7 +48,7 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
     model.train(False)
     with forked_rng(model), torch.no_grad():
         torch.manual_seed(EVAL_SEED)
-        for x, y in batches(split, spec.evaluate["batch_size"], None):
+        for x, y in batches(split, spec.evaluate["batch_size"], None, training=False):
             env = model.compute(Env(x, y), nodes)
             for name in names:  # summed on the device in float64, read back once at the end
                 sums[name] = sums[name] + torch.as_tensor(env[f"loss:{name}"]).double() * len(x)
@@ -256,7 +256,7 @@ def accuracy(spec: Spec, model: Model, split: Split) -> float:
     correct = 0
     model.train(False)
     with forked_rng(model), torch.no_grad():
-        for x, y in batches(split, spec.evaluate["batch_size"], None):
+        for x, y in batches(split, spec.evaluate["batch_size"], None, training=False):
             correct = correct + (model.compute(Env(x, y), nodes)[name].argmax(1) == y).sum()  # read back once
     model.train(True)
     return int(correct) / len(split)

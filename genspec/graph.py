@@ -16,7 +16,7 @@ import networkx as nx
 
 from . import expr as E
 from .errors import Collector, suggest
-from .registry import EXPRESSION_OPS
+from .registry import ACTIVATIONS, EXPRESSION_OPS
 from .shapes import fmt
 from .spec import Spec
 
@@ -284,6 +284,10 @@ class _Infer:
             self.same_shape(node.func, values[0], values[1])
         if node.func == "l2dist":
             self.same_shape(node.func, values[0], values[1])
+        if node.func == "bce":
+            self.bce_ranges(node, values[0])
+        if node.func == "noisy":
+            self.noisy_amount(node.args[1])
         if node.func == "onehot":
             if self.spec.num_classes is None:
                 self.fail("onehot(y): the dataset has no known number of classes")
@@ -306,6 +310,47 @@ class _Infer:
         if node.func == "kl":
             self.kl_fits(values[0], node.args[1].id)
         return Value("scalar")
+
+    def bce_ranges(self, node: E.Call, p: Value) -> None:
+        """bce takes probabilities and targets in [0, 1]; torch checks both only at the first step."""
+        target = node.args[1]
+        low, high = self.spec.data.get("range", [0, 1])
+        if isinstance(target, E.Name) and target.id == "x" and (low < 0 or high > 1):
+            self.fail(f"bce: the target x lies in data.range [{low:g}, {high:g}], and bce needs targets in [0, 1]; "
+                      "set data.range: [0, 1] or use sqerr / mse")
+        if isinstance(target, E.Num) and not 0 <= target.value <= 1:
+            self.fail(f"bce: the target {target.value:g} is outside [0, 1]")
+        ending = self.last_activation(p.producer)
+        if ending is not None and ending not in ("sigmoid", "softmax"):
+            self.fail(f"bce: argument 1 comes from network {p.producer[0]}, whose output ends in {ending}, not a sigmoid; "
+                      "bce needs probabilities in [0, 1] (end the network with ', sigmoid')")
+
+    # rows that move or pick values without changing their range
+    _RANGE_KEEPING = ("reshape", "flatten", "crop", "identity", "dropout", "maxpool", "avgpool", "upsample")
+
+    def last_activation(self, producer: tuple | None) -> str | None:
+        """The activation (or 'no activation') that last shaped a network row's values, or None
+        when the value is not a network's row (an expression of several: not checked)."""
+        if producer is None:
+            return None
+        net_name, row = producer
+        rows = self.spec.networks[net_name].info.rows
+        while row > 0 and rows[row].row["op"] in self._RANGE_KEEPING:
+            row -= 1
+        entry = rows[row].row
+        if entry["op"] in ("sigmoid", "softmax") or entry.get("act") in ("sigmoid", "softmax"):
+            return entry.get("act") or entry["op"]
+        if entry.get("act"):
+            return entry["act"]
+        return entry["op"] if entry["op"] in ACTIVATIONS else "no activation"
+
+    def noisy_amount(self, amount) -> None:
+        try:
+            value = E.constant(amount, self.spec.params)
+        except E.ExprError:
+            return  # not a constant: ops.noisy checks it at every step
+        if not isinstance(value, (int, float)) or not 0 <= value <= 1:
+            self.fail(f"noisy: the amount must be in [0, 1], got {value}")
 
     def argument(self, arg, kind: str, func: str, i: int) -> Value | None:
         if kind == "network":

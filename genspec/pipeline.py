@@ -11,7 +11,7 @@ from .loader import Document
 from .resolve import apply_overrides, resolve
 from .spec import Spec
 from .sweep import STUDY_KEYS, Run, expand, is_sweep
-from .validate import study_problems, validate
+from .validate import study_problems, table_metric_problems, validate
 
 
 def load_spec(path: str | Path, overrides: list[str] | None = None) -> Spec:
@@ -59,6 +59,7 @@ def load_runs(path: str | Path, overrides: list[str] | None = None, only: list[s
                     problems.append(Problem(p.location, p.path, p.message + (f" [in run {run.id}]" if run.id else "")))
     if problems:
         raise SpecError(problems)
+    table_metric_problems(doc, [spec for _, spec in out])
     return out
 
 

@@ -27,7 +27,7 @@ def show_json(spec: Spec) -> dict:
         "name": spec.name,
         "file": spec.file,
         "networks": {name: {"input": list(net.input), "output": list(net.info.output), "trainable": net.info.trainable,
-                            "frozen": net.info.frozen, "init": net.init, "rows": network_rows(spec, name)}
+                            "frozen": net.info.frozen, "init": net.init_text, "rows": network_rows(spec, name)}
                      for name, net in spec.networks.items()},
         "latent": {name: {"shape": list(l.shape), "prior": l.prior, "trainable": prior_parameters(l)}
                    for name, l in spec.latents.items()},
@@ -45,7 +45,7 @@ def layer_tables(spec: Spec, markdown: bool = False) -> str:
         header = ["#", "layer", "output", "trainable", "frozen"]
         body = [[str(r["index"]), r["row"], fmt(r["output"]), f"{r['trainable']:,}", f"{r['frozen']:,}"] for r in rows]
         body.append(["", "total", fmt(net.info.output), f"{net.info.trainable:,}", f"{net.info.frozen:,}"])
-        title = f"{name}  (input {fmt(net.input)}, init {net.init})"
+        title = f"{name}  (input {fmt(net.input)}, init {net.init_text})"
         blocks.append(_table(title, header, body, markdown, numeric={0, 3, 4}, total=True))
     return "\n\n".join(blocks)
 

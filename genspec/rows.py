@@ -55,7 +55,9 @@ def parse_row(row) -> dict:
         if not _NAME.match(tap.group(1)):
             raise RowError(f"tap name {tap.group(1)!r} must be a plain name")
         out["name"] = tap.group(1)
-        text = text[: tap.start()]
+        text = text[: tap.start()].rstrip()
+        if text.endswith(","):  # `fc 32, relu, as h`: the tap written as a part of its own
+            text = text[:-1]
     parts = [p.strip() for p in text.split(",")]
     if any(not p for p in parts):
         raise RowError("empty part between commas")
@@ -243,6 +245,30 @@ def _boolean(text: str) -> bool:
     raise RowError(f"expected true or false, got {text!r}")
 
 
+# The keys each op reads, beyond those every row may have (post-ops, a tap name, frozen).
+_OP_KEYS = {
+    "conv": {"out", "kernel", "stride", "padding", "bias"},
+    "deconv": {"out", "kernel", "stride", "padding", "bias"},
+    "fc": {"out", "bias"},
+    "gaussian": {"out", "var", "bias", "kernel", "stride", "padding"},  # with a kernel: a convolutional head
+    "maxpool": {"kernel", "stride"},
+    "avgpool": {"kernel", "stride"},
+    "upsample": {"scale", "mode"},
+    "dropout": {"p"},
+    "crop": {"p"},
+    "reshape": {"shape"},
+    "concat": {"input"},
+}
+_EVERY_ROW_KEYS = {"op", "norm", "act", "dropout", "frozen", "name"}
+
+
+def _keys_of(row: dict) -> set:
+    keys = _EVERY_ROW_KEYS | _OP_KEYS.get(row["op"], set())
+    if row["op"] == "lrelu" or row.get("act") == "lrelu":
+        keys.add("slope")
+    return keys
+
+
 def _check_mapping(row: dict) -> dict:
     """Light checks of a mapping row; the JSON Schema checks types, shapes.py the sizes."""
     unknown = [k for k in row if k not in ROW_KEYS]
@@ -256,6 +282,10 @@ def _check_mapping(row: dict) -> dict:
     missing = [k for k in required if k not in row]
     if missing:
         raise RowError(f"{row['op']} needs {', '.join(missing)}")
+    takes = _keys_of(row)
+    stray = [k for k in row if k not in takes]
+    if stray:  # e.g. a stride on an fc row would otherwise be ignored without a word
+        raise RowError(f"{stray[0]!r} does not apply to {row['op']} rows; they take {', '.join(sorted(takes - {'op'}))}")
     out = dict(row)
     if out["op"] == "dropout" and not 0 <= out["p"] < 1:
         raise RowError(f"dropout: p must be in [0, 1), got {out['p']}")

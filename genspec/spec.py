@@ -23,6 +23,11 @@ class Latent:
         return self.prior == "realnvp"
 
 
+def call_text(name: str, args) -> str:
+    """A call with constant arguments as a spec writes it: normal(0, 0.02); a bare name without any."""
+    return name + (f"({', '.join(f'{a:g}' for a in args)})" if args else "")
+
+
 @dataclass
 class Network:
     name: str
@@ -34,6 +39,11 @@ class Network:
     input_source: str | None = None  # "x", a latent's name, or None for a bare shape
     # extra inputs joined by `concat` rows, in call order: name -> (shape, source "y" / latent / None)
     conditions: dict = field(default_factory=dict)
+
+    @property
+    def init_text(self) -> str:
+        """The init as the spec writes it: normal(0, 0.02), or a bare name without arguments."""
+        return call_text(self.init, self.init_args)
 
 
 @dataclass

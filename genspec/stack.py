@@ -33,7 +33,7 @@ from . import fidelity
 from . import trace as step_trace
 from .balance import Balancer
 from .compile import Env, Model, choose_device, make_optimizer
-from .data import Splits, batches, load_data
+from .data import Splits, batches, drops_last_batch, load_data
 from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, graph_samples, grid_sources
 from .report import write_layer_tables, write_report
 from .errors import RunError
@@ -193,7 +193,7 @@ class StackedRuns:
             model.train(False)
         with forked_rng(self.models[0]), torch.no_grad():
             torch.manual_seed(EVAL_SEED)
-            for parts in zip(*(batches(t, self.specs[0].evaluate["batch_size"], None) for t in tests)):
+            for parts in zip(*(batches(t, self.specs[0].evaluate["batch_size"], None, training=False) for t in tests)):
                 xs = torch.stack([x for x, _ in parts])
                 ys = None if y_dim is None else torch.stack([y for _, y in parts])
                 out = batched(self.params, self.frozen, self.buffers, xs, ys)
@@ -298,12 +298,11 @@ def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) ->
     n, size = len(stacked.splits[0].train), train["batch_size"]
     steps_per_epoch = epoch_steps(train, n)
     sums, count = {}, {}
-    for step, start in enumerate(range(0, n, size)):
+    starts = range(0, n, size)[:-1] if drops_last_batch(n, size) else range(0, n, size)  # as data.batches
+    for step, start in enumerate(starts):
         if train.get("max_steps") and step >= train["max_steps"]:
             break
         idx = [order[start:start + size] for order in orders]
-        if len(idx[0]) < 2 and n > 1:
-            break
         xs = torch.stack([s.train.images(i) for s, i in zip(stacked.splits, idx)])
         ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[i] for s, i in zip(stacked.splits, idx)])
         run_step = (epoch - 1) * steps_per_epoch + step  # a single run's step numbers

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from .compile import Model, choose_device
-from .data import Splits, batches, load_data
+from .data import Splits, batches, drops_last_batch, load_data
 from .errors import RunError
 from . import fidelity
 from . import distributed as dist
@@ -240,8 +240,24 @@ def _differences(a, b, path=()) -> list:
     return [] if a == b else [(path, a, b)]
 
 
+def load_checkpoint(folder: Path, device) -> dict:
+    """A run folder's checkpoint (weights only). A file cut short (a full disk, a copy that
+    stopped) or not genspec's is a RunError that names it, not an unpickling traceback."""
+    path = Path(folder) / CHECKPOINT
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise RunError(f"{Path(folder)} has no {CHECKPOINT}: not a genspec run folder, or one stopped before its first checkpoint")
+    except Exception as exc:  # torch raises RuntimeError, EOFError or pickle's errors for a damaged file
+        raise RunError(f"{path} cannot be read ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else 'damaged'}); "
+                       "the checkpoint is damaged: start the run afresh with --overwrite") from None
+    if not isinstance(state, dict) or not {"epoch", "model"} <= set(state):
+        raise RunError(f"{path} is not a genspec checkpoint (it has no epoch and model)")
+    return state
+
+
 def _restore(model: Model, out: Path, device, epochs: int, world: dist.World, seed: int) -> tuple[int, list]:
-    state = torch.load(out / CHECKPOINT, map_location=device, weights_only=True)
+    state = load_checkpoint(out, device)
     done = int(state["epoch"])
     if done > epochs:  # equal: training is over, and the final evaluation runs again
         raise RunError(f"{out} already has {done} epoch{'s' if done != 1 else ''}, more than the {epochs} asked; "
@@ -260,10 +276,22 @@ def _restore(model: Model, out: Path, device, epochs: int, world: dist.World, se
 
 
 def _read_history(out: Path) -> list:
+    """metrics.jsonl's records. A last line cut short (the run was killed while appending it) is
+    dropped: its epoch is redone. Damage anywhere else is a RunError naming the line."""
     path = out / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = [(number, line) for number, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    records = []
+    for i, (number, line) in enumerate(lines):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            if i == len(lines) - 1:
+                break
+            raise RunError(f"{path}:{number}: not a JSON record ({exc.msg}); the history is damaged: "
+                           "start the run afresh with --overwrite") from None
+    return records
 
 
 def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: int, history: list, progress: bool,
@@ -308,7 +336,7 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
 
 def epoch_steps(train: dict, examples: int) -> int:
     """Steps an epoch counts (what step numbers in traces and the progress bar advance by)."""
-    steps = max(1, math.ceil(examples / train["batch_size"]))
+    steps = max(1, math.ceil(examples / train["batch_size"]) - drops_last_batch(examples, train["batch_size"]))
     return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 
@@ -430,18 +458,30 @@ def save_checkpoint(model: Model, out: Path, epoch: int, rank_streams: list[dict
         state["cuda_rng"] = torch.cuda.get_rng_state_all()
     if rank_streams is not None:
         state["rank_rng"] = rank_streams
-    tmp = out / (CHECKPOINT + ".tmp")
-    with open(tmp, "wb") as f:
+    def write(f):
         torch.save(state, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, out / CHECKPOINT)  # atomic: a kill mid-write leaves the previous checkpoint
+
+    _atomic_write(out / CHECKPOINT, write, "wb")
+
+
+def _atomic_write(path: Path, write, mode: str = "w") -> None:
+    """Write `path` through a temporary file and a rename: a kill or a full disk mid-write leaves
+    the previous file whole (and no temporary file behind); the failure is a RunError naming it."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, mode) as f:
+            write(f)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        kept = " (the previous one is kept)" if path.exists() else ""
+        raise RunError(f"could not write {path}: {exc.strerror or exc}{kept}") from None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    _atomic_write(path, lambda f: f.write(text))
 
 
 def _progress_bar(spec: Spec, epochs: int, steps: int, start: int, progress: bool):

@@ -205,11 +205,56 @@ def study_problems(doc: Document) -> None:
                     problems.add(path, _message(error))
     factors = list(doc.data.get("sweep") or {})
     study = doc.data.get("study") if isinstance(doc.data.get("study"), dict) else {}
+    repeats = doc.data.get("repeats") if isinstance(doc.data.get("repeats"), int) else 1
+    if "study" in doc.data and not factors and repeats <= 1:
+        problems.add(("study",), "a study section lays out the tables of a sweep or of repeats, and this spec has "
+                                 "neither: add a sweep section or repeats: 2 (or more)")
     for side in ("rows", "columns"):
         for i, name in enumerate(study.get(side) or []):
             if name not in factors:
                 problems.add(("study", side, i), f"{name!r} is not a factor of the sweep ({', '.join(factors)})")
     problems.raise_if_any()
+
+
+# Numbers metrics.json holds at its top level, and the sections whose keys a table may name.
+TABLE_METRICS = ("time_per_epoch_s", "eval_time_s", "test_accuracy", "trainable", "frozen", "epochs", "seed")
+TABLE_SECTIONS = ("test", "train_last_epoch", "fidelity", "real", "balance", "params", "data", "collapse")
+
+
+def table_metric_problems(doc: Document, specs: list[Spec]) -> None:
+    """study.tables[].metric against what the runs' metrics.json will hold: a misspelt metric
+    would otherwise give a table of empty cells after the whole study has trained."""
+    study = doc.data.get("study") if isinstance(doc.data, dict) else None
+    tables = study.get("tables") if isinstance(study, dict) else None
+    if not tables or not specs:
+        return
+    problems = Collector(doc.where)
+    for i, table in enumerate(tables):
+        metric = table.get("metric") if isinstance(table, dict) else None
+        if isinstance(metric, str):
+            message = _table_metric_problem(metric, specs)
+            if message:
+                problems.add(("study", "tables", i, "metric"), message)
+    problems.raise_if_any()
+
+
+def _table_metric_problem(metric: str, specs: list[Spec]) -> str | None:
+    section, _, key = metric.partition(".")
+    if not key:
+        if metric == "test_accuracy" and not all(spec.evaluate.get("accuracy") for spec in specs):
+            return "test_accuracy is measured only with evaluate.accuracy set"
+        if metric in TABLE_METRICS:
+            return None
+        known = [*TABLE_METRICS, *(f"{s}.NAME" for s in TABLE_SECTIONS)]
+        return f"metrics.json has no {metric!r}; a table reads one of {', '.join(known)}" + suggest(metric, TABLE_METRICS)
+    if section not in TABLE_SECTIONS:
+        return f"metrics.json has no section {section!r}; sections: {', '.join(TABLE_SECTIONS)}" + suggest(section, TABLE_SECTIONS)
+    if section == "test":
+        for spec in specs:
+            evaluated = spec.evaluate.get("losses", list(spec.losses))
+            if key not in evaluated:
+                return f"the runs evaluate no test loss {key!r} (evaluate.losses: {', '.join(evaluated)})" + suggest(key, evaluated)
+    return None
 
 
 # ---------------------------------------------------------------- cross-field checks
@@ -252,9 +297,21 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
             problems.add(("labels", name), "a label with swap needs `other`, the value it is swapped to")
     states = _states(raw.get("state", {}), params, problems)
     _check_training_extras(raw, train, evaluate, latents, states, problems)
+    _check_batch_norm_has_two(train, networks, problems)
     _check_names_do_not_clash(raw, problems)
     return Spec(raw["name"], doc, params, data, data_shape, num_classes, latents, networks, graph, losses,
                 objectives, train, phases, evaluate, labels, states)
+
+
+def _check_batch_norm_has_two(train: dict, networks: dict, problems: Collector) -> None:
+    """Batch norm in training mode normalises over the batch: a batch of one has no spread."""
+    if train["batch_size"] != 1:
+        return
+    for name, net in networks.items():
+        if any(r.row.get("norm") == "bn" for r in net.info.rows):
+            problems.add(("train", "batch_size"), f"batch norm (in networks.{name}) needs at least 2 examples a batch; "
+                                                  "use a larger train.batch_size or another norm")
+            return
 
 
 def _states(entries: dict, params: dict, problems: Collector) -> dict[str, State]:
@@ -417,6 +474,9 @@ def _network(name, entry, data_shape, latents, params, problems, num_classes=Non
             problems.add(path + ("layers", i), str(exc))
             ok = False
     init, init_args, _ = _call_of(path + ("init",), entry.get("init", "default"), INITS, params, problems)
+    if init == "normal" and not (isinstance(init_args[1], (int, float)) and init_args[1] > 0):
+        problems.add(path + ("init",), f"normal(mean, std): std must be positive, got {init_args[1]}")
+        init = None
     if not ok or input_shape is None:
         return None
     if conditions is None:
@@ -542,10 +602,31 @@ def _optimizer(path: tuple, text: str, params: dict, problems: Collector) -> tup
             raise E.ExprError("a learning rate is required, e.g. adam(2e-4)")
         if "betas" in args and (not isinstance(args["betas"], list) or len(args["betas"]) != 2):
             raise E.ExprError("betas is a pair, e.g. betas=[0.5, 0.999]")
+        _check_optimizer_values(args)
     except E.ExprError as exc:
         problems.add(path, str(exc))
         return None, {}
     return node.func, args
+
+
+def _check_optimizer_values(args: dict) -> None:
+    """The ranges torch.optim checks only when the run builds its optimisers."""
+    def number(key):
+        value = args[key]
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+            raise E.ExprError(f"{key} must be a finite number, got {value!r}")
+        return value
+
+    if number("lr") <= 0:
+        raise E.ExprError(f"the learning rate must be positive, got {args['lr']:g}")
+    for key in ("eps", "weight_decay", "alpha"):
+        if key in args and number(key) < 0:
+            raise E.ExprError(f"{key} must not be negative, got {args[key]:g}")
+    if "momentum" in args and not 0 <= number("momentum") < 1:
+        raise E.ExprError(f"momentum must be in [0, 1), got {args['momentum']:g}")
+    for beta in args.get("betas", []):
+        if not isinstance(beta, (int, float)) or not 0 <= beta < 1:
+            raise E.ExprError(f"betas must each be in [0, 1), got {args['betas']}")
 
 
 def _phases(train: dict, objectives: dict, problems: Collector) -> list[Phase]:

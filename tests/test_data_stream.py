@@ -142,3 +142,18 @@ def test_two_processes_stream_the_same_batches_as_they_hold_in_memory(tmp_path, 
         records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
         tests[loader] = [(r["train"], r["test"]) for r in records]
     assert tests["memory"] == tests["stream"] and len(tests["stream"]) == 1
+
+
+def test_evaluation_sees_every_example_and_batch_size_one_trains(folder):
+    memory = D.load_data(folder_data(folder, split={"train": 25, "test": 10}), 0, loader="memory")
+    evaluation = [len(x) for x, _ in D.batches(memory.train, 8, None, training=False)]
+    assert evaluation == [8, 8, 8, 1]  # evaluation runs in eval mode: a batch of one is fine
+    assert len(all_batches(memory.train, size=1)) == 25  # batch_size 1: every batch is one, none left out
+    assert [len(x) for x, _ in all_batches(memory.train, size=5)] == [5] * 5
+
+
+@pytest.mark.parametrize("examples, batch_size, world_size, dropped", [
+    (25, 8, 1, True), (26, 8, 1, False), (25, 1, 1, False), (1, 16, 1, False), (26, 8, 3, True), (27, 8, 3, False),
+])
+def test_drops_last_batch_matches_the_batches(folder, examples, batch_size, world_size, dropped):
+    assert D.drops_last_batch(examples, batch_size, world_size) is dropped

@@ -176,7 +176,6 @@ ERRORS = [
     ("lrelu a", "lrelu: expected a negative slope, e.g. 'lrelu 0.2'"),
     ("fc 10, relu 2", "unexpected 'relu 2' after the layer; expected a norm (bn, ln, vbn), an activation (relu, lrelu, tanh, "
                       "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen' or 'as NAME'"),
-    ("fc 10, as h", "empty part between commas"),  # the tap is taken off first, leaving 'fc 10,'
     ("fc 10, bn as", "unexpected 'bn as' after the layer; expected a norm (bn, ln, vbn), an activation (relu, lrelu, tanh, "
                      "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen' or 'as NAME'"),
     ("fc 10, relu as 1x", "tap name '1x' must be a plain name"),
@@ -301,3 +300,21 @@ def test_format_row_round_trip_of_what_was_once_mapping_only(row, text):
     canonical = parse_row(row)
     assert format_row(canonical) == text
     assert parse_row(format_row(canonical)) == canonical
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"op": "fc", "out": 3, "stride": 2}, "'stride' does not apply to fc rows; they take act, bias, dropout, frozen, name, norm, out"),
+    ({"op": "bn", "bias": False}, "'bias' does not apply to bn rows"),
+    ({"op": "relu", "slope": 0.2}, "'slope' does not apply to relu rows"),
+    ({"op": "maxpool", "kernel": 2, "padding": 1}, "'padding' does not apply to maxpool rows"),
+    ({"op": "reshape", "shape": [1, 8, 8], "out": 64}, "'out' does not apply to reshape rows"),
+])
+def test_a_mapping_key_the_op_does_not_read_is_an_error(row, message):
+    # silently ignored, a stride on an fc row would build a network other than the one written
+    with pytest.raises(RowError) as exc:
+        parse_row(row)
+    assert message in str(exc.value)
+
+
+def test_a_tap_may_stand_as_a_part_of_its_own():
+    assert parse_row("fc 32, relu, as h") == parse_row("fc 32, relu as h") == {"name": "h", "op": "fc", "out": 32, "act": "relu"}

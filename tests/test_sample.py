@@ -92,7 +92,7 @@ def test_interpolation_grid_has_a_column_per_step(run_dir, tmp_path):
     target = tmp_path / "interp.png"
     rc, stdout, stderr = main("sample", run_dir, "--n", 16, "--interpolate", "--out", target)
     assert rc == 0, stderr
-    rows = 16 // STEPS
+    rows = -(-16 // STEPS)  # 16 images in rows of 5: four rows
     assert f"wrote {rows * STEPS} images" in stdout
     assert Image.open(target).size == (side(STEPS), side(rows))
     grid = pixels(target).astype(int)
@@ -105,6 +105,11 @@ def test_interpolation_grid_has_a_column_per_step(run_dir, tmp_path):
     rc, _, _ = main("sample", run_dir, "--n", 2, "--interpolate", "--out", small)
     assert rc == 0
     assert Image.open(small).size == (side(STEPS), side(1))
+    # a row and a bit gives two: at least the images asked for
+    more = tmp_path / "two_rows.png"
+    rc, stdout, _ = main("sample", run_dir, "--n", STEPS + 2, "--interpolate", "--out", more)
+    assert rc == 0 and f"wrote {2 * STEPS} images" in stdout
+    assert Image.open(more).size == (side(STEPS), side(2))
 
 
 def test_same_seed_same_file_other_seed_other_file(run_dir, tmp_path):
@@ -132,7 +137,7 @@ def test_default_output_lands_in_the_run_folder(run_dir):
     assert Image.open(run_dir / "samples_new.png").size == (side(2), side(2))
     rc, stdout, _ = main("sample", run_dir, "--interpolate", "--n", 16)
     assert rc == 0
-    assert Image.open(run_dir / "interpolations_new.png").size == (side(STEPS), side(16 // STEPS))
+    assert Image.open(run_dir / "interpolations_new.png").size == (side(STEPS), side(-(-16 // STEPS)))  # rounded up to whole rows
     assert (run_dir / "checkpoint.pt").read_bytes() == checkpoint  # sampling never touches the run
 
 

@@ -293,3 +293,33 @@ def test_a_misspelt_study_key_is_an_error(tmp_path):
     path, text = tiny(tmp_path, replace=("  columns: [encoder]", "  colums: [encoder]"))
     found = problems(path)
     assert found and "colums" in found[0].message and found[0].location.line == line_of(text, "colums")
+
+
+@pytest.mark.parametrize("metric, message", [
+    ("test.nelb", "the runs evaluate no test loss 'nelb' (evaluate.losses: rec, kl, nelbo); did you mean 'nelbo'?"),
+    ("tset.nelbo", "metrics.json has no section 'tset'"),
+    ("time_per_epoch", "metrics.json has no 'time_per_epoch'"),
+    ("test_accuracy", "test_accuracy is measured only with evaluate.accuracy set"),
+])
+def test_a_table_metric_the_runs_will_not_have_is_an_error(tmp_path, metric, message):
+    # found before training: otherwise the study trains every run and then prints empty cells
+    tables = f"  rows: [prior]\n  tables:\n    - {{metric: {metric}, title: T}}\n"
+    path, text = tiny(tmp_path, replace=("  rows: [prior]\n", tables))
+    found = problems(path)
+    assert len(found) == 1 and message in found[0].message, [p.message for p in found]
+    assert found[0].location.line == line_of(text, f"metric: {metric}")
+
+
+def test_table_metrics_the_runs_will_have_are_accepted(tmp_path):
+    tables = ("  rows: [prior]\n  tables:\n    - {metric: test.kl, title: KL}\n"
+              "    - {metric: train_last_epoch.rec, title: R}\n    - {metric: trainable, title: W}\n")
+    path, _ = tiny(tmp_path, replace=("  rows: [prior]\n", tables))
+    assert len(load_runs(path)) == 4
+
+
+def test_a_study_section_without_sweep_or_repeats_is_an_error(tmp_path):
+    path = tmp_path / "plain.yaml"
+    path.write_text(tiny_digits_vae("plain", "study:\n  columns: []\n"))
+    found = problems(path)
+    assert found and "this spec has neither: add a sweep section or repeats: 2" in found[0].message
+    assert found[0].location.line == path.read_text().splitlines().index("study:") + 1

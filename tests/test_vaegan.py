@@ -242,7 +242,7 @@ def test_built_networks_compute_what_table1_written_by_hand_computes(larsen):
 # ---------------------------------------------------------------- 2. the feature loss and the discriminator
 
 def test_encoder_decoder_phase_leaves_discriminator_bit_identical():
-    spec = genspec.load(LARSEN, ["train.device=cpu", "train.phases=[{update: [enc, dec]}]"])
+    spec = genspec.load(LARSEN, ["train.device=cpu", "train.phases=[{update: [enc, dec]}, {update: [dis]}]"])
     torch.manual_seed(0)
     model = Model(spec, CPU)
     model.train(True)
@@ -680,3 +680,15 @@ def test_tune_beta_two_trials(image_folder, tmp_path):
     _check_tune(out)
     for row in _read_trials(out):
         assert (out / row["folder"] / "samples.png").is_file()
+
+
+def test_show_prints_the_init_with_its_arguments():
+    """Larsen et al. initialise from N(0, 0.02): the table says so, not just 'normal'."""
+    from spec_helpers import cli_in_process
+
+    rc, text, err = cli_in_process("show", LARSEN)
+    assert rc == 0, err
+    for name in ("enc", "dec", "dis"):
+        assert f"{name}  (input " in text and "init normal(0, 0.02))" in text
+    rc, text, _ = cli_in_process("show", LARSEN, "--json")
+    assert json.loads(text)["networks"]["dis"]["init"] == "normal(0, 0.02)"

@@ -205,6 +205,7 @@ CROSS = [
     ("train.phases=[{update: [vae], epochs: [300, 400]}]", "--set train.phases=[{update: [vae], epochs: [300, 400]}]: train.phases: "
                                                         "objective 'vae' is updated only in epochs 300-400, after the last epoch "
                                                         "(train.epochs is 100): it would never train"),
+    ("train.batch_size=1", None),  # no batch norm in the quickstart: a batch of one trains
     ("evaluate.losses=[rec, foo]", "--set evaluate.losses=[rec, foo]: evaluate.losses[1]: no loss named 'foo'"),
     ("params.enc=1", "--set params.enc=1: params.enc: name 'enc' is already used by networks.enc"),
     ("params.x=1", "--set params.x=1: params.x: name 'x' is already used by the input x"),
@@ -408,3 +409,11 @@ def test_the_quoting_hint_is_left_out_of_unrelated_yaml_errors(tmp_path):
         load_spec(path)
     message = str(exc.value.problems[0])
     assert "YAML syntax error" in message and "needs quotes" not in message
+
+
+def test_batch_norm_with_a_batch_of_one_is_refused():
+    from spec_helpers import REPO
+
+    with pytest.raises(SpecError) as exc:
+        load_spec(REPO / "specs" / "larsen_vaegan.yaml", ["train.batch_size=1"])
+    assert "train.batch_size: batch norm (in networks.enc) needs at least 2 examples a batch" in str(exc.value.problems[0])
