@@ -184,7 +184,11 @@ def cmd_sample(args) -> int:
     run = load_run(args.run_dir)
     source = generator_of(run.spec)
     if source is None:
-        raise RunError(f"{args.run_dir}: no network of this run maps a latent to the data shape")
+        grids = run.spec.evaluate.get("grids")
+        named = grids.get("samples") if isinstance(grids, dict) else None
+        why = (f"; its sample grid is the graph tensor {named!r}, computed from test data (e.g. its labels), which "
+               "`sample` does not load: the run's samples.png shows it" if named else "")
+        raise RunError(f"{args.run_dir}: no network of this run maps latent draws alone to the data shape{why}")
     module, prior, conditions = generator_parts(run, source)
     torch.manual_seed(args.seed)
     with torch.no_grad():

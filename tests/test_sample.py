@@ -173,7 +173,37 @@ evaluate: {grids: {}}
     assert rc == 0, stderr
     rc, _, stderr = main("sample", out, "--out", tmp_path / "z.png")
     assert rc == 1
-    assert "no network of this run maps a latent to the data shape" in stderr
+    assert "no network of this run maps latent draws alone to the data shape" in stderr
+    assert not (tmp_path / "z.png").exists()
+
+
+def test_a_decoder_conditioned_on_the_data_labels_is_explained(tmp_path):
+    """A conditional VAE's decoder reads the test labels (grids: {samples: TENSOR}): `sample`
+    cannot draw from it without data, and says where the run's samples are instead."""
+    spec = tmp_path / "cvae.yaml"
+    spec.write_text("""\
+genspec: 1
+name: tiny_cvae
+data: {dataset: digits, labels: true, split: {train: 64, test: 32}}
+latent: {z: {shape: [2]}}
+networks:
+  enc: {input: x, layers: [flatten, "fc 16, relu", gaussian 2]}
+  dec: {input: z, condition: {label: y}, layers: [concat label, "fc 64, sigmoid", reshape 1 8 8]}
+graph:
+  q: enc(x)
+  x_rec: dec(rsample(q), onehot(y))
+  x_gen: dec(sample(z), onehot(y))
+losses: {rec: "sqerr(x_rec, x)", kl: "kl(q, z)", nelbo: rec + kl}
+objectives: {vae: {networks: [enc, dec], minimize: nelbo, optimizer: adam(1e-3)}}
+train: {epochs: 1, batch_size: 32, device: cpu, max_steps: 1}
+evaluate: {grids: {samples: x_gen}, grid_size: 2}
+""")
+    out = tmp_path / "cvae"
+    rc, _, stderr = main("run", spec, "--out", out, "--no-progress")
+    assert rc == 0, stderr
+    assert (out / "samples.png").exists()
+    rc, _, stderr = main("sample", out, "--out", tmp_path / "z.png")
+    assert rc == 1 and "its sample grid is the graph tensor 'x_gen'" in stderr and "samples.png" in stderr
     assert not (tmp_path / "z.png").exists()
 
 
