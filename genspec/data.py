@@ -375,6 +375,13 @@ def drops_last_batch(examples: int, batch_size: int, world_size: int = 1) -> boo
     return last != 0 and ((last < 2 and batch_size > 1 and examples > 1) or last < world_size)
 
 
+def batch_starts(examples: int, batch_size: int, world_size: int = 1, training: bool = True) -> range:
+    """Where each batch of an epoch starts: every batch in evaluation, in training all but the
+    final batch that `drops_last_batch` leaves out."""
+    starts = range(0, examples, batch_size)
+    return starts[:-1] if training and drops_last_batch(examples, batch_size, world_size) else starts
+
+
 def batches(split: Split, batch_size: int, generator: torch.Generator | None, world=None, training: bool = True):
     """Shuffled mini-batches of a split; in `training`, without the final batch that
     `drops_last_batch` leaves out. Evaluation (training=False) sees every example.
@@ -386,10 +393,8 @@ def batches(split: Split, batch_size: int, generator: torch.Generator | None, wo
     order = torch.randperm(n, generator=generator) if generator is not None else torch.arange(n)
     if not split.streamed:
         order = order.to(split.x.device)  # one copy per epoch; each batch then indexes on the device
-    starts = range(0, n, batch_size)
-    if training and drops_last_batch(n, batch_size, world.size):
-        starts = starts[:-1]
-    index_batches = [shard(order[start:start + batch_size], None, world)[0] for start in starts]
+    index_batches = [shard(order[start:start + batch_size], None, world)[0]
+                     for start in batch_starts(n, batch_size, world.size, training)]
     if split.streamed:
         yield from split.x.batches([idx.tolist() for idx in index_batches], split.y)
         return

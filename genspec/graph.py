@@ -338,8 +338,6 @@ class _Infer:
         while row > 0 and rows[row].row["op"] in self._RANGE_KEEPING:
             row -= 1
         entry = rows[row].row
-        if entry["op"] in ("sigmoid", "softmax") or entry.get("act") in ("sigmoid", "softmax"):
-            return entry.get("act") or entry["op"]
         if entry.get("act"):
             return entry["act"]
         return entry["op"] if entry["op"] in ACTIVATIONS else "no activation"

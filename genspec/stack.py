@@ -33,7 +33,7 @@ from . import fidelity
 from . import trace as step_trace
 from .balance import Balancer
 from .compile import Env, Model, choose_device, make_optimizer
-from .data import Splits, batches, drops_last_batch, load_data
+from .data import Splits, batch_starts, batches, load_data
 from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, graph_samples, grid_sources
 from .report import write_layer_tables, write_report
 from .errors import RunError
@@ -298,8 +298,7 @@ def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) ->
     n, size = len(stacked.splits[0].train), train["batch_size"]
     steps_per_epoch = epoch_steps(train, n)
     sums, count = {}, {}
-    starts = range(0, n, size)[:-1] if drops_last_batch(n, size) else range(0, n, size)  # as data.batches
-    for step, start in enumerate(starts):
+    for step, start in enumerate(batch_starts(n, size)):  # the batches data.batches gives a single run
         if train.get("max_steps") and step >= train["max_steps"]:
             break
         idx = [order[start:start + size] for order in orders]

@@ -22,7 +22,7 @@ import torch
 import yaml
 
 from .compile import Model, choose_device
-from .data import Splits, batches, drops_last_batch, load_data
+from .data import Splits, batch_starts, batches, load_data
 from .errors import RunError
 from . import fidelity
 from . import distributed as dist
@@ -336,7 +336,7 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
 
 def epoch_steps(train: dict, examples: int) -> int:
     """Steps an epoch counts (what step numbers in traces and the progress bar advance by)."""
-    steps = max(1, math.ceil(examples / train["batch_size"]) - drops_last_batch(examples, train["batch_size"]))
+    steps = max(1, len(batch_starts(examples, train["batch_size"])))
     return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 

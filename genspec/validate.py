@@ -650,13 +650,12 @@ def _phases(train: dict, objectives: dict, problems: Collector) -> list[Phase]:
 
 def _check_every_objective_is_trained(train: dict, objectives: dict, phases: list[Phase], problems: Collector) -> None:
     """An objective that no phase updates within train.epochs would leave its networks as initialised."""
-    epochs = range(1, train["epochs"] + 1)
     for name in objectives:
         named = [p for p in phases if name in p.update]
         if not named:
             problems.add(("train", "phases"), f"no phase updates objective {name!r}: its networks would never train "
                                               "(add it to a phase's update list, or remove the objective)")
-        elif not any(p.active(e) for p in named for e in epochs):
+        elif not any(p.epochs is None or p.epochs[0] <= train["epochs"] for p in named):  # windows start by the last epoch
             problems.add(("train", "phases"), f"objective {name!r} is updated only in epochs "
                          + ", ".join(f"{p.epochs[0]}-{p.epochs[1]}" for p in named)
                          + f", after the last epoch (train.epochs is {train['epochs']}): it would never train")
