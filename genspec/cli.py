@@ -61,12 +61,20 @@ def cmd_graph(args) -> int:
     from . import graph
     from .pipeline import load_spec
 
+    if args.out and args.format != "png":
+        raise RunError("--out is where --format png writes its picture; the other formats print to the terminal")
     spec = load_spec(args.spec, args.set)
     g = spec.graph_nx
     if args.format == "dot":
         print(graph.to_dot(g))
     elif args.format == "json":
         print(json.dumps(graph.to_json(g), indent=2))
+    elif args.format == "png":
+        from .graph_picture import plot_graph
+
+        out = Path(args.out or f"{spec.name}_graph.png")
+        plot_graph(g, out, f"{spec.name}: dependency graph, data flowing left to right")
+        print(f"wrote {out}")
     else:
         print(graph.to_text(g))
     return 0
@@ -262,7 +270,9 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_show)
     g = with_set(sub.add_parser("graph", help="print the dependency graph"))
     g.add_argument("spec")
-    g.add_argument("--format", choices=("text", "dot", "json"), default="text")
+    g.add_argument("--format", choices=("text", "dot", "json", "png"), default="text",
+                   help="png draws the picture a run's report shows (no graphviz needed)")
+    g.add_argument("--out", help="where --format png writes (default NAME_graph.png)")
     g.set_defaults(func=cmd_graph)
     d = sub.add_parser("diff", help="semantic diff of two specs (exit 0 equivalent, 1 different, 2 invalid)")
     d.add_argument("a")

@@ -9,6 +9,7 @@ import json
 from pathlib import Path
 
 from .errors import plural
+from .graph_picture import plot_graph
 from .rows import format_row
 from .shapes import fmt, prior_parameters
 from .spec import Spec
@@ -110,37 +111,6 @@ def plot_losses(history: list, path: Path) -> bool:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
-
-
-def plot_graph(spec: Spec, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import networkx as nx
-
-    g = spec.graph_nx
-    shown = g.subgraph([n for n, kind in g.nodes(data="kind") if kind != "param"])
-    data = nx.DiGraph([(u, v) for u, v, rel in shown.edges(data="rel") if rel == "data"])
-    data.add_nodes_from(shown.nodes)
-    # columns follow the data flow: inputs left, objectives right
-    layer = {node: depth for depth, nodes in enumerate(nx.topological_generations(data)) for node in nodes}
-    pos = nx.multipartite_layout(shown.copy(), subset_key={d: [n for n in layer if layer[n] == d] for d in set(layer.values())})
-    colours = {"input": "#9ecae1", "latent": "#c6dbef", "network": "#fdae6b", "tensor": "#e5f5e0", "loss": "#fcbba1",
-               "objective": "#bcbddc"}
-    fig, ax = plt.subplots(figsize=(10, 6))
-    data_edges = [(u, v) for u, v, rel in shown.edges(data="rel") if rel == "data"]
-    update_edges = [(u, v) for u, v, rel in shown.edges(data="rel") if rel == "updates"]
-    nx.draw_networkx_edges(shown, pos, edgelist=data_edges, ax=ax, arrows=True, edge_color="#777777")
-    nx.draw_networkx_edges(shown, pos, edgelist=update_edges, ax=ax, arrows=True, style="dashed", edge_color="#756bb1")
-    nx.draw_networkx_nodes(shown, pos, ax=ax, node_size=1400,
-                           node_color=[colours.get(g.nodes[n]["kind"], "#dddddd") for n in shown.nodes])
-    nx.draw_networkx_labels(shown, pos, labels={n: g.nodes[n]["name"] for n in shown.nodes}, ax=ax, font_size=8)
-    ax.set_title(f"{spec.name}: data flow (solid) and updates (dashed)")
-    ax.axis("off")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 # Short names a paper's numbers may be given under, and where the run keeps them.
@@ -250,7 +220,7 @@ def _balance_lines(metrics: dict) -> list[str]:
 
 def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     has_curves = plot_losses(history, out / "losses.png")
-    plot_graph(spec, out / "graph.png")
+    plot_graph(spec.graph_nx, out / "graph.png", f"{spec.name}: dependency graph, data flowing left to right")
     source = spec.source
     source_text = source if isinstance(source, str) else (source or {}).get("paper", "")
     lines = [f"# {spec.name}", ""]

@@ -42,3 +42,12 @@ def test_importing_genspec_and_loading_a_spec_does_not_import_torch():
             "print(spec.name, 'torch' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.stdout == "quickstart False\n", result.stderr
+
+
+def test_graph_png_does_not_import_torch(tmp_path):
+    out = tmp_path / "g.png"
+    argv = ["graph", "--format", "png", "--out", str(out), "specs/quickstart.yaml"]
+    result = subprocess.run([sys.executable, "-c", PROBE.format(argv=argv)], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.stdout.splitlines()[-2:] == ["RC 0", "HEAVY []"], result.stdout + result.stderr
+    assert out.read_bytes().startswith(b"\x89PNG")
