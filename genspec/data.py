@@ -368,11 +368,12 @@ def _split_partition(pools: list, sizes: dict, g: torch.Generator, notes: list) 
 
 
 def drops_last_batch(examples: int, batch_size: int, world_size: int = 1) -> bool:
-    """Whether a training epoch leaves out its final batch: a leftover of one example (batch norm
-    in training mode needs two; with batch_size 1 every batch is one and none is left out), or,
-    across processes, a last global batch too small to give every rank an example."""
+    """Whether a training epoch leaves out its final, smaller batch: where some process's share of
+    it would be no example, or one example where a full batch gives each process more (batch norm
+    in training mode needs two; with one example a batch, as in batch_size 1, none is left out)."""
     last = examples % batch_size
-    return last != 0 and ((last < 2 and batch_size > 1 and examples > 1) or last < world_size)
+    fewest = last // world_size  # `shard` deals a batch out round-robin: the last ranks get the fewest
+    return last != 0 and (fewest == 0 or (fewest == 1 and batch_size // world_size > 1 and examples > 1))
 
 
 def batch_starts(examples: int, batch_size: int, world_size: int = 1, training: bool = True) -> range:

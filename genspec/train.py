@@ -297,7 +297,7 @@ def _read_history(out: Path) -> list:
 def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: int, history: list, progress: bool,
                   balancer: Balancer | None = None, world: dist.World = dist.SINGLE) -> None:
     epochs = spec.train["epochs"]
-    steps_per_epoch = epoch_steps(spec.train, len(splits.train))
+    steps_per_epoch = epoch_steps(spec.train, len(splits.train), world.size)
     bar = _progress_bar(spec, epochs, steps_per_epoch, start, progress)
     trace = step_trace.StepTrace(step_trace.trace_keys(spec) if world.main else [], model.device)
     for epoch in range(start, epochs + 1):
@@ -334,9 +334,9 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
         bar.close()
 
 
-def epoch_steps(train: dict, examples: int) -> int:
+def epoch_steps(train: dict, examples: int, world_size: int = 1) -> int:
     """Steps an epoch counts (what step numbers in traces and the progress bar advance by)."""
-    steps = max(1, len(batch_starts(examples, train["batch_size"])))
+    steps = max(1, len(batch_starts(examples, train["batch_size"], world_size)))
     return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 

@@ -153,7 +153,16 @@ def test_evaluation_sees_every_example_and_batch_size_one_trains(folder):
 
 
 @pytest.mark.parametrize("examples, batch_size, world_size, dropped", [
-    (25, 8, 1, True), (26, 8, 1, False), (25, 1, 1, False), (1, 16, 1, False), (26, 8, 3, True), (27, 8, 3, False),
+    (25, 8, 1, True), (26, 8, 1, False), (25, 1, 1, False), (1, 16, 1, False), (26, 8, 3, True),
+    # across processes: a last batch dealt out so that some rank gets a single example is left out
+    (27, 8, 3, True), (7, 4, 2, True), (30, 8, 3, False), (6, 4, 2, True), (10, 6, 2, False), (5, 2, 2, True), (6, 2, 2, False),
 ])
-def test_drops_last_batch_matches_the_batches(folder, examples, batch_size, world_size, dropped):
+def test_drops_last_batch_matches_the_batches(examples, batch_size, world_size, dropped):
     assert D.drops_last_batch(examples, batch_size, world_size) is dropped
+    split = D.Split(torch.arange(examples, dtype=torch.float32).reshape(examples, 1), None)
+    full = len(range(0, examples, batch_size))
+    for rank in range(world_size):
+        sizes = [len(x) for x, _ in D.batches(split, batch_size, None, World(rank=rank, size=world_size))]
+        assert len(sizes) == full - dropped == len(D.batch_starts(examples, batch_size, world_size))
+        # no rank trains a batch of one where its full batches hold more (batch norm would fail on it)
+        assert min(sizes, default=2) >= min(2, batch_size // world_size, examples)

@@ -63,3 +63,9 @@ def test_the_last_example_decides_the_accuracy(classifier):
 @pytest.mark.parametrize("examples, batch_size, steps", [(65, 16, 4), (64, 16, 4), (66, 16, 5), (65, 1, 65)])
 def test_epoch_steps_counts_the_batches_trained(examples, batch_size, steps):
     assert epoch_steps({"batch_size": batch_size}, examples) == steps
+
+
+def test_epoch_steps_counts_the_batches_every_process_trains():
+    # 7 examples in batches of 4 over 2 processes: the last batch would give one rank a single example
+    assert epoch_steps({"batch_size": 4}, 7) == 2
+    assert epoch_steps({"batch_size": 4}, 7, world_size=2) == 1
