@@ -90,8 +90,9 @@ def cmd_run(args) -> int:
     if nproc is not None and nproc > 1 and os.environ.get("WORLD_SIZE") is None:
         if is_study(runs):
             raise RunError("--nproc trains one spec across processes; run a study's runs one by one or without it")
-        from .distributed import launch
+        from .distributed import check_batch_split, launch
 
+        check_batch_split(runs[0][1], nproc)
         return launch(_without_nproc(args.argv), nproc)
     if is_study(runs):
         from .study import run_study

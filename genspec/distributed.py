@@ -152,6 +152,22 @@ def check_gpu_count(processes_here: int, gpus: int) -> None:
                        f"or --set train.device=cpu to train with gloo on the CPU")
 
 
+def check_batch_split(spec, world_size: int) -> None:
+    """Every process needs an example of each global batch, and two under batch norm; said before
+    anything starts (an empty share would only show up as a nan loss)."""
+    from .validate import batch_norm_network
+
+    size, needed = spec.train["batch_size"], world_size
+    bn = batch_norm_network(spec.networks)
+    if bn and world_size > 1:
+        needed = 2 * world_size
+    if size < needed:
+        why = (f"batch norm (in networks.{bn}) needs 2 examples in each process's share"
+               if bn and size >= world_size else f"{world_size - size} of them would get no example")
+        raise RunError(f"train.batch_size {size} over {world_size} processes: {why}; use --set train.batch_size="
+                       f"{needed} or more, or fewer processes")
+
+
 def shard(x: torch.Tensor, y, world: World):
     """This rank's slice of a global batch (every world.size-th example)."""
     if not world.distributed:

@@ -47,6 +47,7 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     """Train and evaluate a spec, writing everything into its run folder. Returns the final metrics."""
     out = Path(out or Path("reports") / spec.name)
     world = dist.from_environment()  # several processes under torchrun (`genspec run --nproc N`)
+    dist.check_batch_split(spec, world.size)  # also for a world an outer torchrun started
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} is a file, not a folder; choose another --out")
     # rank 0 writes the folder; the lock keeps a second process (a rerun, a left-over worker) out of it

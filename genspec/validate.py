@@ -305,13 +305,16 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
 
 def _check_batch_norm_has_two(train: dict, networks: dict, problems: Collector) -> None:
     """Batch norm in training mode normalises over the batch: a batch of one has no spread."""
-    if train["batch_size"] != 1:
-        return
-    for name, net in networks.items():
-        if any(r.row.get("norm") == "bn" for r in net.info.rows):
-            problems.add(("train", "batch_size"), f"batch norm (in networks.{name}) needs at least 2 examples a batch; "
-                                                  "use a larger train.batch_size or another norm")
-            return
+    name = batch_norm_network(networks)
+    if train["batch_size"] == 1 and name:
+        problems.add(("train", "batch_size"), f"batch norm (in networks.{name}) needs at least 2 examples a batch; "
+                                              "use a larger train.batch_size or another norm")
+
+
+def batch_norm_network(networks: dict) -> str | None:
+    """The first network with a batch-norm row, if any."""
+    return next((name for name, net in networks.items() if any(r.row.get("norm") == "bn" for r in net.info.rows)),
+                None)
 
 
 def _states(entries: dict, params: dict, problems: Collector) -> dict[str, State]:

@@ -14,6 +14,7 @@ import genspec
 from genspec.cli import _without_nproc
 from genspec.distributed import SINGLE, World, shard
 from genspec.errors import RunError
+from genspec.train import run
 from spec_helpers import REPO, TINY_DIGITS_CLASSIFIER, cli_env, cli_in_process, run_cli, tiny_gan_doc
 from test_conditional_and_equilibrium import TINY_BEGAN
 
@@ -54,6 +55,32 @@ def test_two_gloo_processes_train_like_one(tmp_path):
 def test_bad_nproc_is_refused_before_anything_runs(tmp_path):
     rc, _, err = cli_in_process("run", QUICKSTART, "--out", tmp_path / "run", "--nproc", "0")
     assert rc == 1 and "--nproc must be a positive number of processes, got 0" in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_batch_too_small_to_share_is_refused_before_anything_launches(tmp_path):
+    rc, _, err = cli_in_process("run", QUICKSTART, "--out", tmp_path / "run", "--nproc", "3",
+                                "--set", "train.batch_size=2")
+    assert rc == 1 and "train.batch_size 2 over 3 processes: 1 of them would get no example" in err
+    assert "launching" not in err and not (tmp_path / "run").exists()
+    spec_path = tmp_path / "bn.yaml"  # batch norm: each process's share needs two examples
+    doc = tiny_gan_doc("bn_gan", 1e-3, [{"update": ["dis"]}, {"update": ["gen"]}])
+    doc["networks"]["gen"]["layers"][0] = "fc 32, bn, relu"
+    spec_path.write_text(json.dumps(doc))
+    rc, _, err = cli_in_process("run", spec_path, "--out", tmp_path / "run", "--nproc", "2",
+                                "--set", "train.batch_size=3")
+    assert rc == 1 and ("train.batch_size 3 over 2 processes: batch norm (in networks.gen) needs 2 examples in each "
+                        "process's share; use --set train.batch_size=4 or more") in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_every_rank_of_an_outer_torchrun_refuses_a_batch_too_small_to_share(tmp_path, monkeypatch):
+    spec = genspec.load(QUICKSTART, ["train.batch_size=2"])
+    for rank in range(3):
+        monkeypatch.setenv("WORLD_SIZE", "3")
+        monkeypatch.setenv("RANK", str(rank))
+        with pytest.raises(RunError, match="1 of them would get no example"):
+            run(spec, tmp_path / "run")
     assert not (tmp_path / "run").exists()
 
 
