@@ -10,6 +10,7 @@ edges (`rel="updates"`), which close the training loop and are left out of cycle
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import networkx as nx
@@ -221,6 +222,7 @@ def _infer_types(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
                          f"a loss must be a scalar, but this is a {value.kind} of shape {fmt(value.shape)}; reduce it with mean(...) or sum(...)")
             continue
         attrs["value"] = value
+        attrs["bounds"] = _Infer(spec, g, problems, path).bounds(attrs["expr"])
 
 
 _SECTION_KIND = {"graph": "tensor", "losses": "loss", "objectives": "objective", "state": "update"}
@@ -312,7 +314,8 @@ class _Infer:
         return Value("scalar")
 
     def bce_ranges(self, node: E.Call, p: Value) -> None:
-        """bce takes probabilities and targets in [0, 1]; torch checks both only at the first step."""
+        """bce takes probabilities and targets in [0, 1]; torch checks the first only at the first
+        step (on a GPU, as a device assert that ends the process), the second never."""
         target = node.args[1]
         low, high = self.spec.data.get("range", [0, 1])
         if isinstance(target, E.Name) and target.id == "x" and (low < 0 or high > 1):
@@ -320,10 +323,71 @@ class _Infer:
                       "set data.range: [0, 1] or use sqerr / mse")
         if isinstance(target, E.Num) and not 0 <= target.value <= 1:
             self.fail(f"bce: the target {target.value:g} is outside [0, 1]")
-        ending = self.last_activation(p.producer)
-        if ending is not None and ending not in ("sigmoid", "softmax"):
-            self.fail(f"bce: argument 1 comes from network {p.producer[0]}, whose output ends in {ending}, not a sigmoid; "
-                      "bce needs probabilities in [0, 1] (end the network with ', sigmoid')")
+        bounds = self.bounds(node.args[0])
+        if bounds is not None and not 0 <= bounds[0] <= bounds[1] <= 1:
+            ending = self.last_activation(p.producer)
+            if p.producer and bounds == ACTIVATION_BOUNDS.get(ending, UNBOUNDED):  # the network's output itself
+                self.fail(f"bce: argument 1 comes from network {p.producer[0]}, whose output ends in {ending}, not a "
+                          "sigmoid; bce needs probabilities in [0, 1] (end the network with ', sigmoid')")
+            self.fail(f"bce: argument 1 takes values in {_shown(bounds)}, and bce needs probabilities in [0, 1]")
+        bounds = self.bounds(target)
+        if bounds is not None and not 0 <= bounds[0] <= bounds[1] <= 1:
+            self.fail(f"bce: the target takes values in {_shown(bounds)}, and bce needs targets in [0, 1]")
+
+    def bounds(self, node) -> tuple[float, float] | None:
+        """The interval an expression's values lie in, as far as the spec decides it (None: not known).
+
+        Reads only what `value` has checked, and reports nothing itself."""
+        if isinstance(node, E.Num):
+            return (node.value, node.value)
+        if isinstance(node, E.Neg):
+            inner = self.bounds(node.operand)
+            return None if inner is None else (-inner[1], -inner[0])
+        if isinstance(node, E.BinOp):
+            return _interval(node.op, self.bounds(node.left), self.bounds(node.right))
+        if isinstance(node, E.Name):
+            return self.name_bounds(node.id)
+        if isinstance(node, E.Call):
+            return self.call_bounds(node)
+        return None
+
+    def name_bounds(self, name: str) -> tuple[float, float] | None:
+        node_id = _resolve_name(name, self.spec, _SECTION_KIND[self.path[0]], self.path, None)
+        if node_id == "input:x":
+            low, high = self.spec.data.get("range", [0, 1])
+            return (low, high)
+        if node_id is not None and node_id.startswith("param:"):
+            value = self.spec.params[name]
+            return (value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        return self.g.nodes[node_id].get("bounds") if node_id in self.g else None
+
+    def call_bounds(self, node: E.Call) -> tuple[float, float] | None:
+        net_name, _, tap = node.func.partition(".")
+        if net_name in self.spec.networks:
+            info = self.spec.networks[net_name].info
+            row = info.taps.get(tap) if tap else len(info.rows) - 1
+            if row is None or info.rows[row].row["op"] == "gaussian":
+                return None
+            return ACTIVATION_BOUNDS.get(self.last_activation((net_name, row)), UNBOUNDED)
+        if node.func in ("detach", "mean"):
+            return self.bounds(node.args[0])
+        if node.func == "abs":
+            inner = self.bounds(node.args[0])
+            if inner is None:
+                return None
+            low, high = inner
+            return (0.0 if low <= 0 <= high else min(abs(low), abs(high)), max(abs(low), abs(high)))
+        if node.func == "noisy":  # a mix of its input and uniform noise on [0, 1]
+            inner = self.bounds(node.args[0])
+            return None if inner is None else (min(inner[0], 0.0), max(inner[1], 1.0))
+        if node.func == "onehot":
+            return (0.0, 1.0)
+        if node.func == "sample":
+            latent = self.spec.latents[node.args[0].id]
+            if latent.prior == "uniform" and len(latent.prior_args) == 2:
+                return tuple(float(v) for v in latent.prior_args)
+            return (0.0, 1.0) if latent.prior == "categorical" else UNBOUNDED
+        return None
 
     # rows that move or pick values without changing their range
     _RANGE_KEEPING = ("reshape", "flatten", "crop", "identity", "dropout", "maxpool", "avgpool", "upsample")
@@ -413,6 +477,33 @@ class _Infer:
             self.fail(f"kl: the posterior has shape {fmt(q.shape)} but latent {latent!r} has {fmt(shape)}")
         if self.spec.latents[latent].prior not in ("normal", "realnvp"):
             self.fail(f"kl: needs a normal or realnvp prior; latent {latent!r} is {self.spec.latents[latent].prior}")
+
+
+UNBOUNDED = (-math.inf, math.inf)
+# Where an activation puts its values (the rest, and no activation, can give any real number).
+ACTIVATION_BOUNDS = {"sigmoid": (0.0, 1.0), "softmax": (0.0, 1.0), "tanh": (-1.0, 1.0), "relu": (0.0, math.inf),
+                     "softplus": (0.0, math.inf)}
+
+
+def _interval(op: str, a: tuple | None, b: tuple | None) -> tuple[float, float] | None:
+    """Interval arithmetic for + - * /; None where an operand is not known or a divisor can be 0."""
+    if a is None or b is None:
+        return None
+    if op == "+":
+        ends = [a[0] + b[0], a[1] + b[1]]
+    elif op == "-":
+        ends = [a[0] - b[1], a[1] - b[0]]
+    elif op == "*":
+        ends = [x * y for x in a for y in b]
+    elif op == "/" and not b[0] <= 0 <= b[1]:
+        ends = [x / y for x in a for y in b]
+    else:
+        return None
+    return None if any(math.isnan(v) for v in ends) else (min(ends), max(ends))  # nan: 0 times infinity
+
+
+def _shown(bounds: tuple[float, float]) -> str:
+    return f"[{bounds[0]:g}, {bounds[1]:g}]"
 
 
 def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:

@@ -38,7 +38,8 @@ from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng,
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
-from .train import RESOLVED, _atomic_write_text, add_losses, epoch_steps, phase_cycle, save_checkpoint, write_metrics
+from .train import (RESOLVED, _atomic_write_text, add_losses, epoch_steps, phase_cycle, save_checkpoint,
+                    torch_failures_as_messages, write_metrics)
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
@@ -240,6 +241,11 @@ class StackedRuns:
 
 def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True) -> list[dict]:
     """Train replicas of one spec (different seeds) at once; each folder ends as a sequential run's."""
+    with torch_failures_as_messages(specs[0].train, len(specs)):
+        return _train_stacked(specs, folders, progress)
+
+
+def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> list[dict]:
     fidelity.preflight(specs[0].evaluate)  # as a sequential run: a missing extractor or grid source fails before training
     grid_sources(specs[0])
     device = choose_device(specs[0].train["device"])

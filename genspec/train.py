@@ -51,8 +51,28 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
     if out.exists() and not out.is_dir():
         raise RunError(f"{out} is a file, not a folder; choose another --out")
     # rank 0 writes the folder; the lock keeps a second process (a rerun, a left-over worker) out of it
-    with folder_lock(out) if world.main else contextlib.nullcontext():
+    with folder_lock(out) if world.main else contextlib.nullcontext(), torch_failures_as_messages(spec.train):
         return _run(spec, out, resume, overwrite, progress, world)
+
+
+@contextlib.contextmanager
+def torch_failures_as_messages(train: dict, runs_at_once: int = 1):
+    """What torch raises for a run that does not fit its device, or for a value no spec check
+    could decide, as a message: the run's folder keeps its last checkpoint either way."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        first_line = str(exc).splitlines()[0] if str(exc) else "out of memory"
+        together = (f", or --no-stack (this trains {runs_at_once} runs at once); running the study again resumes it"
+                    if runs_at_once > 1 else "; --resume continues from the last checkpoint")
+        raise RunError(f"out of memory ({first_line}); try a smaller train.batch_size (now {train['batch_size']})"
+                       + together) from None
+    except RuntimeError as exc:
+        if "input should be between 0 and 1" not in str(exc):  # torch's binary_cross_entropy on the CPU
+            raise
+        raise RunError("a bce loss got a prediction outside [0, 1]: bce needs probabilities, so its first argument "
+                       "must stay in [0, 1] (a network ending in a sigmoid, or an expression of one that stays "
+                       "inside)") from None
 
 
 def _run(spec: Spec, out: Path, resume: bool, overwrite: bool, progress: bool, world: dist.World) -> dict:

@@ -65,6 +65,12 @@ def copy_run(source: Path, to: Path) -> Path:
      "losses.rec: bce: argument 1 comes from network dec, whose output ends in tanh, not a sigmoid"),
     (["networks.dec.layers[2]=fc 64", "losses.rec=bce(x_rec, x)"],
      "losses.rec: bce: argument 1 comes from network dec, whose output ends in no activation, not a sigmoid"),
+    # expressions: interval arithmetic over the network's sigmoid, the data range, numbers and params
+    (["losses.rec=bce(2 * x_rec, x)"], "losses.rec: bce: argument 1 takes values in [0, 2], and bce needs probabilities"),
+    (["losses.rec=bce(x_rec - beta / 2, x)"], "losses.rec: bce: argument 1 takes values in [-0.5, 0.5]"),
+    (["losses.rec=bce(x_rec, 2 * x)"], "losses.rec: bce: the target takes values in [0, 2], and bce needs targets"),
+    (["losses.rec=bce(x_rec, x / 2 + 0.6)"], "losses.rec: bce: the target takes values in [0.6, 1.1]"),
+    (["graph.x_rec=dec(z) * 3", "losses.rec=bce(x_rec, x)"], "losses.rec: bce: argument 1 takes values in [0, 3]"),
 ])
 def test_values_out_of_range_are_spec_errors(overrides, message):
     found = problems(*overrides)
@@ -75,6 +81,41 @@ def test_values_out_of_range_are_spec_errors(overrides, message):
 def test_bce_through_range_keeping_rows_and_noise_is_accepted():
     # dec ends "fc 64, sigmoid", then reshape: the probabilities survive the reshape and the noise
     load_spec(QUICKSTART, ["losses.rec=bce(noisy(x_rec, 0.1), x)", "objectives.vae.optimizer=adam(lr, betas=[0, 0.9])"])
+
+
+@pytest.mark.parametrize("loss", ["bce(0.5 * x_rec + 0.25, 1 - x)", "bce(abs(x_rec) * beta, x / beta)",
+                                  "bce(x_rec, x.detach())", "bce(x_rec, x_rec / (1 + beta))"])
+def test_bce_of_expressions_that_stay_in_the_unit_interval_is_accepted(loss):
+    load_spec(QUICKSTART, [f"losses.rec={loss}"])
+
+
+def test_interval_arithmetic_leaves_undecided_what_it_cannot_bound():
+    from genspec.graph import UNBOUNDED, _interval
+
+    assert _interval("*", (0.0, 1.0), (-2.0, 3.0)) == (-2.0, 3.0)
+    assert _interval("/", (1.0, 2.0), (-1.0, 1.0)) is None  # the divisor can be 0
+    assert _interval("*", (0.0, 0.0), UNBOUNDED) is None  # 0 times infinity
+    assert _interval("-", (0.0, 1.0), UNBOUNDED) == UNBOUNDED
+    assert _interval("+", None, (0.0, 1.0)) is None
+
+
+def test_a_bce_prediction_no_check_could_bound_stops_with_a_message(tmp_path):
+    # mean_of(q) has no bounds a spec decides; x_rec + 1 + |...| exceeds 1 at the first step
+    rc, _, err = run(tmp_path / "run", "losses.rec=bce(x_rec + abs(mean(mean_of(q))) + 1, x)")
+    assert rc == 1 and "a bce loss got a prediction outside [0, 1]" in err and "Traceback" not in err
+
+
+def test_running_out_of_memory_is_a_message_that_names_the_batch_size(tmp_path, monkeypatch):
+    import genspec.train
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
+
+    monkeypatch.setattr(genspec.train, "_train_epochs", out_of_memory)
+    rc, _, err = run(tmp_path / "run")
+    assert rc == 1 and "Traceback" not in err
+    assert ("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller train.batch_size (now "
+            in err) and "--resume continues from the last checkpoint" in err
 
 
 def test_a_gpu_asked_for_on_a_machine_without_one(tmp_path):

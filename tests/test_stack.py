@@ -368,3 +368,18 @@ def test_rebalancing_writes_each_replicas_new_weights_into_its_stacked_slice(tmp
         assert torch.equal(stacked.buffers["priors.c.weights"][r], model.priors["c"].weights)
         assert not torch.allclose(model.priors["c"].weights, torch.full((10,), 0.1))
         assert model.priors["c"].weights.tolist() == pytest.approx(log["weights"], abs=1e-5)
+
+
+def test_stacked_runs_out_of_memory_suggest_unstacking(monkeypatch, tmp_path):
+    import genspec.stack
+    from genspec.errors import RunError
+    from genspec.pipeline import load_spec
+    from spec_helpers import QUICKSTART
+
+    def out_of_memory(*args):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
+
+    monkeypatch.setattr(genspec.stack, "_train_stacked", out_of_memory)
+    spec = load_spec(QUICKSTART)
+    with pytest.raises(RunError, match=r"or --no-stack \(this trains 3 runs at once\); running the study again resumes"):
+        genspec.stack.train_stacked([spec] * 3, [tmp_path / str(i) for i in range(3)])
