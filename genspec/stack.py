@@ -29,16 +29,15 @@ import yaml
 from torch.func import functional_call, stack_module_state, vmap
 
 from . import expr as E
-from . import fidelity
 from . import trace as step_trace
 from .balance import Balancer
 from .compile import Env, Model, choose_device, make_optimizer
 from .data import Splits, batch_starts, batches, load_data
-from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, graph_samples, grid_sources
+from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, graph_samples
 from .report import write_layer_tables, write_report
 from .errors import RunError
 from .spec import Spec
-from .train import (RESOLVED, _atomic_write_text, add_losses, epoch_steps, phase_cycle, save_checkpoint,
+from .train import (RESOLVED, _atomic_write_text, add_losses, after_checks, epoch_steps, phase_cycle, save_checkpoint,
                     torch_failures_as_messages, write_metrics)
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
@@ -246,10 +245,9 @@ def train_stacked(specs: list[Spec], folders: list[Path], progress: bool = True)
 
 
 def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> list[dict]:
-    fidelity.preflight(specs[0].evaluate)  # as a sequential run: a missing extractor or grid source fails before training
-    grid_sources(specs[0])
-    device = choose_device(specs[0].train["device"])
-    stacked = StackedRuns(specs, device)
+    # as a sequential run: a missing extractor, grid source or dataset fails before training
+    stacked = after_checks(specs[0], lambda: StackedRuns(specs, choose_device(specs[0].train["device"])))
+    device = stacked.device
     for spec, folder in zip(specs, folders):
         folder.mkdir(parents=True, exist_ok=True)
         write_layer_tables(spec, folder)

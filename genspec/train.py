@@ -78,9 +78,7 @@ def torch_failures_as_messages(train: dict, runs_at_once: int = 1):
 def _run(spec: Spec, out: Path, resume: bool, overwrite: bool, progress: bool, world: dist.World) -> dict:
     if world.main:
         _check_folder(spec, out, resume, overwrite)
-    fidelity.preflight(spec.evaluate)
-    grid_sources(spec)  # a grid with nothing to show fails now, not after training
-    splits, model = prepare(spec, world)
+    splits, model = after_checks(spec, lambda: prepare(spec, world))
     device = model.device
     balancer = Balancer(spec, model, splits.train) if spec.train.get("balance") else None
     # Only now, with data and model in hand, is an old run replaced: a failure above leaves it intact.
@@ -122,6 +120,21 @@ def finished_metrics(out: Path) -> dict | None:
     except (OSError, ValueError):
         return None
     return metrics if isinstance(metrics, dict) else None
+
+
+def after_checks(spec: Spec, load):
+    """`load()` (the data and the model), after the checks a run must pass before training rather
+    than after it (the feature extractor, the grids' sources). Whatever of these and `load` finds
+    missing is said in one go: learning it one fix and rerun at a time is slow."""
+    missing = []
+    for check in (lambda: fidelity.preflight(spec.evaluate), lambda: grid_sources(spec), load):
+        try:
+            loaded = check()
+        except RunError as exc:
+            missing.append(str(exc))
+    if missing:
+        raise RunError("\ngenspec: ".join(missing))
+    return loaded
 
 
 def prepare(spec: Spec, world: dist.World = dist.SINGLE) -> tuple[Splits, Model]:

@@ -286,6 +286,24 @@ def test_missing_mnist_is_a_clean_run_error(tmp_path):
     assert not (out / "checkpoint.pt").exists()
 
 
+def test_everything_a_run_misses_before_training_is_said_at_once(tmp_path):
+    spec = tmp_path / "mnist_tiny.yaml"
+    spec.write_text(yaml.safe_dump({
+        "genspec": 1, "name": "mnist_tiny",
+        "data": {"dataset": "mnist", "labels": True, "root": str(tmp_path / "nowhere")},
+        "networks": {"clf": {"input": "x", "layers": ["flatten", "fc 10, log_softmax"]}},
+        "graph": {"logp": "clf(x)"},
+        "losses": {"nll": "nll(logp, y)"},
+        "objectives": {"clf": {"minimize": "nll", "optimizer": "adam(1e-3)"}},
+        "evaluate": {"grids": ["samples"]},  # a classifier draws no samples
+    }))
+    rc, _, err = run_cli("run", spec, "--out", tmp_path / "run", "--no-progress", "--set", "train.device=cpu")
+    lines = err.splitlines()
+    assert rc == 1 and "Traceback" not in err and len(lines) == 2, err
+    assert lines[0].startswith("genspec: evaluate.grids: no network maps a latent to the data shape")
+    assert lines[1].startswith("genspec: mnist not found under ")
+
+
 def test_sample_command_draws_from_a_finished_run(tiny_run, tmp_path):
     out, _, _ = tiny_run
     target = tmp_path / "fresh.png"
