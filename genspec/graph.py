@@ -359,6 +359,9 @@ class _Infer:
         if node_id is not None and node_id.startswith("param:"):
             value = self.spec.params[name]
             return (value, value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+        if node_id is not None and node_id.startswith("state:"):
+            state = self.spec.states[name]  # clamped to its range after every update
+            return (min(state.init, state.low), max(state.init, state.high))
         return self.g.nodes[node_id].get("bounds") if node_id in self.g else None
 
     def call_bounds(self, node: E.Call) -> tuple[float, float] | None:

@@ -181,3 +181,14 @@ def test_a_folder_that_cannot_be_written_is_a_message(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "mkdir", refuse)
     rc, _, err = run(tmp_path / "readonly" / "run")
     assert rc == 1 and "Permission denied" in err and "readonly" in err and "Traceback" not in err
+
+
+def test_bce_bounds_read_a_states_clamped_range(tmp_path):
+    from spec_helpers import TINY_BEGAN
+
+    path = tmp_path / "tiny_began.yaml"
+    path.write_text(TINY_BEGAN)
+    gen = ["networks.gen.layers=[fc 4x4x8, upsample 2, conv 1 3x3, sigmoid]"]
+    load_spec(path, [*gen, "losses.g_loss=bce(x_fake * k, 1)"])  # k stays in [0, 1]
+    with pytest.raises(SpecError, match=r"bce: argument 1 takes values in \[0, 2\]"):
+        load_spec(path, [*gen, "losses.g_loss=bce(x_fake * (k + 1), 1)"])
