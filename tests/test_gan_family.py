@@ -105,8 +105,21 @@ def test_virtual_batch_norm_counts_two_parameters_per_channel():
         assert sum(p.numel() for p in nets[name].parameters()) == net.info.trainable
 
 
+def test_wgan_gp_vanilla_alternates_and_its_ratio_variants_follow_table_2():
+    # Table 2: ratio is generator updates per critic update; the vanilla row is 1:1 at 1e-3
+    schedules = {"specs/wgan_gp.yaml": ([1, 1], 1e-3, 1e-3), "specs/wgan_gp/lr_1e-4.yaml": ([1, 1], 1e-4, 1e-4),
+                 "specs/wgan_gp/ratio_5_1.yaml": ([1, 5], 1e-4, 1e-4),
+                 "specs/wgan_gp/ratio_1_5.yaml": ([5, 1], 1e-4, 1e-4),
+                 "specs/wgan_gp/ttur.yaml": ([5, 1], 4e-4, 1e-4)}
+    for path, (repeats, lr_d, lr_g) in schedules.items():
+        spec = genspec.load(path)
+        assert [p.update for p in spec.phases] == [["dis"], ["gen"]], path
+        assert [p.repeat for p in spec.phases] == repeats, path
+        assert (spec.params["lr_d"], spec.params["lr_g"]) == (lr_d, lr_g), path
+
+
 def test_wgan_gp_critic_is_updated_five_times_per_generator_update():
-    spec = genspec.load("specs/wgan_gp.yaml")
+    spec = genspec.load("specs/wgan_gp/ratio_1_5.yaml")
     assert [(p.update, p.repeat) for p in spec.phases] == [(["dis"], 5), (["gen"], 1)]
     model = Model(spec, torch.device("cpu"))
     x = torch.rand(4, 1, 28, 28) * 2 - 1
