@@ -207,6 +207,7 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
         "device": str(model.device),
         "test": evaluate_losses(spec, model, splits.test),
         "train_last_epoch": history[-1]["train"] if history else {},
+        **best_test_losses(history),
         "time_per_epoch_s": sum(h["time_s"] for h in history) / len(history) if history else None,
         "params": {**{name: {"trainable": net.info.trainable, "frozen": net.info.frozen} for name, net in spec.networks.items()},
                    **{f"prior:{name}": {"trainable": sum(p.numel() for p in prior.parameters()), "frozen": 0}
@@ -229,6 +230,17 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
         metrics["real"] = _real_metrics(spec, model, splits, out)
     metrics["eval_time_s"] = round(time.perf_counter() - began, 3)
     return metrics
+
+
+def best_test_losses(history: list) -> dict:
+    """Each test loss's lowest value over the epochs, and the epoch it came at: what a paper that
+    keeps the best checkpoint reports (BEGAN v3's optimal M_global)."""
+    best, epoch = {}, {}
+    for record in history:
+        for name, value in record.get("test", {}).items():
+            if isinstance(value, (int, float)) and math.isfinite(value) and (name not in best or value < best[name]):
+                best[name], epoch[name] = value, record["epoch"]
+    return {"best_test": best, "best_test_epoch": epoch}
 
 
 def metrics_text(metrics: dict) -> str:

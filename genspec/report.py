@@ -132,6 +132,7 @@ def _grid_caption(spec: Spec, kind: str) -> list[str]:
 def flat_results(metrics: dict) -> dict:
     """Every number a run produced, by name: test losses, accuracy, sample metrics, real-data metrics."""
     out = {**metrics.get("test", {}), **metrics.get("fidelity", {})}
+    out.update({f"{name}_best": value for name, value in metrics.get("best_test", {}).items()})
     if "test_accuracy" in metrics:
         out["test_accuracy"] = metrics["test_accuracy"]
     for key, value in metrics.get("real", {}).items():
@@ -226,18 +227,22 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     lines = [f"# {spec.name}", ""]
     if source_text:
         lines += [f"Source: {source_text}" + (f", {source['table']}" if isinstance(source, dict) and source.get("table") else ""), ""]
+    if isinstance(source, dict) and source.get("notes"):
+        lines += [f"> {source['notes']}", ""]  # what the spec's author wants a reader of its numbers to know
     lines += [f"Spec: `{spec.file}`; resolved copy: [spec.resolved.yaml](spec.resolved.yaml). "
               f"Device {metrics['device']}, seed {metrics['seed']}, {plural(metrics['epochs'], 'epoch')}, "
               f"{metrics['time_per_epoch_s'] or 0:.2f} s per epoch; data {metrics['data']['dataset']} "
               f"({metrics['data']['train']} train / {metrics['data']['test']} test).", ""]
     for note in metrics["data"].get("notes", []):
         lines += [f"> Note: {note}", ""]
-    lines += ["## Test-set losses", "", "| loss | test | train (last epoch) |", "|---|---|---|"]
+    lines += ["## Test-set losses", "", "| loss | test | lowest test (epoch) | train (last epoch) |", "|---|---|---|---|"]
     untrained = False
+    best, best_epoch = metrics.get("best_test", {}), metrics.get("best_test_epoch", {})
     for name, value in metrics["test"].items():
         train = metrics["train_last_epoch"].get(name)
         untrained |= train is None
-        lines.append(f"| {name} | {value:.5g} | {'–' if train is None else f'{train:.5g}'} |")
+        lowest = f"{best[name]:.5g} ({best_epoch[name]})" if name in best else "–"
+        lines.append(f"| {name} | {value:.5g} | {lowest} | {'–' if train is None else f'{train:.5g}'} |")
     lines.append("")
     if untrained:
         lines += ["–: no training phase computes this loss; it is evaluated on the test set only.", ""]

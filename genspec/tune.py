@@ -91,7 +91,8 @@ def _check_metric(metric: str, spec) -> None:
     names and ours) only where the spec computes them, whose names are checked after a trial."""
     from .fidelity import requested
 
-    known = list(spec.evaluate.get("losses", spec.losses)) + (["test_accuracy"] if spec.evaluate.get("accuracy") else [])
+    losses = list(spec.evaluate.get("losses", spec.losses))
+    known = losses + [f"{name}_best" for name in losses] + (["test_accuracy"] if spec.evaluate.get("accuracy") else [])
     if REPORTED_ALIASES.get(metric, metric) in known or metric in known:
         return
     if requested(spec.evaluate) or spec.evaluate.get("real"):

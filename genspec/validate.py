@@ -218,7 +218,7 @@ def study_problems(doc: Document) -> None:
 
 # Numbers metrics.json holds at its top level, and the sections whose keys a table may name.
 TABLE_METRICS = ("time_per_epoch_s", "eval_time_s", "test_accuracy", "trainable", "frozen", "epochs", "seed")
-TABLE_SECTIONS = ("test", "train_last_epoch", "fidelity", "real", "balance", "params", "data", "collapse")
+TABLE_SECTIONS = ("test", "best_test", "best_test_epoch", "train_last_epoch", "fidelity", "real", "balance", "params", "data", "collapse")
 
 
 def table_metric_problems(doc: Document, specs: list[Spec]) -> None:
@@ -249,7 +249,7 @@ def _table_metric_problem(metric: str, specs: list[Spec]) -> str | None:
         return f"metrics.json has no {metric!r}; a table reads one of {', '.join(known)}" + suggest(metric, TABLE_METRICS)
     if section not in TABLE_SECTIONS:
         return f"metrics.json has no section {section!r}; sections: {', '.join(TABLE_SECTIONS)}" + suggest(section, TABLE_SECTIONS)
-    if section == "test":
+    if section in ("test", "best_test", "best_test_epoch"):
         for spec in specs:
             evaluated = spec.evaluate.get("losses", list(spec.losses))
             if key not in evaluated:

@@ -101,7 +101,8 @@ def test_collapse_flags_a_sudden_fall_once():
 def test_began_run_traces_k_and_m_global_every_step_and_resumes_exactly(tmp_path):
     path, spec = tiny_began(tmp_path)
     full, half = tmp_path / "full", tmp_path / "half"
-    assert cli_in_process("run", path, "--out", full, "--no-progress")[0] == 0
+    assert cli_in_process("run", path, "--out", full, "--no-progress",
+                          "--set", "source={paper: BEGAN v3, reported: {m_global_best: 0.5}}")[0] == 0
     rc, _, err = cli_in_process("run", path, "--out", half, "--no-progress", "--set", "train.epochs=1")
     assert rc == 0, err
     rc, _, err = cli_in_process("run", path, "--out", half, "--no-progress", "--resume")
@@ -119,7 +120,12 @@ def test_began_run_traces_k_and_m_global_every_step_and_resumes_exactly(tmp_path
     assert float(state["model"]["states"]["k"]) == pytest.approx(float(rows[-1]["k"]), rel=1e-5)
     metrics = json.loads((full / "metrics.json").read_text())
     assert metrics["collapse"]["state"] == "k" and metrics["collapse"]["flags"] == []
+    # the paper reports the best checkpoint's M_global: the lowest test value over the epochs
+    tests = [record["test"]["m_global"] for record in history]
+    assert metrics["best_test"]["m_global"] == min(tests)
+    assert metrics["best_test_epoch"]["m_global"] == 1 + tests.index(min(tests))
     report = (full / "report.md").read_text()
+    assert f"| m_global_best | 0.5 | {min(tests):.4g} | {min(tests) - 0.5:+.4g} |" in report
     assert "## Convergence" in report and "![trace](trace.png)" in report and (full / "trace.png").is_file()
     assert "no sign of mode collapse" in report
 

@@ -69,3 +69,14 @@ def test_epoch_steps_counts_the_batches_every_process_trains():
     # 7 examples in batches of 4 over 2 processes: the last batch would give one rank a single example
     assert epoch_steps({"batch_size": 4}, 7) == 2
     assert epoch_steps({"batch_size": 4}, 7, world_size=2) == 1
+
+
+def test_the_lowest_test_loss_and_its_epoch_are_kept_for_papers_that_report_the_best_checkpoint():
+    from genspec.evaluate import best_test_losses
+    from genspec.report import flat_results
+
+    history = [{"epoch": 1, "test": {"m": 3.0, "rec": 2.0}}, {"epoch": 2, "test": {"m": 1.5, "rec": float("nan")}},
+               {"epoch": 3, "test": {"m": 2.0, "rec": 2.5}}]
+    found = best_test_losses(history)
+    assert found == {"best_test": {"m": 1.5, "rec": 2.0}, "best_test_epoch": {"m": 2, "rec": 1}}
+    assert flat_results({"test": {"m": 2.0}, **found})["m_best"] == 1.5

@@ -111,7 +111,7 @@ def test_unknown_param_is_a_clear_error(tmp_path):
     (["--param", "beta", "--range", "1", "2", "--trials", "0"], "genspec: --trials must be at least 1, got 0"),
     (["--param", "beta", "--range", "1", "2", "--initial", "0"], "genspec: --initial must be at least 1, got 0"),
     (["--param", "beta", "--range", "1", "2", "--metric", "elbow"],
-     "genspec: --metric elbow: no run of this spec reports it; it reports rec, kl, elbo (did you mean 'elbo'?)"),
+     "genspec: --metric elbow: no run of this spec reports it; it reports rec, kl, elbo, rec_best, kl_best, elbo_best (did you mean 'elbo'?)"),
     (["--param", "beta", "--range", "1", "2", "--metric", "fid"], "--metric fid: no run of this spec reports it"),
 ])
 def test_bad_settings_are_clear_errors(tmp_path, args, message):
