@@ -301,14 +301,17 @@ def _sample_quality(spec: Spec, model: Model, splits: Splits, progress: bool) ->
 
 
 def _real_metrics(spec: Spec, model: Model, splits: Splits, out: Path) -> dict:
-    """A classifier run scores the real test set in its own feature space (IS of real MNIST)."""
+    """A classifier run scores real images in its own feature space (IS of real MNIST): the test
+    split's, or the training split's with `real.split: train`."""
     # The extractor is loaded from the finished run's checkpoint: the training loop (train.py's or
     # stack.py's) wrote it after the last epoch, under --nproc with every rank's random streams
-    test = splits.test.images()
-    real = {m: {"samples": len(test), **options} for m, options in spec.evaluate["real"].items()}
+    asked = dict(spec.evaluate["real"])
+    split = asked.pop("split", "test")
+    images = getattr(splits, split).images()
+    real = {m: {"samples": len(images), **options} for m, options in asked.items()}
     spec_like = _SpecView(spec, {"batch_size": spec.evaluate["batch_size"], **real, "extractor": {"classifier": str(out)}})
-    result = fidelity.sample_metrics(spec_like, model, lambda n: test[:n], test, model.device)
-    return {**result["metrics"], "protocol": result["protocol"], "notes": result["notes"]}
+    result = fidelity.sample_metrics(spec_like, model, lambda n: images[:n], images, model.device)
+    return {**result["metrics"], "protocol": {**result["protocol"], "split": split}, "notes": result["notes"]}
 
 
 class _SpecView:

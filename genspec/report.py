@@ -168,9 +168,10 @@ def _quality_lines(metrics: dict) -> list[str]:
     lines = []
     if "test_accuracy" in metrics:
         lines += [f"Test accuracy: **{metrics['test_accuracy']:.4%}**", ""]
+    real_split = (metrics.get("real", {}).get("protocol") or {}).get("split", "test")
     for title, values, protocol, notes in (
             ("Sample quality", metrics.get("fidelity"), metrics.get("protocol"), metrics.get("fidelity_notes", [])),
-            ("Real test set, in this run's feature space", {k: v for k, v in metrics.get("real", {}).items()
+            (f"Real {real_split} set, in this run's feature space", {k: v for k, v in metrics.get("real", {}).items()
                                                             if isinstance(v, (int, float))} or None,
              metrics.get("real", {}).get("protocol"), metrics.get("real", {}).get("notes", []))):
         if not values:

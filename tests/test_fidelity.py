@@ -537,3 +537,15 @@ def test_inception_score_from_a_local_weights_file_via_env(tmp_path, random_ince
     assert result["metrics"]["inception_score_mean"] >= 1.0
     assert result["protocol"]["weights_sha256"] == sha256_of(random_inception_weights)
     assert result["notes"] == []
+
+
+def test_the_real_score_can_read_the_training_split(tmp_path):
+    # the coursework's IS of "the real MNIST dataset" uses N = 60,000: the training set
+    spec = tmp_path / "classifier.yaml"
+    spec.write_text(CLASSIFIER_SPEC)
+    out = tmp_path / "run"
+    rc, _, stderr = main("run", spec, "--out", out, "--no-progress", "--set", "evaluate.real.split=train")
+    assert rc == 0, stderr
+    real = json.loads((out / "metrics.json").read_text())["real"]
+    assert real["protocol"]["samples"] == {"is": 300} and real["protocol"]["split"] == "train"
+    assert "## Real train set, in this run's feature space" in (out / "report.md").read_text()
