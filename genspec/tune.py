@@ -38,6 +38,7 @@ class TuneSettings:
     total: int
     strategy: str = "gp_ei"
     overrides: list = field(default_factory=list)
+    points: list = field(default_factory=list)  # the first trials' params, where the spec fixes them: [{name: value}]
 
 
 def settings_from(spec_path: str, names: list[str], ranges: list, trials: int | None, initial: int | None,
@@ -68,15 +69,23 @@ def settings_from(spec_path: str, names: list[str], ranges: list, trials: int | 
             raise RunError(f"{flag} must be at least 1, got {value}")
     objective = section.get("objective", {})
     trial_section = section.get("trials", {})
+    # the command line wins: --initial asks for quasi-random initial trials, --range for another
+    # range, and either replaces the spec's points
+    points = [] if initial is not None or ranges else _initial_points(section, params)
     settings = TuneSettings(
         params=params,
         metric=metric or objective.get("metric") or _default_metric(spec),
         minimize=objective.get("minimize", True) if minimize is None else minimize,
-        initial=initial if initial is not None else trial_section.get("initial", max(2, 2 * len(params))),
+        initial=initial if initial is not None else trial_section.get("initial", len(points) or max(2, 2 * len(params))),
         total=trials if trials is not None else trial_section.get("total", 8),
         strategy=strategy or section.get("strategy", "gp_ei"),
         overrides=list(overrides),
+        points=points,
     )
+    if points and settings.total < len(points):
+        raise RunError(f"{len(points)} given points (tune.NAME.points) but {settings.total} trials in all: "
+                       f"ask for at least {len(points)}")
+    settings.initial = max(settings.initial, len(points))  # the points are the first initial trials
     if settings.strategy not in STRATEGIES:
         raise RunError(f"unknown strategy {settings.strategy!r}; known: {', '.join(STRATEGIES)}")
     _check_metric(settings.metric, spec)
@@ -100,6 +109,31 @@ def _check_metric(metric: str, spec) -> None:
     close = difflib.get_close_matches(metric, known, n=1)
     raise RunError(f"--metric {metric}: no run of this spec reports it; it reports {', '.join(known)}"
                    + (f" (did you mean {close[0]!r}?)" if close else ""))
+
+
+def _initial_points(section: dict, params: dict) -> list[dict]:
+    """`tune.NAME.points`: the values the first trials take, in order (the VAE-GAN paper's beta =
+    1, 50, 100, 150 before the surrogate's first suggestion), one list per tuned param, of one length."""
+    given = {name: section.get(name, {}).get("points") for name in params}
+    given = {name: values for name, values in given.items() if values is not None}
+    if not given:
+        return []
+    if len(given) != len(params) or len({len(v) for v in given.values()}) != 1:
+        raise RunError("tune.NAME.points: give every tuned param a list of points, all of one length "
+                       f"(given: {', '.join(f'{n} {len(v)}' for n, v in given.items()) or 'none'}; tuned: {', '.join(params)})")
+    for name, values in given.items():
+        low, high, _ = params[name]
+        outside = [v for v in values if not low <= v <= high]
+        if outside:
+            raise RunError(f"tune.{name}.points: {outside[0]:g} is outside the range [{low:g}, {high:g}]")
+    return [{name: float(values[i]) for name, values in given.items()} for i in range(len(next(iter(given.values()))))]
+
+
+def _initial_text(settings: TuneSettings) -> str:
+    given = len(settings.points)
+    random = plural(settings.initial - given, "quasi-random initial trial")
+    return f"{plural(given, 'initial trial')} at the given points" + (f" and {random}" if settings.initial > given else "") \
+        if given else random
 
 
 def _default_metric(spec) -> str:
@@ -133,8 +167,9 @@ def generation_strategy(settings: TuneSettings, seed: int):
 
     surrogate = SurrogateSpec(model_configs=[ModelConfig(botorch_model_class=SingleTaskGP, covar_module_class=RBFKernel)])
     return GenerationStrategy(name="sobol+gp_rbf_ei", nodes=[
+        # counting every trial of the experiment: the given points (attached trials) are initial ones
         GenerationStep(generator=Generators.SOBOL, num_trials=settings.initial, min_trials_observed=1,
-                       generator_kwargs={"seed": seed}),
+                       generator_kwargs={"seed": seed}, use_all_trials_in_exp=True),
         GenerationStep(generator=Generators.BOTORCH_MODULAR, num_trials=-1,
                        generator_kwargs={"surrogate_spec": surrogate, "botorch_acqf_class": qLogExpectedImprovement}),
     ])
@@ -152,6 +187,8 @@ def _new_client(settings: TuneSettings, name: str, seed: int):
     else:
         client.configure_generation_strategy(method=settings.strategy, initialization_budget=settings.initial,
                                              initialization_random_seed=seed)
+    for point in settings.points:  # `running` trials, which the loops run first, in order
+        client.attach_trial(parameters=point)
     return client
 
 
@@ -206,7 +243,8 @@ def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, over
             if not pending:
                 pending = client.get_next_trials(max_trials=1)
                 _save_client(client, client_file)  # the trial is `running` in the saved client: --resume runs it again
-            index, parameters = pending.popitem()
+            index = min(pending)  # in trial order: the given points first
+            parameters = pending.pop(index)
             row = _run_trial(spec_path, settings, index, parameters, out, run, progress)
             table = _record(client, client_file, out, settings, table, done, index, row)
     result = _finish(client, settings, table, out)
@@ -231,6 +269,7 @@ def _check_same_settings(settings: TuneSettings, out: Path) -> None:
     except (OSError, ValueError) as exc:
         raise RunError(f"cannot resume: {out / SETTINGS_FILE} is missing or unreadable ({exc})") from None
     now = _settings_record(settings)
+    previous.setdefault("points", [])  # a tuning from before points existed had none
     changed = [f"  {key}: {previous.get(key)!r} -> {now.get(key)!r}" for key in now
                if key not in RESUMABLE_SETTINGS and previous.get(key) != now.get(key)]
     if changed:
@@ -584,7 +623,7 @@ def _write_markdown(settings: TuneSettings, table: list[dict], best, suggestion,
     names = list(settings.params)
     lines = [f"# Tuning {', '.join(names)}", "",
              f"Objective: {'minimise' if settings.minimize else 'maximise'} `{settings.metric}`; strategy {settings.strategy} "
-             f"({plural(settings.initial, 'quasi-random initial trial')}, {settings.total} in all). Ranges: "
+             f"({_initial_text(settings)}, {settings.total} in all). Ranges: "
              + ", ".join(f"{n} in [{lo:g}, {hi:g}]{' (log)' if log else ''}" for n, (lo, hi, log) in settings.params.items()), ""]
     if best:
         lines += ["Best: " + ", ".join(f"{n} = {best[n]:.5g}" for n in names) + f" with {settings.metric} = {best['value']:.5g} "

@@ -331,3 +331,46 @@ def test_a_tune_section_naming_an_unknown_param_says_so(tmp_path):
     rc, _, stderr = main("tune", path, "--trials", 1, "--out", tmp_path / "t", "--no-progress")
     assert rc == 1 and "Traceback" not in stderr
     assert "the tune section names betta: the spec has no param 'betta'" in stderr and "did you mean 'beta'?" in stderr
+
+
+def _with_points(tmp_path: Path, beta: dict, trials: dict) -> Path:
+    path = tmp_path / "points.yaml"
+    path.write_text(yaml.safe_dump({"genspec": 1, "name": "beta_points", "extends": str(BETA_VAE),
+                                    "tune": {"beta": {"range": [0.1, 10], **beta}, "trials": trials}}))
+    return path
+
+
+def test_given_points_are_the_first_trials_then_the_surrogate_suggests(tmp_path):
+    # the VAE-GAN paper's search: beta = 1, 50, 100, 150 by hand, then the acquisition's choice
+    spec = _with_points(tmp_path, {"points": [0.5, 2.0]}, {"initial": 2, "total": 3})
+    rc, _, stderr = main("tune", spec, *TINY, "--out", tmp_path / "t")
+    assert rc == 0, stderr
+    rows = read_trials(tmp_path / "t")
+    assert [float(r["beta"]) for r in rows[:2]] == [0.5, 2.0] and len(rows) == 3
+    assert float(rows[2]["beta"]) not in (0.5, 2.0) and all(r["status"] == "completed" for r in rows)
+    settings = json.loads((tmp_path / "t" / "settings.json").read_text())
+    assert settings["points"] == [{"beta": 0.5}, {"beta": 2.0}] and settings["initial"] == 2
+    assert "2 initial trials at the given points" in (tmp_path / "t" / "tune.md").read_text()
+
+
+@pytest.mark.parametrize("beta, trials, message", [
+    ({"points": [0.5, 20.0]}, {"total": 3}, "tune.beta.points: 20 is outside the range [0.1, 10]"),
+    ({"points": [0.5, 1, 2]}, {"total": 2}, "3 given points (tune.NAME.points) but 2 trials in all"),
+])
+def test_bad_points_are_refused_before_a_trial_runs(tmp_path, beta, trials, message):
+    rc, _, stderr = main("tune", _with_points(tmp_path, beta, trials), *TINY, "--out", tmp_path / "t")
+    assert rc == 1 and message in stderr and "Traceback" not in stderr
+    assert not (tmp_path / "t").exists()
+
+
+def test_points_must_cover_every_tuned_param_unless_the_command_line_replaces_them(tmp_path):
+    spec = _with_points(tmp_path, {"points": [0.5]}, {"total": 2})
+    doc = yaml.safe_load(spec.read_text())
+    doc["tune"]["lr"] = {"range": [1e-4, 1e-2]}
+    spec.write_text(yaml.safe_dump(doc))
+    rc, _, stderr = main("tune", spec, "--param", "beta", "--param", "lr", *TINY, "--out", tmp_path / "t")
+    assert rc == 1 and "give every tuned param a list of points, all of one length (given: beta 1; tuned: beta, lr)" in stderr
+    from genspec.tune import settings_from
+
+    assert settings_from(str(spec), ["beta"], [], 2, 1, None, None, None, []).points == []  # --initial: quasi-random
+    assert settings_from(str(spec), ["beta"], [(0.1, 5)], 2, None, None, None, None, []).points == []  # --range

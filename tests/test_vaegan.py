@@ -610,7 +610,8 @@ def test_diff_larsen_to_beta_is_beta_and_the_tune_section():
     diff = json.loads(result.stdout)
     assert [c["path"] for c in diff["changes"]] == [["params", "beta"], ["tune"]]
     assert diff["changes"][0]["a"] == 1.0 and diff["changes"][0]["b"] == 75.0
-    assert diff["changes"][1]["kind"] == "added" and diff["changes"][1]["b"]["beta"] == {"range": [1, 150]}
+    assert diff["changes"][1]["kind"] == "added"
+    assert diff["changes"][1]["b"]["beta"] == {"range": [1, 150], "points": [1, 50, 100, 150]}
     assert diff["networks"] == {}
 
 
