@@ -343,3 +343,15 @@ def test_missing_svhn_names_the_files(tmp_path):
         load_data({"dataset": "svhn", "root": str(tmp_path), "split": {"train": 10, "test": 10}}, 0)
     message = str(info.value)
     assert "train_32x32.mat" in message and "test_32x32.mat" in message and str(tmp_path.resolve()) in message
+
+
+def test_each_study_run_reports_only_its_own_cell_of_the_thesis():
+    from genspec.pipeline import load_runs
+
+    folder = STUDY.parent
+    svhn = {run.id: spec.source.get("reported") for run, spec in load_runs(str(folder / "svhn_study.yaml"), [], [])}
+    assert svhn["encoder=NL"] == {"nelbo": -62.60, "rec": 27.69, "rt": 90.30, "fid": 78.08}  # Table 5.10
+    assert len({str(v) for v in svhn.values()}) == 4
+    # the MNIST base's numbers are the FC / normal / L cell; no study run compares itself with them
+    assert all(spec.source.get("reported") is None
+               for _, spec in load_runs(str(STUDY), [], []))
