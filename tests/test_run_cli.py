@@ -266,7 +266,8 @@ def test_spec_error_exits_2_and_writes_nothing(tmp_path):
     assert not out.exists()
 
 
-def test_missing_mnist_is_a_clean_run_error(tmp_path):
+def mnist_classifier_without_data(tmp_path: Path, **sections) -> Path:
+    """A tiny MNIST classifier spec whose data.root holds no MNIST."""
     spec = tmp_path / "mnist_tiny.yaml"
     spec.write_text(yaml.safe_dump({
         "genspec": 1, "name": "mnist_tiny",
@@ -275,7 +276,13 @@ def test_missing_mnist_is_a_clean_run_error(tmp_path):
         "graph": {"logp": "clf(x)"},
         "losses": {"nll": "nll(logp, y)"},
         "objectives": {"clf": {"minimize": "nll", "optimizer": "adam(1e-3)"}},
+        **sections,
     }))
+    return spec
+
+
+def test_missing_mnist_is_a_clean_run_error(tmp_path):
+    spec = mnist_classifier_without_data(tmp_path)
     out = tmp_path / "run"
     rc, _, err = run_cli("run", spec, "--out", out, "--no-progress", "--set", "train.device=cpu")
     assert rc == 1
@@ -287,16 +294,7 @@ def test_missing_mnist_is_a_clean_run_error(tmp_path):
 
 
 def test_everything_a_run_misses_before_training_is_said_at_once(tmp_path):
-    spec = tmp_path / "mnist_tiny.yaml"
-    spec.write_text(yaml.safe_dump({
-        "genspec": 1, "name": "mnist_tiny",
-        "data": {"dataset": "mnist", "labels": True, "root": str(tmp_path / "nowhere")},
-        "networks": {"clf": {"input": "x", "layers": ["flatten", "fc 10, log_softmax"]}},
-        "graph": {"logp": "clf(x)"},
-        "losses": {"nll": "nll(logp, y)"},
-        "objectives": {"clf": {"minimize": "nll", "optimizer": "adam(1e-3)"}},
-        "evaluate": {"grids": ["samples"]},  # a classifier draws no samples
-    }))
+    spec = mnist_classifier_without_data(tmp_path, evaluate={"grids": ["samples"]})  # a classifier draws no samples
     rc, _, err = run_cli("run", spec, "--out", tmp_path / "run", "--no-progress", "--set", "train.device=cpu")
     lines = err.splitlines()
     assert rc == 1 and "Traceback" not in err and len(lines) == 2, err
