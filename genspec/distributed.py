@@ -50,6 +50,7 @@ import torch
 from torch import nn
 
 from .errors import RunError
+from .validate import batch_norm_network
 
 
 @dataclass(frozen=True)
@@ -155,8 +156,6 @@ def check_gpu_count(processes_here: int, gpus: int) -> None:
 def check_batch_split(spec, world_size: int) -> None:
     """Every process needs an example of each global batch, and two under batch norm; said before
     anything starts (an empty share would only show up as a nan loss)."""
-    from .validate import batch_norm_network
-
     size, needed = spec.train["batch_size"], world_size
     bn = batch_norm_network(spec.networks)
     if bn and world_size > 1:

@@ -213,8 +213,9 @@ def _infer_types(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
         if "expr" not in attrs or attrs["broken"]:
             continue
         path = (attrs["section"], attrs["name"])
+        infer = _Infer(spec, g, problems, path)
         try:
-            value = _Infer(spec, g, problems, path).value(attrs["expr"])
+            value = infer.value(attrs["expr"])
         except _Unknown:
             continue
         if attrs["kind"] in ("loss", "objective", "update") and value.kind not in ("scalar", "number"):
@@ -222,7 +223,7 @@ def _infer_types(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
                          f"a loss must be a scalar, but this is a {value.kind} of shape {fmt(value.shape)}; reduce it with mean(...) or sum(...)")
             continue
         attrs["value"] = value
-        attrs["bounds"] = _Infer(spec, g, problems, path).bounds(attrs["expr"])
+        attrs["bounds"] = infer.bounds(attrs["expr"])
 
 
 _SECTION_KIND = {"graph": "tensor", "losses": "loss", "objectives": "objective", "state": "update"}

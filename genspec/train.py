@@ -127,11 +127,15 @@ def after_checks(spec: Spec, load):
     than after it (the feature extractor, the grids' sources). Whatever of these and `load` finds
     missing is said in one go: learning it one fix and rerun at a time is slow."""
     missing = []
-    for check in (lambda: fidelity.preflight(spec.evaluate), lambda: grid_sources(spec), load):
+    for check in (lambda: fidelity.preflight(spec.evaluate), lambda: grid_sources(spec)):
         try:
-            loaded = check()
+            check()
         except RunError as exc:
             missing.append(str(exc))
+    try:
+        loaded = load()
+    except RunError as exc:
+        missing.append(str(exc))
     if missing:
         raise RunError("\ngenspec: ".join(missing))
     return loaded

@@ -132,8 +132,9 @@ def _initial_points(section: dict, params: dict) -> list[dict]:
 def _initial_text(settings: TuneSettings) -> str:
     given = len(settings.points)
     random = plural(settings.initial - given, "quasi-random initial trial")
-    return f"{plural(given, 'initial trial')} at the given points" + (f" and {random}" if settings.initial > given else "") \
-        if given else random
+    if not given:
+        return random
+    return f"{plural(given, 'initial trial')} at the given points" + (f" and {random}" if settings.initial > given else "")
 
 
 def _default_metric(spec) -> str:

@@ -305,8 +305,8 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
 
 def _check_batch_norm_has_two(train: dict, networks: dict, problems: Collector) -> None:
     """Batch norm in training mode normalises over the batch: a batch of one has no spread."""
-    name = batch_norm_network(networks)
-    if train["batch_size"] == 1 and name:
+    name = batch_norm_network(networks) if train["batch_size"] == 1 else None
+    if name:
         problems.add(("train", "batch_size"), f"batch norm (in networks.{name}) needs at least 2 examples a batch; "
                                               "use a larger train.batch_size or another norm")
 

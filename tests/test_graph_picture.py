@@ -78,9 +78,25 @@ def test_ordering_removes_a_crossing_the_alphabetical_order_has():
     assert _crossings(order, set(data.edges)) == 0
 
 
-def test_the_layout_is_deterministic():
-    data = shown_graph(genspec.load("specs/began.yaml").graph_nx)
-    assert layered_layout(data) == layered_layout(data)
+LAYOUT_SCRIPT = """
+import genspec
+from genspec.graph_picture import layered_layout, shown_graph
+layout = layered_layout(shown_graph(genspec.load("specs/began.yaml").graph_nx))
+print(sorted(layout.position.items()))
+"""
+
+
+def test_the_layout_does_not_depend_on_the_hash_seed():
+    # names are strings: a set's order changes with PYTHONHASHSEED, the picture must not
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    outputs = [subprocess.run([sys.executable, "-c", LAYOUT_SCRIPT], cwd=repo, capture_output=True, text=True,
+                              env={**os.environ, "PYTHONHASHSEED": seed}, timeout=60) for seed in ("1", "2")]
+    assert all(o.returncode == 0 for o in outputs), [o.stderr for o in outputs]
+    assert outputs[0].stdout == outputs[1].stdout
 
 
 def test_plot_graph_writes_a_png_that_grows_with_the_graph(tmp_path):
