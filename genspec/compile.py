@@ -19,6 +19,7 @@ from torch.nn import functional as F
 from . import expr as E
 from .errors import RunError
 from .graph import plan, step_extras
+from .graphs import StepGraphs
 from .layers import REFERENCE_BATCH, Gaussian, build_network
 from .ops import TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
 from .priors import build_prior
@@ -177,7 +178,7 @@ class Model:
         self.device = device
         self.distributed = world is not None and world.distributed  # average gradients and states over ranks
         self.wrappers: dict[str, nn.Module] = {}  # network -> its DistributedDataParallel wrapper (--nproc)
-        self.fast = fast_path(spec.train, device, any(convolves(net) for net in spec.networks.values()))
+        self.fast = fast_path(spec.train, device, any(convolves(net) for net in spec.networks.values()), self.distributed)
         self.networks = nn.ModuleDict({name: build_network(net) for name, net in spec.networks.items()}).to(device)
         if self.fast.channels_last:
             for name, net in spec.networks.items():
@@ -196,13 +197,30 @@ class Model:
             modules = [self.networks[n] if n in self.networks else self.priors[n] for n in obj.networks]
             params = [p for module in modules for p in module.parameters() if p.requires_grad]
             self.objectives[name] = ObjectiveRun(name, params, compiler.node_fn("objective", obj.minimize),
-                                                 make_optimizer(obj.optimizer, obj.optimizer_args, params, self.fast.fused))
+                                                 make_optimizer(obj.optimizer, obj.optimizer_args, params, self.fast.fused,
+                                                                self.fast.cuda_graphs))
         if self.fast.compile:
             for module in self.networks.values():
                 module.forward_taps = torch.compile(module.forward_taps)
         if self.distributed:
             self._wrap_networks()
         self.phases = [self._phase_plan(phase.update) for phase in spec.phases]
+        self.graphs = (StepGraphs(lambda i, x, y: self.step(self.phases[i], x, y), self._phase_params, device,
+                                  strict=spec.train.get("cuda_graphs") is True, describe=self._describe_phase)
+                       if self.fast.cuda_graphs else None)
+
+    def train_step(self, phase_index: int, x, y=None) -> dict[str, torch.Tensor]:
+        """The training loop's step: `step` of phase `phase_index`, replayed from a CUDA graph
+        once captured (train.cuda_graphs, genspec/graphs.py)."""
+        if self.graphs is not None:
+            return self.graphs(phase_index, x, y)
+        return self.step(self.phases[phase_index], x, y)
+
+    def _phase_params(self, phase_index: int) -> list:
+        return [p for name in self.phases[phase_index].objectives for p in self.objectives[name].params]
+
+    def _describe_phase(self, phase_index: int) -> str:
+        return f"the step of phase {phase_index + 1} (updating {', '.join(self.phases[phase_index].objectives)})"
 
     def _wrap_networks(self) -> None:
         """One DistributedDataParallel wrapper per network an objective trains (see distributed.py);
@@ -276,6 +294,8 @@ class Model:
         """One update of the phase's objectives on a batch. Returns the losses it computed (detached)."""
         if self.fast.channels_last and x.dim() == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        # Autocast's cache of weight casts lives and dies inside this block, so a CUDA graph of the
+        # step records the casts themselves and a replay makes them afresh from the updated weights
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.fast.bf16):
             env = self.compute(Env(x, y, phase.callers), phase.nodes)
             values = {name: self.objectives[name].loss(env) for name in phase.objectives}
@@ -334,7 +354,13 @@ class Model:
         self.priors.load_state_dict(state.get("priors", {}))
         self.states.load_state_dict(state.get("states", {}))
         for name, run in self.objectives.items():
+            # a checkpoint's groups carry the settings of the run that saved it: `capturable` is this
+            # run's own (a CUDA-graph run's checkpoint resumed on the CPU, where capturable is refused)
+            capturable = [group.get("capturable", False) for group in run.optimizer.param_groups]
             run.optimizer.load_state_dict(state["optimizers"][name])
+            for group, own in zip(run.optimizer.param_groups, capturable):
+                if "capturable" in group:
+                    group["capturable"] = own
             _match_parameter_layouts(run.optimizer)
 
 
@@ -364,6 +390,8 @@ def step_count_device(group: dict, param_device: torch.device) -> torch.device:
 # Where PyTorch has fused kernels for these optimisers (RMSprop has none).
 FUSED_DEVICES = ("cuda", "cpu")
 FUSED_OPTIMIZERS = ("adam", "adamw", "sgd")
+# Those that keep host-side step counts unless told `capturable` (SGD keeps none: it is always capturable).
+CAPTURABLE_OPTIMIZERS = ("adam", "adamw", "rmsprop")
 
 
 def convolves(net) -> bool:
@@ -379,26 +407,33 @@ class FastPath:
     channels_last: bool
     fused: bool
     compile: bool
+    cuda_graphs: bool = False
 
 
-def fast_path(train: dict, device: torch.device, convolutional: bool = True) -> FastPath:
+def fast_path(train: dict, device: torch.device, convolutional: bool = True, distributed: bool = False) -> FastPath:
     """`auto` means on where it is safe and pays: bfloat16 autocast and channels-last convolutions on
     CUDA (channels-last only where a network convolves: else it is a copy of every batch for
     nothing), float32 and the default layout on CPU, where runs stay deterministic to the bit; fused
     Adam/AdamW/SGD on both (one kernel for the whole update: 3-5x faster than PyTorch's default
-    per-tensor loop on CPU, and equal to it up to float rounding)."""
+    per-tensor loop on CPU, and equal to it up to float rounding); whole steps replayed from CUDA
+    graphs on CUDA (genspec/graphs.py), except under --nproc (DDP's gradient hooks) and with
+    train.compile (torch.compile records graphs of its own)."""
     cuda = device.type == "cuda"
     precision = train.get("precision", "auto")
+    compiled = bool(train.get("compile", False))
     auto = {"channels_last": cuda and convolutional, "fused": device.type in FUSED_DEVICES}
     pick = {key: auto[key] if train.get(key, "auto") == "auto" else bool(train[key]) for key in auto}
+    graphs = train.get("cuda_graphs", "auto") is not False and cuda and not distributed and not compiled
     return FastPath(bf16=precision == "bf16" or (precision == "auto" and cuda), channels_last=pick["channels_last"],
-                    fused=pick["fused"], compile=bool(train.get("compile", False)))
+                    fused=pick["fused"], compile=compiled, cuda_graphs=graphs)
 
 
-def make_optimizer(name: str, args: dict, params: list, fused: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(name: str, args: dict, params: list, fused: bool = False, capturable: bool = False) -> torch.optim.Optimizer:
     kwargs = dict(args)
     if fused and name in FUSED_OPTIMIZERS and params:
         kwargs["fused"] = True  # one kernel for the whole update instead of several per tensor
+    if capturable and name in CAPTURABLE_OPTIMIZERS:
+        kwargs["capturable"] = True  # step counts on the device, so that a CUDA graph can hold the update
     if "betas" in kwargs:
         kwargs["betas"] = tuple(kwargs["betas"])
     if "nesterov" in kwargs:

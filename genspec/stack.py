@@ -36,6 +36,7 @@ from .data import Splits, batch_starts, batches, load_data
 from .evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, graph_samples
 from .report import write_layer_tables, write_report
 from .errors import RunError
+from .graphs import StepGraphs
 from .spec import Spec
 from .train import (RESOLVED, _atomic_write_text, add_losses, after_checks, epoch_steps, phase_cycle, save_checkpoint,
                     torch_failures_as_messages, write_metrics)
@@ -130,7 +131,12 @@ class StackedRuns:
         for name, obj in specs[0].objectives.items():
             keys = self._objective_keys(holders[0], obj.networks)
             self.optimizers[name] = (keys, make_optimizer(obj.optimizer, obj.optimizer_args, [self.params[k] for k in keys],
-                                                          base.fast.fused))
+                                                          base.fast.fused, base.fast.cuda_graphs))
+        # the whole vmapped step replayed from a CUDA graph: under vmap a step dispatches several
+        # times the operators of a single run's, so the host, not the GPU, sets its pace
+        self.graphs = (StepGraphs(self._step, self._phase_params, device, strict=specs[0].train.get("cuda_graphs") is True,
+                                  describe=base._describe_phase)
+                       if base.fast.cuda_graphs else None)
 
     @staticmethod
     def _trainable(holder: nn.Module, key: str) -> bool:
@@ -147,7 +153,16 @@ class StackedRuns:
 
         return step
 
+    def _phase_params(self, phase_index: int) -> list:
+        return [self.params[k] for name in self.models[0].phases[phase_index].objectives for k in self.optimizers[name][0]]
+
     def step(self, phase_index: int, xs: torch.Tensor, ys) -> dict:
+        """One step of every replica: xs (K, batch, ...), ys (K, batch) or None."""
+        if self.graphs is not None:
+            return self.graphs(phase_index, xs, ys)
+        return self._step(phase_index, xs, ys)
+
+    def _step(self, phase_index: int, xs: torch.Tensor, ys) -> dict:
         batched = vmap(self.steps[phase_index], in_dims=(0, 0, 0, 0, None if ys is None else 0), randomness="different")
         # Float32 whatever train.precision says: under vmap, autocast misses most ops (convolutions
         # and Linear layers with a bias stay float32, a bias-free one turns bfloat16 and then meets

@@ -36,10 +36,11 @@ from .spec import Spec
 CHECKPOINT = "checkpoint.pt"
 RESOLVED = "spec.resolved.yaml"
 # Keys allowed to differ when resuming: more epochs, or a different checkpoint cadence.
-# How batches are fed (train.loader, train.workers) does not change them, so it may change too.
+# How batches are fed (train.loader, train.workers) does not change them, so it may change too, and
+# so may whether steps replay from CUDA graphs (the same kernels either way).
 STUDY_ONLY = {("repeats",), ("study",), ("sweep",)}
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"),
-                     ("train", "loader"), ("train", "workers")}
+                     ("train", "loader"), ("train", "workers"), ("train", "cuda_graphs")}
 
 
 def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -410,7 +411,7 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
     for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle, world)):
         if max_steps and step >= max_steps:
             break
-        losses = model.step(model.phases[cycle[(first_step + step) % len(cycle)]], x, y)
+        losses = model.train_step(cycle[(first_step + step) % len(cycle)], x, y)
         finite.record(step, losses)
         if trace is not None:
             trace.record(first_step + step + 1, losses)

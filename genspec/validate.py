@@ -24,7 +24,7 @@ from .spec import Latent, Network, Objective, Phase, Spec, State
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "schemas" / "genspec.schema.json"
 
 TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "seed": 0, "device": "auto", "checkpoint_every": 1, "log_every": 10,
-                  "precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False,
+                  "precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False, "cuda_graphs": "auto",
                   "loader": "auto", "workers": "auto"}
 EVALUATE_DEFAULTS = {"grid_size": 8, "interpolation_steps": 8, "batch_size": 256}
 BALANCE_DEFAULTS = {"every": 1, "samples": 1000, "features": "pixels", "shrinkage": 0.1}
@@ -351,6 +351,9 @@ def _check_training_extras(raw: dict, train: dict, evaluate: dict, latents: dict
             problems.add(("train", "balance", "images"), f"no graph tensor named {balance['images']!r}")
         if not raw["data"].get("labels"):
             problems.add(("train", "balance",), "balancing needs the real class labels (data.labels: true)")
+    if train.get("compile") and train.get("cuda_graphs") is True:
+        problems.add(("train", "cuda_graphs"), "true cannot combine with train.compile, which records CUDA graphs of its "
+                                               "own; use cuda_graphs: auto (off when compiling) or false")
     if train.get("loader") == "stream" and raw["data"].get("dataset") not in FILE_DATASETS:
         problems.add(("train", "loader"), f"stream decodes image files ({' and '.join(FILE_DATASETS)}); "
                                           f"{raw['data'].get('dataset')} is held in memory: use auto or memory")

@@ -21,7 +21,8 @@ DCGAN_TINY = ["data.dataset=digits", "data.range=[0, 1]", "data.split={train: 64
 
 def test_auto_switches_are_on_for_cuda_and_off_for_cpu():
     train = {"precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False}
-    assert fast_path(train, torch.device("cuda")) == FastPath(bf16=True, channels_last=True, fused=True, compile=False)
+    assert fast_path(train, torch.device("cuda")) == FastPath(bf16=True, channels_last=True, fused=True, compile=False,
+                                                                  cuda_graphs=True)
     assert fast_path(train, torch.device("cpu")) == FastPath(bf16=False, channels_last=False, fused=True, compile=False)
     assert fast_path({**train, "fused": False}, torch.device("cpu")).fused is False
     forced = {"precision": "bf16", "channels_last": True, "fused": True, "compile": True}

@@ -15,7 +15,7 @@ from genspec.balance import Balancer
 from genspec.stack import StackedRuns, cannot_stack, train_stacked
 from genspec.evaluate import evaluate_losses
 from genspec.train import run
-from spec_helpers import REPO, TINY_BEGAN, TINY_DIGITS_CLASSIFIER
+from spec_helpers import NORMED_AUTOENCODER, REPO, TINY_BEGAN, TINY_CONDITIONAL_GAN, TINY_DIGITS_CLASSIFIER, TINY_WGAN_GP
 
 def replicas(path: Path, seeds, extra=()) -> list:
     return [genspec.load(path, [f"train.seed={s}", *extra]) for s in seeds]
@@ -88,33 +88,6 @@ def test_specs_that_cannot_stack_say_why(tmp_path):
         assert cannot_stack(genspec.load(REPO / "specs" / name)) is None, name
 
 
-# WGAN-GP on the digits: the penalty inside the stacked step, dropout in the critic, five critic
-# steps per generator step as the coursework's WGAN-GP trains.
-TINY_WGAN_GP = """\
-genspec: 1
-name: tiny_wgan_gp
-params: {lr: 1.0e-3}
-data: {dataset: digits, range: [-1, 1], split: {train: 160, test: 64}}
-latent: {z: {shape: [4]}}
-networks:
-  gen: {input: z, layers: ["fc 32, relu", "fc 64, tanh", reshape 1 8 8]}
-  dis: {input: x, layers: ["conv 4 3x3 /2, lrelu 0.2, dropout 0.2", flatten, "fc 16, lrelu 0.2", fc 1]}
-graph:
-  x_fake: gen(sample(z))
-  d_real: dis(x)
-  d_fake: dis(x_fake)
-losses:
-  penalty: gp(dis, x, x_fake)
-  d_loss: mean(d_fake) - mean(d_real) + 10 * penalty
-  g_loss: -mean(d_fake)
-objectives:
-  dis: {minimize: d_loss, optimizer: adam(lr)}
-  gen: {minimize: g_loss, optimizer: adam(lr)}
-train: {epochs: 2, batch_size: 32, device: cpu, phases: [{update: [dis], repeat: 5}, {update: [gen]}]}
-evaluate: {losses: [penalty, d_loss], grids: {}}
-"""
-
-
 def test_wgan_gp_replicas_stack_with_the_penalty_in_the_step(tmp_path):
     """The seeds of a WGAN-GP stack: the penalty trains each critic inside the vmapped step (its
     exact gradients: test_gan_family), and every replica ends as a separate run of its seed does,
@@ -139,32 +112,6 @@ def test_wgan_gp_replicas_stack_with_the_penalty_in_the_step(tmp_path):
     assert len(set(starts)) == 3  # each replica its own seed
 
 
-# A deterministic autoencoder on the digits (no draws in a step) with batch statistics in both
-# networks: `bn` / `vbn` as a row's norm after a conv and an fc, and as a row of its own. The rows
-# before a norm have no bias: its gradient is zero up to rounding, which Adam would amplify into
-# steps of the learning rate in directions that float order decides.
-NORMED_AUTOENCODER = """\
-genspec: 1
-name: normed_autoencoder
-data: {dataset: digits, split: {train: 96, test: 40}}
-latent:
-  z: {shape: [3], prior: normal}
-networks:
-  enc:
-    input: x
-    layers: ["conv 4 3x3 /2 bias=false, NORM, relu", flatten, "fc 16 bias=false", NORM, relu, "fc 3, tanh"]
-  dec:
-    input: z
-    layers: ["fc 16 bias=false, NORM, relu", "fc 64, sigmoid", reshape 1 8 8]
-graph:
-  x_rec: dec(enc(x))
-losses:
-  rec: sqerr(x_rec, x)
-objectives:
-  ae: {networks: [enc, dec], minimize: rec, optimizer: adam(1e-2)}
-train: {epochs: 2, batch_size: 32, device: cpu}
-evaluate: {losses: [rec], grids: {}}
-"""
 
 
 @pytest.mark.parametrize("norm", ["bn", "vbn"])
@@ -217,36 +164,6 @@ def test_stacked_evaluation_is_each_replicas_own_evaluation(tmp_path, text):
         for name, value in a.items():
             assert t[name] == pytest.approx(value, rel=1e-5), name
     assert all(model.networks.training for model in stacked.models)
-
-
-TINY_CONDITIONAL_GAN = """\
-genspec: 1
-name: tiny_cgan
-data: {dataset: digits, labels: true, split: {train: 64, test: 32}}
-latent:
-  z: {shape: [4], prior: normal}
-  c: {shape: [10], prior: categorical}
-networks:
-  gen:
-    input: z
-    condition: {label: c}
-    layers: [concat label, "fc 16, vbn, relu", "fc 64, sigmoid", reshape 1 8 8]
-  dis:
-    input: x
-    condition: {label: y}
-    layers: [concat label, flatten, "fc 16, lrelu 0.2", "fc 1, sigmoid"]
-graph:
-  c_fake: sample(c)
-  x_fake: gen(sample(z), c_fake)
-losses:
-  d_loss: bce(dis(x, onehot(y)), 1) + bce(dis(x_fake.detach(), c_fake), 0)
-  g_loss: bce(dis(x_fake, c_fake), 1)
-objectives:
-  dis: {minimize: d_loss, optimizer: adam(1e-3)}
-  gen: {minimize: g_loss, optimizer: adam(1e-3)}
-train: {epochs: 1, batch_size: 32, device: cpu, phases: [{update: [dis]}, {update: [gen]}]}
-evaluate: {losses: [d_loss, g_loss], grids: {}}
-"""
 
 
 def test_stacked_categorical_draws_follow_each_replicas_own_class_weights(tmp_path):
