@@ -2,7 +2,7 @@
 """How much does genspec's compiled training step cost over the same loop written by hand?
 
 For the MNIST VAE, the MNIST GAN and Larsen's VAE-GAN, this times N training steps of
-genspec's `Model.step` against a hand-written PyTorch loop of the identical model (the same
+genspec's `Model.train_step` against a hand-written PyTorch loop of the identical model (the same
 initial weights, batches, optimisers and random draws) in one process, alternating blocks of
 the two, and prints one JSON object per spec: steps per second of each and
 
@@ -10,14 +10,14 @@ the two, and prints one JSON object per spec: steps per second of each and
 
 The timed hand loop is what one writes by hand (float32, PyTorch's default optimiser
 implementation and layout); genspec runs its defaults (fused optimisers; on CUDA bfloat16
-autocast and channels-last too). To show that both did the same work, the same hand loop given
-genspec's fast path (its "twin") then replays the steps untimed, and its parameters must equal
-genspec's (`params_match`, `max_abs_diff`).
+autocast, channels-last and whole steps replayed from CUDA graphs too). To show that both did the
+same work, the same hand loop given genspec's fast path (its "twin", eager) then replays the steps
+untimed, and its parameters must equal genspec's (`params_match`, `max_abs_diff`).
 
     .venv/bin/python benchmarks/overhead.py --quick          # a few minutes on a 2-core CPU
     .venv/bin/python benchmarks/overhead.py --only mnist_gan --steps 200 --threads 1
 
-A "step" is what genspec's train loop calls a step: one `Model.step` of one phase on one
+A "step" is what genspec's train loop calls a step: one `Model.train_step` of one phase on one
 batch. The GAN's phases alternate (discriminator, then generator), each on its own batch,
 exactly as genspec/train.py cycles through `train.phases`.
 
@@ -54,6 +54,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import genspec
 from genspec.compile import Model, choose_device
 from genspec.data import load_data
+from genspec.graphs import WARMUP_STEPS
 
 SEED = 0
 OUT = ROOT / "reports" / "benchmarks" / "overhead.jsonl"
@@ -286,8 +287,10 @@ BENCHMARKS = {
     "larsen_vaegan": ("specs/larsen_vaegan.yaml", HandVAEGAN, 8),
 }
 # Timed steps per loop: (default, --quick). On a 2-core CPU a step takes about 0.1 s (VAE),
-# 2.5 s (GAN) and 4 s (Larsen at batch 8; far longer at its batch of 256).
-STEPS = {"mnist_vae": (200, 40), "mnist_gan": (100, 12), "larsen_vaegan": (20, 4)}
+# 2.5 s (GAN) and 4 s (Larsen at batch 8; far longer at its batch of 256). The default is sized
+# for a GPU, where a small model's step takes milliseconds: blocks of 50 steps, so that the
+# synchronisation closing each timed block is a small part of it.
+STEPS = {"mnist_vae": (1000, 40), "mnist_gan": (500, 12), "larsen_vaegan": (60, 4)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -320,22 +323,23 @@ def sync(device) -> None:
 
 
 def genspec_phase_steps(model: Model, bookkeeping: bool) -> list:
-    """One callable per entry of genspec's phase cycle (a phase with `repeat: k` appears k times)."""
-    cycle = [plan for plan, phase in zip(model.phases, model.spec.phases) for _ in range(phase.repeat)]
+    """One callable per entry of genspec's phase cycle (a phase with `repeat: k` appears k times):
+    `Model.train_step`, the training loop's entry, which replays CUDA graphs where they are on."""
+    cycle = [index for index, phase in enumerate(model.spec.phases) for _ in range(phase.repeat)]
     if not bookkeeping:
-        return [lambda x, plan=plan: model.step(plan, x) for plan in cycle]
+        return [lambda x, index=index: model.train_step(index, x) for index in cycle]
     from genspec.train import FiniteWatch  # train.py's device-side finiteness record
 
     sums: dict = {}
     finite = FiniteWatch()
 
-    def step_with_bookkeeping(x, plan):  # what genspec/train.py's _one_epoch adds around each step
-        losses = model.step(plan, x)
+    def step_with_bookkeeping(x, index):  # what genspec/train.py's _one_epoch adds around each step
+        losses = model.train_step(index, x)
         finite.record(0, losses)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0) + value
 
-    return [lambda x, plan=plan: step_with_bookkeeping(x, plan) for plan in cycle]
+    return [lambda x, index=index: step_with_bookkeeping(x, index) for index in cycle]
 
 
 def run_block(phase_steps: list, batches: list, start: int, count: int, device) -> float:
@@ -372,7 +376,7 @@ def compare_state(model: Model, hand) -> dict:
 
 # How PyTorch carries out an update, not which update: the timed hand loop keeps PyTorch's
 # default (what one writes by hand), genspec may take a fused kernel.
-IMPLEMENTATION_KEYS = ("params", "fused", "foreach")
+IMPLEMENTATION_KEYS = ("params", "fused", "foreach", "capturable")
 
 
 def optimizer_settings(opt: torch.optim.Optimizer) -> list[dict]:
@@ -418,7 +422,8 @@ def on_fast_path(fast) -> bool:
 
 def describe(fast) -> str:
     on = [label for label, flag in (("bf16 autocast", fast.bf16), ("channels-last", fast.channels_last),
-                                    ("fused optimisers", fast.fused), ("torch.compile", fast.compile)) if flag]
+                                    ("fused optimisers", fast.fused), ("torch.compile", fast.compile),
+                                    ("CUDA graphs", fast.cuda_graphs)) if flag]
     return ", ".join(on) or "float32, PyTorch's defaults"
 
 
@@ -529,7 +534,8 @@ def benchmark(name: str, args, device) -> dict:
 
     rounds, block = schedule(args.steps or STEPS[name][1 if args.quick else 0], cycle, args.rounds)
     steps = rounds * block
-    warmup = args.warmup if args.warmup is not None else 2 * cycle
+    # untimed: each phase's eager warm-up steps and its CUDA-graph capture, and two cycles more
+    warmup = args.warmup if args.warmup is not None else (WARMUP_STEPS + 3) * cycle
     batches, source = make_batches(spec, batch_size, min(POOL, warmup + steps), device)
     load_before = os.getloadavg()[0]
     log(f"{name}: batch {batch_size}, {warmup} warm-up + {steps} timed steps per loop in {rounds} rounds of {block}")
@@ -546,7 +552,7 @@ def benchmark(name: str, args, device) -> dict:
         "benchmark": "overhead",
         "spec": name,
         "spec_file": spec_file,
-        "genspec_loop": "Model.step + train.py bookkeeping" if args.bookkeeping else "Model.step",
+        "genspec_loop": "Model.train_step + train.py bookkeeping" if args.bookkeeping else "Model.train_step",
         **environment(device),
         "batch_size": batch_size,
         "steps": steps,
@@ -636,7 +642,7 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, help="timed steps per loop (default: per spec, fewer with --quick)")
     parser.add_argument("--batch-size", type=int, help="batch size (default: the spec's; 8 for Larsen with --quick)")
     parser.add_argument("--rounds", type=int, default=20, help="alternating blocks of each loop (default 20)")
-    parser.add_argument("--warmup", type=int, help="untimed steps before timing (default: two phase cycles)")
+    parser.add_argument("--warmup", type=int, help="untimed steps before timing (default: five phase cycles, which cover CUDA-graph capture)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--bookkeeping", action="store_true",
@@ -654,7 +660,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     if args.deterministic:
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # read when cuBLAS starts, after this
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=True)  # an op with no such kernel warns, not fails
         torch.backends.cudnn.benchmark = False
     device = choose_device(args.device)
     args.out.parent.mkdir(parents=True, exist_ok=True)

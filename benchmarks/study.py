@@ -44,7 +44,7 @@ def arguments() -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--max-steps", type=int, default=None, help="steps per epoch (default: the whole split)")
     p.add_argument("--repeats", type=int, default=2, help="seeds per configuration (the thesis: 5; stacking needs 2 or more)")
-    p.add_argument("--parallel", type=int, default=None, help="runs at once (default: CPU cores, 4 on a GPU)")
+    p.add_argument("--parallel", type=int, default=None, help="runs at once (default: CPU cores, at most 8 on a GPU)")
     p.add_argument("--ways", default="parallel,stack,stack_parallel",
                    help="ways to compare with sequential: parallel, stack, stack_parallel (stacked groups, K at once)")
     p.add_argument("--only", action="append", default=[], help="a --only filter for the study, e.g. layers=fc")
@@ -121,7 +121,8 @@ def main() -> None:
 
     epochs = 1 if args.quick else args.epochs
     max_steps = 40 if args.quick and args.max_steps is None else args.max_steps
-    parallel = args.parallel or (4 if torch.cuda.is_available() else (os.cpu_count() or 2))
+    # on a GPU the runs' host work (Python, evaluation, checkpoints) is what overlaps: as many as 8
+    parallel = args.parallel or (min(8, os.cpu_count() or 2) if torch.cuda.is_available() else (os.cpu_count() or 2))
     # training is what is timed: no FID at the end (it needs a classifier run) and grids of 16
     sets = [f"train.epochs={epochs}", f"repeats={args.repeats}", "evaluate.grid_size=4", "evaluate.fid=null",
             "evaluate.reference=null", "evaluate.extractor=null"]

@@ -7,6 +7,10 @@ MNIST specs read the data from $GENSPEC_DATA (the folder holding MNIST/raw) and 
 with the reason, when it is not set or the files are absent. Image-folder specs get a small
 folder of generated PNGs. SVHN is expected to be absent unless its files are in $GENSPEC_DATA:
 its study must then stop with exit 1 and a message naming the files, without a traceback.
+
+The runs use the CPU. GENSPEC_TEST_DEVICE=cuda runs the same tiny end-to-end runs on a GPU (the
+check of the CUDA path on every shipped spec: bf16 autocast, channels-last, fused optimisers), with
+two seeds per study configuration so that the studies train as stacked models, as they do on CUDA.
 """
 
 from __future__ import annotations
@@ -37,6 +41,13 @@ SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 SAMPLE_METRICS = ("is", "fid", "kid", "prc")
 MNIST_FOLDERS = {"mnist": "MNIST", "fashion_mnist": "FashionMNIST"}
 MNIST_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+TEST_DEVICE = os.environ.get("GENSPEC_TEST_DEVICE", "cpu")
+# one seed on the CPU (fast); two on CUDA, where a study stacks a configuration's seeds by default
+STUDY_REPEATS = 2 if TEST_DEVICE.startswith("cuda") else 1
+# two steps on the CPU; on CUDA enough for each phase of a two-phase cycle to warm up, be captured
+# as a CUDA graph and replayed (train.cuda_graphs, genspec/graphs.py)
+TINY_STEPS = 8 if TEST_DEVICE.startswith("cuda") else 2
+TINY_TRAIN = 16 * TINY_STEPS + 32  # examples: the steps' batches of 16, and more
 
 
 
@@ -136,20 +147,20 @@ def svhn_present(tmp_path: Path) -> bool:
 def tiny_overrides(spec, tmp_path: Path, depth: int = 0, classifier: Path | None = None) -> list[str]:
     """--set values that shrink a spec to two training steps on a few images. `classifier`: a
     finished classifier run to measure sample metrics with where Inception weights are absent."""
-    sets = ["train.device=cpu", "train.epochs=1", "train.max_steps=2", "train.batch_size=16",
+    sets = [f"train.device={TEST_DEVICE}", "train.epochs=1", f"train.max_steps={TINY_STEPS}", "train.batch_size=16",
             "evaluate.grid_size=2", "evaluate.interpolation_steps=3", "evaluate.batch_size=32"]
     dataset = spec.data["dataset"]
     has_val = "val" in spec.data.get("split", {})
     if dataset == "digits":
-        sets += ["data.split.train=64", "data.split.test=32"]
+        sets += [f"data.split.train={TINY_TRAIN}", "data.split.test=32"]
     elif dataset in MNIST_FOLDERS:
-        sets += [f"data.root={mnist_root(dataset)}", "data.download=false", "data.split.train=64", "data.split.test=32"]
+        sets += [f"data.root={mnist_root(dataset)}", "data.download=false", f"data.split.train={TINY_TRAIN}", "data.split.test=32"]
     elif dataset == "svhn":
-        sets += [f"data.root={svhn_root(tmp_path)}", "data.download=false", "data.split.train=64", "data.split.test=32"]
+        sets += [f"data.root={svhn_root(tmp_path)}", "data.download=false", f"data.split.train={TINY_TRAIN}", "data.split.test=32"]
     else:  # image folders, and CelebA (absent here) as an image folder of the same size, streamed as
         # full-size CelebA is by default (train.loader auto): the DataLoader path runs for every such spec
-        root = make_image_folder(tmp_path / "images", spec.data.get("channels", 3))
-        sets += [f"data.root={root}", "data.split.train=24", "data.split.test=8", "data.dataset=image_folder",
+        root = make_image_folder(tmp_path / "images", spec.data.get("channels", 3), n=TINY_TRAIN + 8)
+        sets += [f"data.root={root}", f"data.split.train={TINY_TRAIN}", "data.split.test=8", "data.dataset=image_folder",
                  "train.loader=stream", "train.workers=1"]
     if spec.train.get("balance"):
         sets.append("train.balance.samples=64")
@@ -219,13 +230,14 @@ def test_spec_runs_end_to_end_when_shrunk(path, tmp_path, request):
     rc, stdout, err = run_cli("run", path, "--out", out, "--no-progress", *[a for o in overrides for a in ("--set", o)])
     assert rc == 0, err
     assert f"{spec.name}: done" in stdout
+    assert "cannot be captured as a CUDA graph" not in err
     check_run_folder(out, genspec.load(path, overrides))
     shutil.rmtree(tmp_path)  # some shipped networks are large: do not keep their checkpoints around
 
 
 def check_run_folder(out: Path, shrunk) -> None:
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["epochs"] == 1 and metrics["device"] == "cpu"
+    assert metrics["epochs"] == 1 and metrics["device"].split(":")[0] == TEST_DEVICE.split(":")[0]
     assert set(metrics["test"]) == set(shrunk.evaluate.get("losses", list(shrunk.losses)))
     assert all(math.isfinite(v) for v in metrics["test"].values()), metrics["test"]
     priors = {f"prior:{name}": sum(p.numel() for p in build_prior(latent).parameters()) for name, latent in shrunk.latents.items()}
@@ -263,7 +275,7 @@ def shrunk_study(path, tmp_path: Path, request) -> None:
     spec = runs[0][1]
     svhn = spec.data["dataset"] == "svhn"
     classifier = request.getfixturevalue("digits_classifier") if svhn else None
-    overrides = tiny_overrides(spec, tmp_path, classifier=classifier) + ["repeats=1"]
+    overrides = tiny_overrides(spec, tmp_path, classifier=classifier) + [f"repeats={STUDY_REPEATS}"]
     out = tmp_path / "study"
     args = ["run", path, "--out", out, "--no-progress", *[a for o in only for a in ("--only", o)],
             *[a for o in overrides for a in ("--set", o)]]
@@ -276,8 +288,11 @@ def shrunk_study(path, tmp_path: Path, request) -> None:
         assert not out.exists() or not list(out.rglob("metrics.json"))
         return
     assert rc == 0, err
-    assert f"study: {len(runs)} run(s) trained, 0 skipped" in err
+    assert "cannot be captured as a CUDA graph" not in err
+    total = len(runs) * STUDY_REPEATS
+    assert f"study: {total} run(s) trained, 0 skipped" in err
     for run, shrunk in load_runs(path, overrides, only):
-        check_run_folder(out / run.id / f"seed{shrunk.train['seed']}", shrunk)
-    assert f"{len(runs)} of {len(runs)} runs finished" in (out / "study.md").read_text()
+        for seed in range(shrunk.train["seed"], shrunk.train["seed"] + STUDY_REPEATS):
+            check_run_folder(out / run.id / f"seed{seed}", shrunk)  # what it checks does not depend on the seed
+    assert f"{total} of {total} runs finished" in (out / "study.md").read_text()
     shutil.rmtree(tmp_path)
