@@ -282,7 +282,14 @@ def barrier() -> None:
 
 
 def shutdown() -> None:
+    import gc
+
     import torch.distributed as dist
 
     if dist.is_initialized():
+        # The DistributedDataParallel wrappers of a finished run sit in reference cycles that only
+        # the collector frees, and their reducers hold the group: collected at the interpreter's
+        # teardown instead, the group's gloo threads are joined there and can abort the process.
+        gc.collect()
         dist.destroy_process_group()
+        gc.collect()
