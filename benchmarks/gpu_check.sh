@@ -67,8 +67,9 @@ if wanted graphs; then
 fi
 if wanted specs; then
   step "specs: every shipped spec, shrunk to 8 steps, end to end on CUDA (CUDA graphs; studies stacked, two seeds)"
+  parallel=(); python3 -c "import xdist" 2>/dev/null && parallel=(-n 8)  # pytest-xdist where it is installed
   GENSPEC_TEST_DEVICE=cuda timeout 150 python3 -m pytest tests/test_specs.py -k end_to_end -m "" -q -p no:cacheprovider \
-    -n 8 -rfEs 2>&1 | tee "$out/specs.txt" | tail -n 40
+    "${parallel[@]}" -rfEs 2>&1 | tee "$out/specs.txt" | tail -n 40
 fi
 if wanted study_estimate; then
   step "study: the full 120-run study for 1 and 4 epochs, extrapolated to 250"
