@@ -205,9 +205,8 @@ class Model:
         if self.distributed:
             self._wrap_networks()
         self.phases = [self._phase_plan(phase.update) for phase in spec.phases]
-        self.graphs = (StepGraphs(lambda i, x, y: self.step(self.phases[i], x, y), self._phase_params, device,
-                                  strict=spec.train.get("cuda_graphs") is True, describe=self._describe_phase)
-                       if self.fast.cuda_graphs else None)
+        self.graphs = StepGraphs.for_run(self.fast, spec.train, lambda i, x, y: self.step(self.phases[i], x, y),
+                                         self._phase_params, device, self._describe_phase)
 
     def train_step(self, phase_index: int, x, y=None) -> dict[str, torch.Tensor]:
         """The training loop's step: `step` of phase `phase_index`, replayed from a CUDA graph

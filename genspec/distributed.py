@@ -292,4 +292,3 @@ def shutdown() -> None:
         # teardown instead, the group's gloo threads are joined there and can abort the process.
         gc.collect()
         dist.destroy_process_group()
-        gc.collect()

@@ -123,14 +123,31 @@ class StepGraphs:
                  describe=str, backend=None):
         self.step = step
         self.params = params
+        self.device = device
         self.warmup = warmup
         self.strict = strict
         self.describe = describe  # key -> words for messages ("phase 1 (dis)")
-        self.backend = backend or CudaBackend(device)
+        self._backend = backend
         self.captured: dict = {}
         self.eager_runs: Counter = Counter()
         self.replays = 0
         self.given_up: str | None = None  # why graphs stopped for this run
+
+    @classmethod
+    def for_run(cls, fast, train: dict, step, params, device: torch.device, describe) -> StepGraphs | None:
+        """The graphs of a run's steps where its fast path has them on (`compile.fast_path`), else None;
+        `train.cuda_graphs: true` makes a failed capture an error."""
+        if not fast.cuda_graphs:
+            return None
+        return cls(step, params, device, strict=train.get("cuda_graphs") is True, describe=describe)
+
+    @property
+    def backend(self):
+        # made at the first step: a model that never trains (evaluation, a stacked run's per-seed
+        # copies) takes no CUDA stream
+        if self._backend is None:
+            self._backend = CudaBackend(self.device)
+        return self._backend
 
     def __call__(self, key, x: torch.Tensor, y=None) -> dict[str, torch.Tensor]:
         if self.given_up is not None:

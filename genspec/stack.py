@@ -134,9 +134,8 @@ class StackedRuns:
                                                           base.fast.fused, base.fast.cuda_graphs))
         # the whole vmapped step replayed from a CUDA graph: under vmap a step dispatches several
         # times the operators of a single run's, so the host, not the GPU, sets its pace
-        self.graphs = (StepGraphs(self._step, self._phase_params, device, strict=specs[0].train.get("cuda_graphs") is True,
-                                  describe=base._describe_phase)
-                       if base.fast.cuda_graphs else None)
+        self.graphs = StepGraphs.for_run(base.fast, specs[0].train, self._step, self._phase_params, device,
+                                         base._describe_phase)
 
     @staticmethod
     def _trainable(holder: nn.Module, key: str) -> bool:

@@ -20,8 +20,8 @@ from genspec.compile import CAPTURABLE_OPTIMIZERS, Model, fast_path, make_optimi
 from genspec.errors import RunError
 from genspec.graphs import StepGraphs
 from genspec.stack import StackedRuns
-from spec_helpers import (NORMED_AUTOENCODER, QUICKSTART, REPO, TINY_BEGAN, TINY_CONDITIONAL_GAN, TINY_DIGITS_VAE,
-                          TINY_WGAN_GP)
+from spec_helpers import (NORMED_AUTOENCODER, QUICKSTART, REPO, TINY_BEGAN, TINY_CONDITIONAL_GAN, TINY_WGAN_GP,
+                          tiny_digits_vae)
 
 CPU = torch.device("cpu")
 
@@ -144,6 +144,19 @@ def test_graphed_runs_get_capturable_optimisers():
     assert Model(genspec.load(QUICKSTART), CPU).graphs is None  # the CPU trains eagerly
 
 
+def test_a_run_gets_graphs_where_its_fast_path_has_them_and_true_makes_them_strict():
+    cuda = fast_path({}, torch.device("cuda"))
+
+    def step(key, x, y):  # never called: no step is taken
+        return {}
+
+    for setting, strict in (("auto", False), (True, True)):
+        graphs = StepGraphs.for_run(cuda, {"cuda_graphs": setting}, step, list, torch.device("cuda"), str)
+        assert graphs.strict is strict
+        assert graphs._backend is None  # no CUDA stream before the first step: evaluation-only models take none
+    assert StepGraphs.for_run(fast_path({}, CPU), {"cuda_graphs": True}, step, list, CPU, str) is None
+
+
 def test_true_with_compile_is_a_spec_error():
     with pytest.raises(genspec.SpecError) as info:
         genspec.load(QUICKSTART, ["train.compile=true", "train.cuda_graphs=true"])
@@ -232,7 +245,7 @@ def test_under_true_a_step_that_cannot_be_captured_stops_the_run():
 
 
 def test_stacked_replicas_replay_their_vmapped_step(tmp_path):
-    path = tmp_path / "clf.yaml"
+    path = tmp_path / "ae.yaml"
     path.write_text(NORMED_AUTOENCODER.replace("NORM", "bn"))
     specs = [genspec.load(path, [f"train.seed={s}"]) for s in (0, 1)]
 
@@ -260,7 +273,7 @@ def test_stacked_replicas_replay_their_vmapped_step(tmp_path):
 
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the CPU tests above use a stand-in)")
 CUDA_CASES = {  # name -> (spec text or path, overrides, with labels)
-    "vae": (TINY_DIGITS_VAE.replace("name: NAME", "name: vae"), [], False),
+    "vae": (tiny_digits_vae("vae"), [], False),
     "dcgan_vbn_dropout": (REPO / "specs" / "dcgan.yaml", [
         "data.dataset=digits", "data.range=[0, 1]", "data.split={train: 64, test: 32}",
         "networks.gen.layers=[fc 2x2x8, vbn, relu, deconv 4 3x3 x2, vbn, relu, deconv 1 3x3 x2, sigmoid]",

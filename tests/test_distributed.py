@@ -461,14 +461,22 @@ def test_every_rank_names_itself_when_it_stops(monkeypatch):
     assert _speaker() == "genspec (rank 1)"  # the cause may be this rank's own (its data missing on its node)
 
 
-def test_the_process_group_is_destroyed_before_the_interpreter_tears_down(tmp_path):
+def printed_by(script: str) -> list[str]:
+    """The lines a Python script run in a fresh interpreter prints (it must exit 0)."""
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=cli_env(),
+                            cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.splitlines()
+
+
+def test_the_process_group_is_destroyed_before_the_interpreter_tears_down():
     """Left to the interpreter's teardown, gloo's threads sometimes abort a process that trained
     well (SIGABRT, "terminate called without an active exception"; CI saw it once in rank 1 of a
     resumed run). Joining the group registers its destruction at exit, while Python is whole: a
     handler registered before the group (so run after genspec's) finds it gone."""
-    import subprocess
-    import sys
-
     script = (
         "import atexit, os, torch.distributed as dist\n"
         "atexit.register(lambda: print('initialized at exit:', dist.is_initialized(), flush=True))\n"
@@ -477,21 +485,15 @@ def test_the_process_group_is_destroyed_before_the_interpreter_tears_down(tmp_pa
         "setup(World(), 'cpu')\n"
         "print('initialized:', dist.is_initialized(), flush=True)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=cli_env(),
-                            cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["initialized: True", "initialized at exit: False"]
+    assert printed_by(script) == ["initialized: True", "initialized at exit: False"]
 
 
-def test_shutdown_frees_the_wrappers_that_hold_the_group_before_destroying_it(tmp_path):
+def test_shutdown_frees_the_wrappers_that_hold_the_group_before_destroying_it():
     """The DDP wrappers of a finished run sit in reference cycles (the model, its wrappers and
     their reducers), so they outlive the run until the collector runs, and their reducers keep the
     gloo group alive: left to the interpreter's teardown, the group's threads were still joined
     there and aborted rank 1 of a 2-process run once more (SIGABRT after a run that went well).
     Shutdown collects them first. With automatic collection off, nothing else would."""
-    import subprocess
-    import sys
-
     script = (
         "import gc, os, torch, torch.distributed as dist\n"
         "gc.disable()\n"
@@ -507,7 +509,4 @@ def test_shutdown_frees_the_wrappers_that_hold_the_group_before_destroying_it(tm
         "shutdown()\n"
         "print('after:', alive(), dist.is_initialized(), flush=True)\n"
     )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, env=cli_env(),
-                            cwd=REPO)
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.splitlines() == ["before: 1", "after: 0 False"]
+    assert printed_by(script) == ["before: 1", "after: 0 False"]
