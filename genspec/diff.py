@@ -32,7 +32,8 @@ def spec_view(spec: Spec) -> dict:
                            "optimizer": o.optimizer + "(" + ", ".join(f"{k}={v}" for k, v in o.optimizer_args.items()) + ")"}
                        for n, o in spec.objectives.items()},
         "train": {k: v for k, v in spec.train.items() if k != "phases"},
-        "phases": [{"update": p.update, "repeat": p.repeat, "epochs": list(p.epochs) if p.epochs else None} for p in spec.phases],
+        "phases": [{"update": p.update, "repeat": p.repeat, "epochs": list(p.epochs) if p.epochs else None,
+                    "batch": p.batch} for p in spec.phases],
         "evaluate": dict(spec.evaluate),
     }
     known = set(view) | {"networks", "latent", "extends"} | set(METADATA)

@@ -72,6 +72,7 @@ class Phase:
     update: list[str]  # objective names
     repeat: int = 1
     epochs: tuple | None = None  # (first, last), 1-based inclusive
+    batch: str = "next"  # "same": runs on the batch of the phase before it, in the same step
 
     def active(self, epoch: int) -> bool:
         return self.epochs is None or self.epochs[0] <= epoch <= self.epochs[1]

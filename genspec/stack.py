@@ -38,8 +38,8 @@ from .report import write_layer_tables, write_report
 from .errors import RunError
 from .graphs import StepGraphs
 from .spec import Spec
-from .train import (RESOLVED, _atomic_write_text, add_losses, after_checks, epoch_steps, phase_cycle, save_checkpoint,
-                    torch_failures_as_messages, write_metrics)
+from .train import (RESOLVED, _atomic_write_text, add_losses, after_checks, count_updates, epoch_steps, phase_cycle,
+                    phase_networks, save_checkpoint, torch_failures_as_messages, write_metrics)
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
@@ -273,14 +273,15 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
                  if train.get("balance") else None)
     for epoch in range(1, train["epochs"] + 1):
         began = time.perf_counter()
-        means = _one_epoch(stacked, epoch, trace)
+        updates: dict[str, int] = {}
+        means = _one_epoch(stacked, epoch, trace, updates)
         seconds = round((time.perf_counter() - began) / len(specs), 4)  # per run, as a sequential study counts it
         stacked.unstack()
         balances = stacked.rebalance(balancers) if balancers and balancers[0].due(epoch) else None
         tests = stacked.evaluate()  # after the label weights changed, as a single run evaluates
         summaries = trace.flush_replicas(folders, epoch)
         for r, (spec, model, folder) in enumerate(zip(specs, stacked.models, folders)):
-            record = {"epoch": epoch, "time_s": seconds, "train": means[r], "test": tests[r]}
+            record = {"epoch": epoch, "time_s": seconds, "train": means[r], "test": tests[r], "updates": updates}
             if summaries[r]:
                 record["trace"] = summaries[r]
             if balances:
@@ -303,7 +304,7 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
     return results
 
 
-def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) -> list[dict]:
+def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace, updates: dict) -> list[dict]:
     specs, train = stacked.specs, stacked.specs[0].train
     for model in stacked.models:
         model.train(True)
@@ -315,6 +316,7 @@ def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) ->
               .to(stacked.device) for s, spec in zip(stacked.splits, specs)]
     n, size = len(stacked.splits[0].train), train["batch_size"]
     steps_per_epoch = epoch_steps(train, n)
+    networks_of = phase_networks(specs[0])
     sums, count = {}, {}
     for step, start in enumerate(batch_starts(n, size)):  # the batches data.batches gives a single run
         if train.get("max_steps") and step >= train["max_steps"]:
@@ -323,9 +325,13 @@ def _one_epoch(stacked: StackedRuns, epoch: int, trace: step_trace.StepTrace) ->
         xs = torch.stack([s.train.images(i) for s, i in zip(stacked.splits, idx)])
         ys = None if stacked.splits[0].train.y is None else torch.stack([s.train.y[i] for s, i in zip(stacked.splits, idx)])
         run_step = (epoch - 1) * steps_per_epoch + step  # a single run's step numbers
-        out = stacked.step(cycle[run_step % len(cycle)], xs, ys)
+        out = {}
+        for phase in cycle[run_step % len(cycle)]:
+            computed = stacked.step(phase, xs, ys)
+            add_losses(sums, count, computed)
+            count_updates(updates, networks_of[phase])
+            out.update(computed)
         trace.record(run_step + 1, out)
-        add_losses(sums, count, out)
     table = {name: (total / count[name]).tolist() for name, total in sums.items()}  # one read-back per epoch
     bad = [(name, v) for name, values in table.items() for v in values if not math.isfinite(v)]
     if bad:

@@ -1,8 +1,10 @@
 """Stage 6: the training loop, its checkpoints and the run folder.
 
 Reads top to bottom: prepare the folder -> data -> model -> (resume) -> epochs of phase
-steps -> evaluate -> report. Each phase repetition consumes one batch, so `repeat: 5` on
-the critic is WGAN's n_critic. Checkpoints are written atomically after every epoch (or
+steps -> evaluate -> report. A step takes one batch and runs one round of the phase cycle:
+each phase repetition starts a round of its own, so `repeat: 5` on the critic is WGAN's
+n_critic, and a phase with `batch: same` joins the round before it (a GAN's generator update
+on its discriminator's batch, the papers' "1:1"). Checkpoints are written atomically after every epoch (or
 every `checkpoint_every`), with the RNG state, so `--resume` continues bit-for-bit on CPU.
 """
 
@@ -341,7 +343,8 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
     trace = step_trace.StepTrace(step_trace.trace_keys(spec) if world.main else [], model.device)
     for epoch in range(start, epochs + 1):
         began = time.perf_counter()
-        train_means = _one_epoch(spec, model, splits, epoch, bar, trace, (epoch - 1) * steps_per_epoch, world)
+        updates: dict[str, int] = {}
+        train_means = _one_epoch(spec, model, splits, epoch, bar, trace, (epoch - 1) * steps_per_epoch, world, updates)
         balance = None
         if balancer is not None and balancer.due(epoch):
             balance = balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n))
@@ -354,7 +357,7 @@ def _train_epochs(spec: Spec, model: Model, splits: Splits, out: Path, start: in
                 dist.gather_rng_states(world, model.device)  # for rank 0's checkpoint
             continue
         record = {"epoch": epoch, "time_s": round(time.perf_counter() - began, 4), "train": train_means,
-                  "test": evaluate_losses(spec, model, splits.test)}
+                  "test": evaluate_losses(spec, model, splits.test), "updates": updates}
         summary = trace.flush(out, epoch)
         if summary:
             record["trace"] = summary
@@ -379,12 +382,34 @@ def epoch_steps(train: dict, examples: int, world_size: int = 1) -> int:
     return min(steps, train["max_steps"]) if train.get("max_steps") else steps
 
 
-def phase_cycle(phases: list, epoch: int) -> list[int]:
-    """The phases active in `epoch`, each index `repeat` times: step n of the run trains phase
-    cycle[n % len(cycle)]. The cycle runs on across epochs (indexed by the run's step, not the
-    epoch's) so that a phase late in the cycle still trains when an epoch has fewer steps than
-    the cycle, and a resumed run picks up where it left off."""
-    return [i for i, phase in enumerate(phases) if phase.active(epoch) for _ in range(phase.repeat)]
+def phase_cycle(phases: list, epoch: int) -> list[list[int]]:
+    """The rounds of the phases active in `epoch`: step n of the run takes one batch and trains
+    the phases of round cycle[n % len(cycle)] on it, in order. Each repetition of a phase starts a
+    round, unless the phase has `batch: same`: it then joins the round before it, so
+    [{update: [dis]}, {update: [gen], batch: same}] updates both networks once per batch. The
+    cycle runs on across epochs (indexed by the run's step, not the epoch's) so that a phase late
+    in the cycle still trains when an epoch has fewer steps than the cycle, and a resumed run
+    picks up where it left off."""
+    rounds: list[list[int]] = []
+    for i, phase in enumerate(phases):
+        if not phase.active(epoch):
+            continue
+        for _ in range(phase.repeat):
+            if phase.batch == "same" and rounds:
+                rounds[-1].append(i)
+            else:  # a first phase of the epoch's cycle takes a batch even with batch: same
+                rounds.append([i])
+    return rounds
+
+
+def phase_networks(spec: Spec) -> list[list[str]]:
+    """The networks (and trainable priors) each phase's optimiser steps update."""
+    return [[net for name in phase.update for net in spec.objectives[name].networks] for phase in spec.phases]
+
+
+def count_updates(updates: dict, networks: list[str]) -> None:
+    for net in networks:
+        updates[net] = updates.get(net, 0) + 1
 
 
 def add_losses(sums: dict, counts: dict, losses: dict) -> None:
@@ -396,7 +421,10 @@ def add_losses(sums: dict, counts: dict, losses: dict) -> None:
 
 
 def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=None, first_step: int = 0,
-               world: dist.World = dist.SINGLE) -> dict:
+               world: dist.World = dist.SINGLE, updates: dict | None = None) -> dict:
+    """Trains one epoch; returns the mean of each loss over the steps that computed it. `updates`
+    (network -> count) gains one per optimiser step of each network."""
+    updates = {} if updates is None else updates
     model.train(True)
     shuffle = torch.Generator().manual_seed(spec.train["seed"] * 100_003 + epoch)
     cycle = phase_cycle(spec.phases, epoch)
@@ -407,15 +435,20 @@ def _one_epoch(spec: Spec, model: Model, splits: Splits, epoch: int, bar, trace=
     max_steps = spec.train.get("max_steps")
     finite = FiniteWatch()
     log_every = spec.train["log_every"]
+    networks_of = phase_networks(spec)
     # the same global batches on every rank, each rank its own slice of each
     for step, (x, y) in enumerate(batches(splits.train, spec.train["batch_size"], shuffle, world)):
         if max_steps and step >= max_steps:
             break
-        losses = model.train_step(cycle[(first_step + step) % len(cycle)], x, y)
-        finite.record(step, losses)
+        losses = {}
+        for phase in cycle[(first_step + step) % len(cycle)]:
+            computed = model.train_step(phase, x, y)
+            finite.record(step, computed)
+            add_losses(sums, counts, computed)
+            count_updates(updates, networks_of[phase])
+            losses.update(computed)
         if trace is not None:
             trace.record(first_step + step + 1, losses)
-        add_losses(sums, counts, losses)
         if (step + 1) % log_every == 0:  # the only host-device syncs of the loop: once per log interval
             finite.check(epoch, world)
             if bar is not None:

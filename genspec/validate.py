@@ -648,7 +648,11 @@ def _phases(train: dict, objectives: dict, problems: Collector) -> list[Phase]:
         if epochs and epochs[0] > epochs[1]:
             sound = False
             problems.add(("train", "phases", i, "epochs"), "first epoch after the last")
-        out.append(Phase([n for n in entry["update"] if n in objectives], entry.get("repeat", 1), epochs))
+        if i == 0 and entry.get("batch") == "same":
+            problems.add(("train", "phases", 0, "batch"), "the first phase has no phase before it whose batch it could share "
+                                                         "(batch: same belongs on a later phase, e.g. the generator's)")
+        out.append(Phase([n for n in entry["update"] if n in objectives], entry.get("repeat", 1), epochs,
+                         entry.get("batch", "next")))
     if sound:  # a misspelt objective or a reversed window is the problem to report, not its consequence
         _check_every_objective_is_trained(train, objectives, out, problems)
     return out

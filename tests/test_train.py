@@ -133,6 +133,51 @@ def test_the_phase_cycle_runs_on_across_epochs(tmp_path):
     assert optimizer_steps(tmp_path / "run") == {"dis": {3}, "gen": {1}}
 
 
+@pytest.mark.parametrize("phases, dis_steps, gen_steps", [
+    # 10 batches: 1:1 on one batch (the papers' loop) updates each network once per batch
+    ([{"update": ["dis"]}, {"update": ["gen"], "batch": "same"}], 10, 10),
+    # WGAN's n_critic: five critic batches, the generator on the fifth
+    ([{"update": ["dis"], "repeat": 5}, {"update": ["gen"], "batch": "same"}], 10, 2),
+    # G:D 5:1 with the generator's five updates on the discriminator's batch
+    ([{"update": ["dis"]}, {"update": ["gen"], "repeat": 5, "batch": "same"}], 10, 50),
+    # the default, a batch per phase, for comparison: half the updates each
+    ([{"update": ["dis"]}, {"update": ["gen"]}], 5, 5),
+])
+def test_batch_same_shares_a_batch_and_metrics_count_updates(tmp_path, phases, dis_steps, gen_steps):
+    spec = write_yaml(tmp_path / "gan.yaml", gan_doc(phases, epochs=2))
+    rc, _, err = run_spec(spec, tmp_path / "run")
+    assert rc == 0, err
+    assert optimizer_steps(tmp_path / "run") == {"dis": {2 * dis_steps}, "gen": {2 * gen_steps}}
+    records = history(tmp_path / "run")
+    assert [r["updates"] for r in records] == [{"dis": dis_steps, "gen": gen_steps}] * 2
+    assert {"objective/dis", "objective/gen"} <= set(records[0]["train"])
+
+
+def test_a_shared_batch_is_the_batch_of_the_phase_before(tmp_path):
+    from genspec.train import _one_epoch, phase_cycle
+    from genspec.compile import Model
+    from genspec.data import load_data
+
+    spec = genspec.load(write_yaml(tmp_path / "gan.yaml", gan_doc([{"update": ["dis"]}, {"update": ["gen"], "batch": "same"}])))
+    assert phase_cycle(spec.phases, 1) == [[0, 1]]
+    splits = load_data(spec.data, spec.train["seed"])
+    model = Model(spec, torch.device("cpu"))
+    seen = []
+    model.train_step = lambda phase, x, y=None: seen.append((phase, x)) or {}
+    updates = {}
+    _one_epoch(spec, model, splits, 1, None, updates=updates)
+    assert [phase for phase, _ in seen] == [0, 1] * 10
+    assert all(seen[i][1] is seen[i + 1][1] for i in range(0, 20, 2))  # gen runs on dis's batch
+    assert not torch.equal(seen[0][1], seen[2][1])
+    assert updates == {"dis": 10, "gen": 10}
+
+
+def test_batch_same_on_the_first_phase_is_refused(tmp_path):
+    spec = write_yaml(tmp_path / "gan.yaml", gan_doc([{"update": ["dis"], "batch": "same"}, {"update": ["gen"]}]))
+    rc, _, err = run_spec(spec, tmp_path / "run")
+    assert rc == 2 and "train.phases[0].batch: the first phase has no phase before it" in err and "Traceback" not in err
+
+
 @pytest.mark.parametrize("phases, epochs, message", [
     ([{"update": ["dis"]}], 1, "train.phases: no phase updates objective 'gen': its networks would never train"),
     ([{"update": ["dis"]}, {"update": ["gen"], "epochs": [2, 3]}], 1,
