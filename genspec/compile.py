@@ -20,8 +20,8 @@ from . import expr as E
 from .errors import RunError
 from .graph import plan, step_extras
 from .graphs import StepGraphs
-from .layers import REFERENCE_BATCH, Gaussian, build_network
-from .ops import TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
+from .layers import LOGITS, REFERENCE_BATCH, Gaussian, build_network
+from .ops import FROM_LOGITS, TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
 from .priors import build_prior
 from .spec import Spec
 
@@ -42,6 +42,7 @@ class Env(dict):
         self.batch = x.shape[0]
         self.device = x.device
         self.net_cache: dict = {}
+        self.logits: dict = {}  # id of a sigmoid network output -> the logits it came from (kept alive by net_cache)
 
 
 class Compiler:
@@ -118,6 +119,8 @@ class Compiler:
 
             real, fake = self._compile(node.args[1], kind), self._compile(node.args[2], kind)
             return lambda env: gradient_penalty(critic, real(env), fake(env), env.functional)
+        if node.func == "bce":
+            return self._bce(*[self._compile(a, kind) for a in node.args])
         fn = TENSOR_OPS[node.func]
         args = [self._compile(a, kind) for a in node.args]
         if len(args) == 1:
@@ -125,6 +128,18 @@ class Compiler:
             return lambda env: fn(a0(env))
         a0, a1 = args
         return lambda env: fn(a0(env), a1(env))
+
+    @staticmethod
+    def _bce(prediction, target):
+        """bce, from the logits where the prediction is a sigmoid network's output itself (the
+        graph marks those: graph.bce_from_logits); on the probabilities otherwise."""
+        bce, bce_from_logits = TENSOR_OPS["bce"], FROM_LOGITS["bce"]
+
+        def call(env):
+            p = prediction(env)
+            logits = env.logits.get(id(p)) if torch.is_tensor(p) else None
+            return bce(p, target(env)) if logits is None else bce_from_logits(logits, target(env))
+        return call
 
     def _network_call(self, name: str, tap: str | None, args: list):
         module = self.networks[name]
@@ -136,7 +151,10 @@ class Compiler:
                 # One pass gives the final output and every tap: `dis(x)` and `dis.features(x)`
                 # share it. The inputs are kept with the outputs so their ids stay unique in the step.
                 forward = env.callers.get(name) or module.forward_taps  # its DDP wrapper, when the phase updates it
-                env.net_cache[key] = (forward(*inputs), inputs)
+                outputs = forward(*inputs)
+                env.net_cache[key] = (outputs, inputs)
+                if LOGITS in outputs:
+                    env.logits[id(outputs[None])] = outputs[LOGITS]
             return env.net_cache[key][0][tap]
 
         return call

@@ -74,6 +74,11 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
                 g.add_edge(f"objective:{name}", f"net:{net}", rel="updates")
             elif net in spec.latents:
                 g.add_edge(f"objective:{name}", f"latent:{net}", rel="updates")
+    for attrs in g.nodes.values():
+        if "expr" in attrs and attrs["kind"] != "update":
+            from_logits = bce_from_logits(spec, attrs["expr"])
+            if from_logits:
+                attrs["bce_from_logits"] = from_logits
     if not _report_cycles(g, problems):
         _infer_types(g, spec, problems)
         if not problems.problems:  # with broken expressions, missing edges would only echo them
@@ -143,6 +148,36 @@ def _dependencies(node, spec: Spec, kind: str, path: tuple, problems: Collector,
     for child in _children(node):
         deps += _dependencies(child, spec, kind, path, problems)
     return [d for d in deps if d]
+
+
+def sigmoid_output_call(spec: Spec, node) -> E.Call | None:
+    """The network call whose final output `node` is, when that network ends in a sigmoid
+    (followed through graph tensor names); None for anything else (a tap, an expression of it)."""
+    seen = set()
+    while isinstance(node, E.Name) and node.id in spec.graph and node.id not in ("x", "y") and node.id not in seen:
+        seen.add(node.id)
+        node = spec.graph[node.id]
+    if isinstance(node, E.Call):
+        net, _, tap = node.func.partition(".")
+        info = getattr(spec.networks.get(net), "info", None)
+        if info is not None and not tap and info.ends_in_sigmoid:
+            return node
+    return None
+
+
+def bce_from_logits(spec: Spec, node) -> list[str]:
+    """The predictions of the bce calls in an expression that the compiler computes from their
+    network's logits (binary_cross_entropy_with_logits), as text. ops.bce_from_logits says why."""
+    found, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, E.Call):
+            if n.func == "bce" and n.args and sigmoid_output_call(spec, n.args[0]) is not None:
+                found.append(E.to_text(n.args[0]))
+            stack.extend(reversed(n.args))
+        else:
+            stack.extend(reversed(_children(n)))
+    return found
 
 
 def _children(node) -> tuple:
@@ -585,8 +620,10 @@ def to_text(g: nx.DiGraph) -> str:
         typ = f"  [{value.kind}" + (f" {fmt(value.shape)}]" if value.kind in ("tensor", "dist") else "]") if value and value.kind != "number" else ""
         detail = f" = {attrs['text']}" if "text" in attrs else ""
         updates = [v for _, v, rel in g.out_edges(node_id, data="rel") if rel == "updates"]
+        logits = attrs.get("bce_from_logits")
         lines.append(f"{node_id}{detail}{typ}" + (f"  -> updates {', '.join(updates)}" if updates else "")
-                     + (f"  <- {', '.join(reads)}" if reads and not detail else ""))
+                     + (f"  <- {', '.join(reads)}" if reads and not detail else "")
+                     + (f"  (bce from logits: {', '.join(logits)})" if logits else ""))
     return "\n".join(lines)
 
 
@@ -617,6 +654,8 @@ def to_json(g: nx.DiGraph) -> dict:
         entry = {"id": node_id, "kind": attrs["kind"], "name": attrs["name"]}
         if "text" in attrs:
             entry["expr"] = attrs["text"]
+        if "bce_from_logits" in attrs:
+            entry["bce_from_logits"] = attrs["bce_from_logits"]
         value = attrs.get("value")
         if value is not None:
             entry["value"] = {"kind": value.kind, "shape": list(value.shape)}

@@ -245,6 +245,20 @@ def _conv(row: dict, in_shape: tuple, channels: int, bias: bool) -> nn.Module:
 
 
 REFERENCE_BATCH = 64
+LOGITS = "(logits)"  # forward_taps' key for the pre-sigmoid output of a network that ends in a sigmoid; never a tap name
+
+
+def _strip_final_sigmoid(rows: nn.ModuleList) -> None:
+    """Remove the last row's closing sigmoid (TableNet applies it itself, keeping the logits).
+    The sigmoid has no parameters, so state-dict keys do not change."""
+    last = rows[-1]
+    if isinstance(last, FloatSigmoid):
+        rows[-1] = nn.Identity()
+        return
+    container = last.post if isinstance(last, Dense) else last
+    if not (isinstance(container, nn.Sequential) and len(container) and isinstance(container[-1], FloatSigmoid)):
+        raise AssertionError(f"a row that ends in a sigmoid was built without one: {last}")
+    del container[-1]
 
 
 def _drop(value, n: int):
@@ -262,6 +276,9 @@ class TableNet(nn.Module):
     def __init__(self, net: Network):
         super().__init__()
         self.rows = nn.ModuleList(build_row(r.row, r.in_shape, r.out_shape) for r in net.info.rows)
+        self.ends_in_sigmoid = net.info.ends_in_sigmoid
+        if self.ends_in_sigmoid:
+            _strip_final_sigmoid(self.rows)
         self.taps = dict(net.info.taps)
         self._tap_at = {i: name for name, i in self.taps.items()}
         self._frozen_rows = [i for i, r in enumerate(net.info.rows) if r.frozen]
@@ -295,7 +312,8 @@ class TableNet(nn.Module):
         return self.forward_taps(x, *conditions)[None]
 
     def forward_taps(self, x, *conditions) -> dict:
-        """Outputs of every named tap, and the final output under the key None."""
+        """Outputs of every named tap, and the final output under the key None; for a network that
+        ends in a sigmoid, the logits it was computed from under LOGITS."""
         skip = 0
         if self._virtual_norms:  # the reference batch rides in front of the batch, then is dropped
             skip = len(self.reference)
@@ -304,8 +322,12 @@ class TableNet(nn.Module):
             for norm in self._virtual_norms:
                 norm.reference_size = skip
         out = {}
+        last = len(self.rows) - 1
         for i, row in enumerate(self.rows):
             x = row(x, conditions[self._concat_at[i]]) if i in self._concat_at else row(x)
+            if i == last and self.ends_in_sigmoid:
+                out[LOGITS] = _drop(x, skip)
+                x = torch.sigmoid(x.to(full_precision(x)))  # in float32 at least, as FloatSigmoid
             if i in self._tap_at:
                 out[self._tap_at[i]] = _drop(x, skip)
         out[None] = _drop(x, skip)

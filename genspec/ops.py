@@ -44,15 +44,30 @@ class SoftLabel:
         return target
 
 
+def _bce_target(p: torch.Tensor, target, dtype: torch.dtype) -> torch.Tensor:
+    if isinstance(target, SoftLabel):
+        return target.like(p).to(dtype)
+    if not torch.is_tensor(target):
+        return torch.full_like(p, float(target), dtype=dtype)
+    return target.to(dtype)
+
+
 def bce(p, target):
     # in float32 (float64 stays) and outside autocast, which refuses binary_cross_entropy on CUDA (log near 0 and 1)
     dtype = full_precision(p)
-    if isinstance(target, SoftLabel):
-        target = target.like(p)
-    elif not torch.is_tensor(target):
-        target = torch.full_like(p, float(target), dtype=dtype)
     with torch.autocast(p.device.type, enabled=False):
-        return F.binary_cross_entropy(p.to(dtype), target.to(dtype))
+        return F.binary_cross_entropy(p.to(dtype), _bce_target(p, target, dtype))
+
+
+def bce_from_logits(logits, target):
+    """bce(sigmoid(logits), target), computed from the logits: the same value wherever the
+    probability form is exact, and no saturation where it is not. On probabilities torch clamps
+    log(p) at -100 and divides the gradient by max(p (1 - p), 1e-12), so once a logit falls below
+    about -28 a generator's bce(d_fake, 1) passes back almost nothing (-4e-6 at -40, 0 at -120);
+    from logits its gradient stays sigmoid(l) - 1, about -1."""
+    dtype = full_precision(logits)
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.binary_cross_entropy_with_logits(logits.to(dtype), _bce_target(logits, target, dtype))
 
 
 TENSOR_OPS = {
@@ -70,6 +85,10 @@ TENSOR_OPS = {
     "noisy": lambda p, amount: noisy(p, amount),
     "l2dist": lambda a, b: (a - b).flatten(1).norm(dim=1).mean(),
 }
+
+
+# ops computed from a sigmoid network's logits instead of its output (compile.Compiler._bce)
+FROM_LOGITS = {"bce": bce_from_logits}
 
 
 def noisy(p: torch.Tensor, amount: float) -> torch.Tensor:

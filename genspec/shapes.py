@@ -36,6 +36,13 @@ class NetworkInfo:
     conditions: dict[str, tuple] = field(default_factory=dict)  # extra inputs, in call order -> shape
 
     @property
+    def ends_in_sigmoid(self) -> bool:
+        """Whether the output is a sigmoid of the last row's pre-activation (nothing after it):
+        a cross-entropy of it is then computed from those logits, which never saturate."""
+        last = self.rows[-1].row if self.rows else {}
+        return last.get("op") == "sigmoid" or (last.get("act") == "sigmoid" and not last.get("dropout"))
+
+    @property
     def trainable(self) -> int:
         return sum(r.params for r in self.rows if not r.frozen)
 

@@ -39,7 +39,7 @@ from genspec import cli
 from genspec import ops as gops
 from genspec.compile import Env, Model
 from genspec.data import load_data
-from genspec.ops import SoftLabel, bce
+from genspec.ops import SoftLabel, bce, bce_from_logits
 from genspec.resolve import resolve
 from spec_helpers import genspec_subprocess
 
@@ -358,14 +358,19 @@ def test_larsen_gan_loss_uses_swapped_soft_labels(larsen, monkeypatch):
         calls.append((p, target))
         return bce(p, target)
 
+    def recording_bce_from_logits(logits, target):
+        calls.append((logits, target))
+        return bce_from_logits(logits, target)
+
     monkeypatch.setitem(gops.TENSOR_OPS, "bce", recording_bce)  # before compiling: closures capture it
+    monkeypatch.setitem(gops.FROM_LOGITS, "bce", recording_bce_from_logits)  # dis ends in a sigmoid: bce reads its logits
     torch.manual_seed(0)
     model = Model(larsen, CPU)
     env = model.compute(Env(a_batch()), model.phases[0].nodes)
     assert len(calls) == 3
     by_input = {id(p): target for p, target in calls}
-    real = by_input[id(env["tensor:d_real"])]
-    fakes = [by_input[id(env["tensor:d_rec"])], by_input[id(env["tensor:d_p"])]]
+    real = by_input[id(env.logits[id(env["tensor:d_real"])])]
+    fakes = [by_input[id(env.logits[id(env["tensor:d_rec"])])], by_input[id(env.logits[id(env["tensor:d_p"])])]]
     # the targets reach bce as labels, not as tensors drawn once: every step draws its own
     assert isinstance(real, SoftLabel) and all(isinstance(f, SoftLabel) for f in fakes)
     assert (real.value, real.swap, real.other) == (0.95, 0.05, 0.05)
