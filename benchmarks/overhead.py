@@ -97,11 +97,12 @@ class FeatureDiscriminator(nn.Module):
         super().__init__()
         rows = layers(net)
         self.body = nn.Sequential(*rows[:features_at + 1])
-        self.head = nn.Sequential(*rows[features_at + 1:])
+        self.head = SigmoidDiscriminator(rows[features_at + 1:])
 
     def forward(self, x):
+        """(logits, features): the losses need only the logits."""
         features = self.body(x)
-        return self.head(features), features
+        return self.head(features)[1], features
 
 
 def rsample(mean, logvar):
@@ -125,10 +126,24 @@ def soft_targets(p, value, swap, other):
     return torch.where(torch.rand_like(p) < swap, torch.full_like(p, other), target)
 
 
-def bce(p, target):
-    """Binary cross-entropy in float32 outside autocast (CUDA's autocast refuses it), as genspec's."""
-    with torch.autocast(p.device.type, enabled=False):
-        return F.binary_cross_entropy(p.float(), target.float())
+def bce(logits, target):
+    """Binary cross-entropy of sigmoid(logits), computed from the logits in float32 outside
+    autocast, as genspec computes bce of a network that ends in a sigmoid."""
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.binary_cross_entropy_with_logits(logits.float(), target.float())
+
+
+class SigmoidDiscriminator(nn.Module):
+    """A discriminator that returns its logits and its probability (in float32, as genspec's
+    network keeps both: the losses use the logits, the probability is the network's output)."""
+
+    def __init__(self, rows: list[nn.Module]):
+        super().__init__()
+        self.body = nn.Sequential(*rows)  # genspec's rows stop before the closing sigmoid
+
+    def forward(self, x):
+        logits = self.body(x)
+        return torch.sigmoid(logits.float()), logits
 
 
 class HandLoop:
@@ -201,7 +216,7 @@ class HandGAN(HandLoop):
         super().__init__(model, fast)
         self.z_shape = tuple(model.spec.latents["z"].shape)
         self.gen = nn.Sequential(*layers(model.networks["gen"]))
-        self.dis = nn.Sequential(*layers(model.networks["dis"]))
+        self.dis = SigmoidDiscriminator(layers(model.networks["dis"]))
         self.gen_params = list(self.gen.parameters())
         self.opt_d = self.adam(self.dis.parameters())
         self.opt_g = self.adam(self.gen_params)
@@ -212,8 +227,8 @@ class HandGAN(HandLoop):
     def dis_step(self, x):
         with self.forward_pass():
             x_fake = self.gen(torch.randn(len(x), *self.z_shape, device=x.device))
-            d_real = self.dis(x)
-            d_fake = self.dis(x_fake.detach())  # the usual idiom: no gradient into the generator
+            _, d_real = self.dis(x)  # logits
+            _, d_fake = self.dis(x_fake.detach())  # the usual idiom: no gradient into the generator
             d_loss = bce(d_real, torch.ones_like(d_real)) + bce(d_fake, torch.zeros_like(d_fake))
         self.opt_d.zero_grad(set_to_none=True)
         d_loss.backward()
@@ -221,7 +236,7 @@ class HandGAN(HandLoop):
 
     def gen_step(self, x):  # the batch is not read: the generator's loss sees only fakes
         with self.forward_pass():
-            d_fake = self.dis(self.gen(torch.randn(len(x), *self.z_shape, device=x.device)))
+            _, d_fake = self.dis(self.gen(torch.randn(len(x), *self.z_shape, device=x.device)))
             g_loss = bce(d_fake, torch.ones_like(d_fake))
         self.opt_g.zero_grad(set_to_none=True)
         # Gradients for the generator only: a plain backward() would also fill the
