@@ -144,7 +144,7 @@ def classifier_extractor(run_dir: str, network: str | None = None):
     if name not in _REGISTERED:
         tf.register_feature_extractor(name, ClassifierFeatures)
         _REGISTERED[name] = run_dir
-    protocol = {"extractor": f"classifier {names[0]} of {run_dir}", "weights_sha256": digest,
+    protocol = {"extractor": f"network {names[0]} of the classifier run {run_dir}", "weights_sha256": digest,
                 "feature_row": feature_row, "resize": f"bilinear to {input_shape[1]}x{input_shape[2]} where sizes differ"}
     return name, protocol
 

@@ -280,6 +280,7 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
         train["balance"] = {**BALANCE_DEFAULTS, **train["balance"]}
     if "collapse" in evaluate:
         evaluate["collapse"] = {**COLLAPSE_DEFAULTS, **evaluate["collapse"]}
+    _resolve_run_paths(evaluate, train, doc.file)
     for i, name in enumerate(evaluate.get("losses", [])):
         if name not in raw.get("losses", {}):
             problems.add(("evaluate", "losses", i), f"no loss named {name!r}")
@@ -301,6 +302,41 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     _check_names_do_not_clash(raw, problems)
     return Spec(raw["name"], doc, params, data, data_shape, num_classes, latents, networks, graph, losses,
                 objectives, train, phases, evaluate, labels, states)
+
+
+def project_root(spec_file: str) -> Path | None:
+    """The project a spec belongs to: the nearest folder at or above the spec's own that holds a
+    specs/ folder or a pyproject.toml (a run folder's spec.resolved.yaml finds the project the
+    run was made in). None for a spec that is not a file."""
+    path = Path(spec_file)
+    if not path.is_file():
+        return None
+    for folder in path.resolve().parents:
+        if (folder / "specs").is_dir() or (folder / "pyproject.toml").is_file():
+            return folder
+    return path.resolve().parent
+
+
+def run_path(path: str, spec_file: str) -> str:
+    """A run folder a spec names (a classifier extractor): as written when it exists from here or
+    is absolute, else in the spec's project when it is there, so that `genspec run` started in
+    another folder finds reports/mnist_classifier. Otherwise as written, for the message."""
+    written = Path(path).expanduser()
+    if written.is_absolute() or written.exists():
+        return path
+    root = project_root(spec_file)
+    return str(root / written) if root is not None and (root / written).exists() else path
+
+
+def _resolve_run_paths(evaluate: dict, train: dict, spec_file: str) -> None:
+    """Resolve the run folders named by evaluate.extractor and train.balance.features (the
+    resolved document, written into run folders, keeps them as written)."""
+    extractor = evaluate.get("extractor")
+    if isinstance(extractor, dict) and isinstance(extractor.get("classifier"), str):
+        evaluate["extractor"] = {**extractor, "classifier": run_path(extractor["classifier"], spec_file)}
+    features = train.get("balance", {}).get("features")
+    if isinstance(features, dict) and isinstance(features.get("classifier"), str):
+        train["balance"] = {**train["balance"], "features": {**features, "classifier": run_path(features["classifier"], spec_file)}}
 
 
 def _check_batch_norm_has_two(train: dict, networks: dict, problems: Collector) -> None:

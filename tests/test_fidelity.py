@@ -549,3 +549,23 @@ def test_the_real_score_can_read_the_training_split(tmp_path):
     real = json.loads((out / "metrics.json").read_text())["real"]
     assert real["protocol"]["samples"] == {"is": 300} and real["protocol"]["split"] == "train"
     assert "## Real train set, in this run's feature space" in (out / "report.md").read_text()
+
+
+def test_a_classifier_run_is_found_in_the_specs_project_from_any_folder(tmp_path, monkeypatch):
+    """`extractor: {classifier: reports/clf}` names a folder of the spec's project: a run started
+    from another folder finds it there; one that exists from here, or nowhere, is kept as written."""
+    project = tmp_path / "project"
+    (project / "specs").mkdir(parents=True)
+    (project / "reports" / "clf").mkdir(parents=True)
+    spec_file = vae_spec(project / "specs", FIDELITY_EVALUATE.format(classifier="reports/clf"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    spec = genspec.load(spec_file)
+    assert spec.evaluate["extractor"]["classifier"] == str((project / "reports" / "clf").resolve())
+
+    missing = vae_spec(project / "specs", FIDELITY_EVALUATE.format(classifier="reports/none"), "missing.yaml")
+    assert genspec.load(missing).evaluate["extractor"]["classifier"] == "reports/none"
+
+    (elsewhere / "reports" / "clf").mkdir(parents=True)  # found from here: as written
+    assert genspec.load(spec_file).evaluate["extractor"]["classifier"] == "reports/clf"

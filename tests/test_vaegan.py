@@ -528,7 +528,7 @@ def test_larsen_run_with_fid_through_a_registered_classifier(image_folder, class
     fid = metrics["fidelity"]["frechet_inception_distance"]
     assert math.isfinite(fid) and fid >= 0
     protocol = metrics["protocol"]
-    assert protocol["extractor"] == f"classifier clf of {classifier_run}"
+    assert protocol["extractor"] == f"network clf of the classifier run {classifier_run}"
     assert protocol["reference_size"] == 8 and protocol["samples"] == {"fid": 8}
     assert protocol["feature_row"] == 1  # the tap `features`
     report = (out / "report.md").read_text()
