@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import expr as E
-from . import fidelity
+from . import fidelity, provenance
 from .compile import Env, Model
 from .data import Split, Splits, batches
 from .errors import RunError
@@ -209,6 +209,9 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
         "train_last_epoch": history[-1]["train"] if history else {},
         **best_test_losses(history),
         "time_per_epoch_s": sum(h["time_s"] for h in history) / len(history) if history else None,
+        "train_time_s": round(sum(h["time_s"] for h in history), 3),  # every epoch, across resumes
+        "commit": provenance.commit(Path(__file__).parent),
+        "hardware": provenance.hardware(model.device),
         "params": {**{name: {"trainable": net.info.trainable, "frozen": net.info.frozen} for name, net in spec.networks.items()},
                    **{f"prior:{name}": {"trainable": sum(p.numel() for p in prior.parameters()), "frozen": 0}
                       for name, prior in model.priors.items() if any(True for _ in prior.parameters())}},
