@@ -248,6 +248,13 @@ def cmd_is_splits(args) -> int:
     return 0
 
 
+def cmd_reproduce(args) -> int:
+    from .reproduce import reproduce
+
+    reproduce(args.targets or ["specs"], collect_only=args.collect, out=args.out, progress=not args.no_progress)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="genspec", description="Compile model specs (papers' tables as YAML) into training runs.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -313,6 +320,13 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("--samples", type=int, help="samples to score (default: evaluate.is.samples)")
     i.add_argument("--seed", type=int, default=0)
     i.set_defaults(func=cmd_is_splits)
+    rp = sub.add_parser("reproduce", help="train the specs that state a paper's numbers and write the paper-vs-run "
+                                          "ledger (reports/REPRODUCTION.md, reports/reproduction.json)")
+    rp.add_argument("targets", nargs="*", metavar="SPEC_OR_FOLDER", help="spec files or folders of them (default specs/)")
+    rp.add_argument("--collect", action="store_true", help="train nothing: build the ledger from the finished run folders")
+    rp.add_argument("--out", help="folder for the ledger (default the first spec's project reports/)")
+    rp.add_argument("--no-progress", action="store_true", help="no progress bar")
+    rp.set_defaults(func=cmd_reproduce)
     r = with_only(with_set(sub.add_parser("run", help="train and evaluate a spec (or every run of a sweep), writing a report")))
     r.add_argument("spec")
     r.add_argument("--out", help="output folder (default reports/<name>/)")

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from . import expr as E
-from . import fidelity, provenance
+from . import fidelity, labels, provenance
 from .compile import Env, Model
 from .data import Split, Splits, batches
 from .errors import RunError
@@ -219,6 +219,11 @@ def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, histor
                  "val": len(splits.val) if splits.val else 0, "notes": splits.notes},
     }
     metrics["grids"] = make_grids(spec, model, splits.test, out)
+    with forked_rng(model):
+        torch.manual_seed(EVAL_SEED + 1)
+        found = labels.sample_labels(spec, model)
+    if found is not None:
+        metrics["sample_labels"] = found
     collapse = spec.evaluate.get("collapse")
     if collapse:
         metrics["collapse"] = {"state": collapse["state"], "fall": collapse["fall"], "window": collapse["window"],

@@ -91,18 +91,27 @@ def _safe_check(path: Path) -> None:
         raise RunError(f"{path} is not a plain tensor file (refused to load it): {exc}") from None
 
 
-def classifier_extractor(run_dir: str, network: str | None = None):
-    """Register the classifier of a finished run with torch-fidelity; returns (name, protocol)."""
+def load_classifier(run_dir: str, network: str | None = None, device="cpu"):
+    """A finished classifier run and the name of its classifier network: the one named, else the
+    first with a flat output (its class scores)."""
     from . import load_run
-    from .train import CHECKPOINT
 
-    tf = _torch_fidelity()
-    run = load_run(run_dir)
+    run = load_run(run_dir, device)
     names = [network] if network else [n for n, net in run.spec.networks.items() if len(net.info.output) == 1]
     if not names or names[0] not in run.networks:
         raise RunError(f"{run_dir}: no classifier network (one with a flat output) in this run")
-    spec_net = run.spec.networks[names[0]]
-    module = run.networks[names[0]]
+    return run, names[0]
+
+
+def classifier_extractor(run_dir: str, network: str | None = None):
+    """Register the classifier of a finished run with torch-fidelity; returns (name, protocol)."""
+    from .train import CHECKPOINT
+
+    tf = _torch_fidelity()
+    run, network = load_classifier(run_dir, network)
+    names = [network]
+    spec_net = run.spec.networks[network]
+    module = run.networks[network]
     digest = sha256(Path(run_dir) / CHECKPOINT)
     name = f"genspec-classifier-{digest[:12]}"
     feature_row = spec_net.info.taps.get("features", _penultimate_row(spec_net))

@@ -220,6 +220,95 @@ def _balance_lines(metrics: dict) -> list[str]:
             "| weight | " + " | ".join(f"{w:.3f}" for w in balance["weights"]) + " |", ""]
 
 
+# The signs of a collapsed run: IS this close to its floor of 1, one class above this share of
+# the samples, a per-pixel spread (std across samples, over the data's range) below this.
+IS_FLOOR_MARGIN, MAJORITY, MIN_SPREAD = 0.1, 0.5, 0.01
+
+
+def collapse_warnings(metrics: dict) -> list[str]:
+    """Why a finished run looks collapsed, in words (empty when nothing says so)."""
+    found = []
+    score = (metrics.get("fidelity") or {}).get("inception_score_mean")
+    if isinstance(score, (int, float)) and score - 1 < IS_FLOOR_MARGIN:
+        found.append(f"IS {score:.3f} is within {IS_FLOOR_MARGIN} of its floor of 1: the samples look like one class")
+    labels = metrics.get("sample_labels") or {}
+    histogram = labels.get("histogram")
+    if histogram and sum(histogram):
+        top = max(range(len(histogram)), key=histogram.__getitem__)
+        share = histogram[top] / sum(histogram)
+        if share > MAJORITY:
+            found.append(f"{share:.0%} of the generated samples are classified {top}")
+    spread = labels.get("pixel_spread")
+    if isinstance(spread, (int, float)) and spread < MIN_SPREAD:
+        found.append(f"the per-pixel spread across samples is {spread:.4f} of the data's range: "
+                     "the samples are (nearly) one image")
+    return found
+
+
+def plot_label_counts(labels: dict, path: Path) -> bool:
+    """Row k: the classes a classifier gives samples asked to be k (shares of the row), with the
+    share that matches on the diagonal. False when there is nothing to draw."""
+    counts = labels.get("counts")
+    if not counts:
+        return False
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shares = [[v / max(1, sum(row)) for v in row] for row in counts]
+    fig, ax = plt.subplots(figsize=(5.2, 4.6))
+    image = ax.imshow(shares, vmin=0, vmax=1, cmap="viridis")
+    for k in range(min(len(shares), len(shares[0]))):
+        ax.text(k, k, f"{shares[k][k]:.2f}", ha="center", va="center", fontsize=7,
+                color="black" if shares[k][k] > 0.5 else "white")
+    ax.set_xlabel("class given by the classifier")
+    ax.set_ylabel("label asked of the generator")
+    ax.set_xticks(range(len(shares[0])))
+    ax.set_yticks(range(len(shares)))
+    ax.set_title(f"Labels of generated samples (agreement {labels['agreement']:.1%})", fontsize=10)
+    fig.colorbar(image, ax=ax, fraction=0.046, label="share of the row")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def _collapse_lines(metrics: dict) -> list[str]:
+    found = collapse_warnings(metrics)
+    if not found:
+        return []
+    return ["> **Warning: this run looks collapsed.** " + "; ".join(found) + ".", ""]
+
+
+def _label_lines(metrics: dict, out: Path) -> list[str]:
+    """The classifier's classes of generated samples: per asked label (a conditional generator's
+    table and picture) or one histogram, and the per-pixel spread."""
+    found = metrics.get("sample_labels")
+    if not found:
+        return []
+    lines = ["## Labels of generated samples", ""]
+    counts, histogram = found.get("counts"), found.get("histogram")
+    if counts:
+        classes = range(len(counts[0]))
+        lines += [f"Samples drawn for each label and classified by {found['classifier']}: row k counts the classes of "
+                  f"the {sum(counts[0])} samples asked to be k. Label agreement: **{found['agreement']:.1%}** "
+                  f"(chance {1 / len(counts):.0%}).", ""]
+        if plot_label_counts(found, out / "labels.png"):
+            lines += ["![labels](labels.png)", ""]
+        lines += ["| asked \\ classified | " + " | ".join(str(c) for c in classes) + " | agreement |",
+                  "|---" * (len(counts[0]) + 2) + "|"]
+        lines += [f"| {k} | " + " | ".join(str(v) for v in row) + f" | {row[k] / max(1, sum(row)):.0%} |"
+                  for k, row in enumerate(counts)]
+        lines.append("")
+    elif histogram:
+        lines += [f"Classes given by {found['classifier']} to {sum(histogram)} samples:", "",
+                  "| class | " + " | ".join(str(c) for c in range(len(histogram))) + " |",
+                  "|---" * (len(histogram) + 1) + "|", "| samples | " + " | ".join(str(v) for v in histogram) + " |", ""]
+    lines += [f"Per-pixel spread across samples (std, as a share of the data's range): {found['pixel_spread']:.4f}.", ""]
+    return lines
+
+
 def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     has_curves = plot_losses(history, out / "losses.png")
     plot_graph(spec.graph_nx, out / "graph.png", f"{spec.name}: dependency graph, data flowing left to right")
@@ -247,8 +336,10 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     lines.append("")
     if untrained:
         lines += ["–: no training phase computes this loss; it is evaluated on the test set only.", ""]
+    lines[2:2] = _collapse_lines(metrics)  # first thing a reader sees
     lines += _quality_lines(metrics)
     lines += _reported_lines(spec, metrics)
+    lines += _label_lines(metrics, out)
     for kind, file in metrics.get("grids", {}).items():
         lines += [f"## {kind.capitalize()}", "", *_grid_caption(spec, kind), f"![{kind}]({file})", ""]
     if has_curves:
