@@ -164,9 +164,9 @@ def train_entry(entry: Entry, progress: bool, say=print) -> None:
     resume = (entry.folder / CHECKPOINT).exists()
     began = time.perf_counter()
     say(f"reproduce: {'resuming' if resume else 'training'} {entry.spec.name} ({command(entry)}) into {entry.folder}")
-    # a folder without a checkpoint holds nothing a run needs (the layer tables of a run that
-    # stopped in its first epoch): start it afresh
-    run(entry.spec, out=entry.folder, resume=resume, overwrite=not resume and entry.folder.exists(), progress=progress)
+    # without a checkpoint, genspec run starts a folder left in a first epoch afresh by itself,
+    # and refuses one that holds another run's files: nothing is ever overwritten from here
+    run(entry.spec, out=entry.folder, resume=resume, overwrite=False, progress=progress)
     say(f"reproduce: {entry.spec.name} took {time.perf_counter() - began:.0f} s")
 
 
