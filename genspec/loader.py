@@ -8,6 +8,7 @@ stages can point at `specs/x.yaml:12:7` for any key they complain about.
 from __future__ import annotations
 
 import re
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from .errors import Location, Problem, SpecError
 _BARE_EXPONENT = re.compile(r"^[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+$")
 _MAX_DEPTH = 64
 _MAX_NODES = 200_000  # aliases can multiply a small file ("billion laughs"); no spec is this big
+MAX_SPEC_BYTES = 1_000_000  # the largest shipped spec is a few kB
 
 
 @dataclass
@@ -78,12 +80,34 @@ def load_text(text: str, file: str = "<string>") -> Document:
     return doc
 
 
+def regular_file_problem(path: Path) -> str | None:
+    """Why `path` cannot be a spec: missing, not a regular file (a folder, a device such as
+    /dev/zero, a FIFO: reading those never ends or never starts), or larger than any spec."""
+    try:
+        info = path.stat()
+    except FileNotFoundError:
+        return "no such file"
+    except OSError as exc:
+        return f"cannot read: {exc.strerror or exc}"
+    if not stat.S_ISREG(info.st_mode):
+        kind = "a folder" if stat.S_ISDIR(info.st_mode) else "a device, FIFO or socket"
+        return f"not a regular file ({kind}); a spec is a YAML file"
+    if info.st_size > MAX_SPEC_BYTES:
+        return f"{info.st_size:,} bytes: larger than any spec (the limit is {MAX_SPEC_BYTES:,} bytes)"
+    return None
+
+
 def load_file(path: str | Path) -> Document:
     path = Path(path)
+    problem = regular_file_problem(path)
+    if problem:
+        raise SpecError([Problem(Location(str(path)), (), problem)])
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise SpecError([Problem(Location(str(path)), (), "no such file")]) from None
+        with open(path, "rb") as f:
+            raw = f.read(MAX_SPEC_BYTES + 1)  # bounded even if the file grows after the check
+        if len(raw) > MAX_SPEC_BYTES:
+            raise SpecError([Problem(Location(str(path)), (), f"larger than any spec (the limit is {MAX_SPEC_BYTES:,} bytes)")])
+        text = raw.decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise SpecError([Problem(Location(str(path)), (), f"cannot read: {exc}")]) from None
     return load_text(text, str(path))

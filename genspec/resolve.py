@@ -13,7 +13,7 @@ import re
 from pathlib import Path
 
 from .errors import Location, Problem, SpecError
-from .loader import Document, load_file, load_text
+from .loader import Document, load_file, load_text, regular_file_problem
 
 _INDEX = re.compile(r"^(.*?)\[(-?\d+)\]$")
 
@@ -43,7 +43,21 @@ def _load_with_bases(path: Path, seen: tuple) -> Document:
         raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"extends itself through {base_name}")])
     if not base_path.exists():
         raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"base spec {base_name} not found")])
-    base = _load_with_bases(base_path, seen + (path.resolve(),))
+    problem = regular_file_problem(base_path)
+    if problem:
+        raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"base spec {base_name}: {problem}")])
+    try:
+        base = _load_with_bases(base_path, seen + (path.resolve(),))
+    except SpecError as exc:
+        if any(p.message.startswith("YAML") for p in exc.problems):  # not YAML at all, or broken YAML
+            first = exc.problems[0]
+            raise SpecError([Problem(doc.where(("extends",)), ("extends",),
+                                     f"base spec {base_name} is not a readable spec: {first}")]) from None
+        raise
+    if not isinstance(base.data, dict):
+        kind = {list: "a list", str: "text", type(None): "nothing"}.get(type(base.data), type(base.data).__name__)
+        raise SpecError([Problem(doc.where(("extends",)), ("extends",),
+                                 f"base spec {base_name} holds {kind}, not a mapping of spec keys")])
     child = dict(doc.data)
     del child["extends"]
     return merge(base, Document(child, doc.locations, doc.file))

@@ -1,0 +1,70 @@
+"""Hostile and careless input (issue 23): every case ends in one located genspec line and a
+non-zero exit, memory stays bounded, and nothing the user wrote is lost."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from spec_helpers import QUICKSTART, cli_in_process
+
+
+def validate(*files) -> tuple[int, str]:
+    rc, out, err = cli_in_process("validate", *files)
+    assert "Traceback" not in err
+    return rc, err
+
+
+# ---------------------------------------------------------------- files that are not specs
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo", "folder"])
+def test_extends_of_a_file_that_never_ends_is_refused_at_the_key(tmp_path, target):
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+    if target == "folder":
+        (tmp_path / "folder").mkdir()
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"genspec: 1\nextends: {target}\n")
+    rc, err = validate(spec)
+    assert rc == 2 and f"{spec}:2:1: extends: base spec {target}: not a regular file" in err
+
+
+@pytest.mark.parametrize("target", ["/dev/zero", "fifo"])
+def test_spec_that_is_not_a_regular_file(tmp_path, target):
+    if target == "fifo":
+        os.mkfifo(tmp_path / "fifo")
+        target = tmp_path / "fifo"
+    rc, err = validate(target)
+    assert rc == 2 and "not a regular file" in err and len(err.strip().splitlines()) == 1
+
+
+def test_huge_spec_and_huge_base_are_refused_without_reading_them(tmp_path):
+    huge = tmp_path / "huge.yaml"
+    with open(huge, "wb") as f:
+        f.truncate(50_000_000)  # sparse: 50 MB that cost no disk
+    rc, err = validate(huge)
+    assert rc == 2 and "larger than any spec" in err
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("genspec: 1\nextends: huge.yaml\n")
+    rc, err = validate(spec)
+    assert rc == 2 and f"{spec}:2:1: extends: base spec huge.yaml:" in err and "larger than any spec" in err
+
+
+@pytest.mark.parametrize("content, kind", [("root:x:0:0:root:/root:/bin/bash\nbin:x:1:1::/bin:\n", "text"),
+                                           ("- a\n- b\n", "a list")])
+def test_extends_of_a_file_that_is_not_a_mapping(tmp_path, content, kind):
+    (tmp_path / "passwd").write_text(content)
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(QUICKSTART.read_text() + "extends: passwd\n")
+    rc, err = validate(spec)
+    line = len(QUICKSTART.read_text().splitlines()) + 1
+    assert rc == 2 and f"{spec}:{line}:1: extends: base spec passwd" in err
+    assert f"holds {kind}, not a mapping of spec keys" in err or "is not a readable spec" in err
+
+
+def test_an_empty_base_is_an_empty_mapping(tmp_path):
+    (tmp_path / "empty.yaml").write_text("")
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(QUICKSTART.read_text() + "extends: empty.yaml\n")
+    assert validate(spec)[0] == 0
