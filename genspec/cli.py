@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import RunError, SpecError, plural
+from .errors import RunError, SpecError, plural, writing
 
 
 def cmd_validate(args) -> int:
@@ -208,7 +208,8 @@ def cmd_sample(args) -> int:
         else:
             images, nrow = sample_images(module, prior, args.n, "cpu", conditions), math.ceil(math.sqrt(args.n))
     out = args.out or str(Path(args.run_dir) / ("interpolations_new.png" if args.interpolate else "samples_new.png"))
-    save_image(to_unit(images, run.spec), out, nrow=nrow, padding=2, pad_value=0.5)
+    with writing("the samples", out):
+        save_image(to_unit(images, run.spec), out, nrow=nrow, padding=2, pad_value=0.5)
     print(f"wrote {len(images)} images from {source[0]}({source[1]}) to {out}")
     return 0
 
@@ -240,11 +241,12 @@ def cmd_is_splits(args) -> int:
     lines = ["| splits | IS mean | IS std |", "|---|---|---|"] + [
         f"| {r['splits']} | {r['inception_score_mean']:.4f} | {r['inception_score_std']:.4f} |" for r in rows]
     print("\n".join(lines))
-    (Path(args.run_dir) / "is_splits.md").write_text("# Inception score by number of splits\n\n" + "\n".join(lines) + "\n")
-    with open(Path(args.run_dir) / "is_splits.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    with writing("the IS table", Path(args.run_dir) / "is_splits.md"):
+        (Path(args.run_dir) / "is_splits.md").write_text("# Inception score by number of splits\n\n" + "\n".join(lines) + "\n")
+        with open(Path(args.run_dir) / "is_splits.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
     return 0
 
 
@@ -351,6 +353,15 @@ def _speaker() -> str:
     return "genspec"
 
 
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout is not a real file (captured in tests)
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = list(map(str, argv)) if argv is not None else sys.argv[1:]
@@ -363,6 +374,9 @@ def main(argv: list[str] | None = None) -> int:
     except RunError as exc:
         print(f"{_speaker()}: {exc}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # `genspec show ... | head` closed the pipe: the reader has what it wanted
+        _silence_stdout()
+        return 141  # 128 + SIGPIPE, as a command killed by the closed pipe exits
     except OSError as exc:  # a folder that cannot be written, a full disk: what the system said, and where
         where = f" ({exc.filename})" if exc.filename else ""
         print(f"{_speaker()}: {exc.strerror or exc}{where}", file=sys.stderr)

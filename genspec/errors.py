@@ -7,6 +7,7 @@ and exit with status 2 instead of a traceback.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 
@@ -60,6 +61,17 @@ class SpecError(Exception):
 
 class RunError(Exception):
     """A run that cannot go on (missing data, diverged loss, refused resume): a clear message, no traceback."""
+
+
+@contextlib.contextmanager
+def writing(what: str, path):
+    """Say what was being written, and where, when the system refuses it (a folder where a file
+    should go, a full disk, no permission): `cannot write the report (reports/x/report.md): ...`."""
+    try:
+        yield
+    except OSError as exc:
+        where = exc.filename or path
+        raise RunError(f"cannot write {what} ({where}): {exc.strerror or exc}") from None
 
 
 class Collector:

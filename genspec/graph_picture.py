@@ -23,6 +23,8 @@ from pathlib import Path
 
 import networkx as nx
 
+from .errors import writing
+
 HIDDEN_KINDS = {"param", "label"}
 # Left to right, top to bottom in a column before ordering; also the legend's order.
 KIND_ORDER = ["input", "latent", "state", "network", "tensor", "loss", "update", "objective"]
@@ -214,5 +216,8 @@ def plot_graph(g: nx.DiGraph, path: Path, title: str) -> None:
               fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    try:
+        with writing("the graph picture", path):
+            fig.savefig(path, dpi=100)
+    finally:
+        plt.close(fig)

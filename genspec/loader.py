@@ -117,7 +117,16 @@ def _location(file: str, node: yaml.Node) -> Location:
     return Location(file, node.start_mark.line + 1, node.start_mark.column + 1)
 
 
+# the tags a node has without one written (and the same written out, `!!str 5`); any other tag
+# (`!!python/object`, `!custom`, `!!set`) would be dropped or misread, so it is refused
+_PLAIN_TAGS = {f"tag:yaml.org,2002:{t}" for t in ("str", "int", "float", "bool", "null", "seq", "map", "timestamp",
+                                                   "binary", "merge")}
+
+
 def _build(node: yaml.Node, path: tuple, doc: Document, file: str, depth: int):
+    if node.tag not in _PLAIN_TAGS:
+        raise SpecError([Problem(_location(file, node), path, f"YAML tag {node.tag!r} is not supported in a spec; "
+                                                              "write the plain value")])
     doc.node_count = getattr(doc, "node_count", 0) + 1
     if doc.node_count > _MAX_NODES:
         raise SpecError([Problem(_location(file, node), path, f"document expands to more than {_MAX_NODES} values (YAML aliases?)")])

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .errors import plural
+from .errors import plural, writing
 from .graph_picture import plot_graph
 from .rows import format_row
 from .shapes import fmt, prior_parameters
@@ -86,7 +86,8 @@ def _table(title: str, header: list[str], body: list[list[str]], markdown: bool,
 
 
 def write_layer_tables(spec: Spec, out: Path) -> None:
-    (out / "layers.md").write_text(layer_tables(spec, markdown=True) + "\n\n" + optimiser_table(spec, markdown=True) + "\n")
+    with writing("the layer tables", out / "layers.md"):
+        (out / "layers.md").write_text(layer_tables(spec, markdown=True) + "\n\n" + optimiser_table(spec, markdown=True) + "\n")
 
 
 def plot_losses(history: list, path: Path) -> bool:
@@ -108,8 +109,11 @@ def plot_losses(history: list, path: Path) -> bool:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with writing("a picture", path):
+            fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -269,8 +273,11 @@ def plot_label_counts(labels: dict, path: Path) -> bool:
     ax.set_title(f"Labels of generated samples (agreement {labels['agreement']:.1%})", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the row")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with writing("a picture", path):
+            fig.savefig(path, dpi=110)
+    finally:
+        plt.close(fig)
     return True
 
 
@@ -349,7 +356,8 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
     lines += ["## Networks", "", layer_tables(spec, markdown=True), "", optimiser_table(spec, markdown=True), "",
               "## Dependency graph", "", "![graph](graph.png)", "",
               "Per-epoch metrics: [metrics.jsonl](metrics.jsonl); final: [metrics.json](metrics.json).", ""]
-    (out / "report.md").write_text("\n".join(lines))
+    with writing("the report", out / "report.md"):
+        (out / "report.md").write_text("\n".join(lines))
 
 
 __all__ = ["layer_tables", "show_json", "write_report", "write_layer_tables", "json"]

@@ -135,6 +135,11 @@ def _apply_override(doc: Document, text: str) -> None:
     path = split_key(key.strip())
     if not path:
         raise SpecError([Problem(where, (), "empty key")])
+    if "" in key.strip().split("."):
+        raise SpecError([Problem(where, (), f"{key.strip()!r} has an empty part between dots")])
+    if path[0] == "extends":
+        raise SpecError([Problem(where, path, "extends is followed when the spec is read, before any --set: "
+                                              "write a variant that extends the spec instead")])
     try:
         value = load_text(raw, where.file).data if raw.strip() else ""
     except SpecError as exc:

@@ -68,3 +68,50 @@ def test_an_empty_base_is_an_empty_mapping(tmp_path):
     spec = tmp_path / "spec.yaml"
     spec.write_text(QUICKSTART.read_text() + "extends: empty.yaml\n")
     assert validate(spec)[0] == 0
+
+
+# ---------------------------------------------------------------- small ones
+
+@pytest.mark.parametrize("text, tag", [("name: !foo [1, 2]", "!foo"), ("name: !!python/object:os.system x", "python/object"),
+                                       ("name: !!set {a: null}", "set")])
+def test_yaml_tags_are_refused_where_they_stand(tmp_path, text, tag):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(f"genspec: 1\n{text}\n")
+    rc, err = validate(spec)
+    assert rc == 2 and f"{spec}:2:7: name: YAML tag" in err and tag in err
+
+
+def test_standard_tags_written_out_are_plain_values(tmp_path):
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(QUICKSTART.read_text().replace("name: quickstart", "name: !!str quickstart"))
+    assert validate(spec)[0] == 0
+
+
+@pytest.mark.parametrize("override, message", [("train..epochs=5", "empty part between dots"),
+                                               (".train.epochs=5", "empty part between dots"),
+                                               ("extends=other.yaml", "write a variant that extends")])
+def test_overrides_that_cannot_mean_anything(override, message):
+    rc, err = validate(QUICKSTART, "--set", override)
+    assert rc == 2 and f"--set {override}" in err and message in err
+
+
+def test_a_failed_write_says_what_was_being_written(tmp_path):
+    (tmp_path / "graph.png").mkdir()
+    rc, out, err = cli_in_process("graph", QUICKSTART, "--format", "png", "--out", tmp_path / "graph.png")
+    assert rc == 1 and err.strip() == f"genspec: cannot write the graph picture ({tmp_path / 'graph.png'}): Is a directory"
+
+
+def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
+    """`genspec show SPEC | head -1`: the reader closes the pipe, the next write raises
+    BrokenPipeError; genspec stops without a 'Broken pipe' message."""
+    import io
+
+    from genspec import cli
+
+    class ClosedPipe(io.StringIO):
+        def write(self, text):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr("sys.stdout", ClosedPipe())
+    assert cli.main(["show", str(QUICKSTART)]) == 141
+    assert capsys.readouterr().err == ""
