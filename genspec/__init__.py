@@ -57,6 +57,11 @@ def load_run(folder, device="cpu") -> FinishedRun:
     spec.graph_nx = build_graph(spec)
     networks = build(spec, device)
     state = load_checkpoint(folder, device)
+    from .compile import state_mismatch
+
+    mismatch = state_mismatch(torch.nn.ModuleDict(networks), state["model"].get("networks", {}))
+    if mismatch:
+        raise RunError(f"{folder / CHECKPOINT} does not fit the run's spec.resolved.yaml: {mismatch}")
     torch.nn.ModuleDict(networks).load_state_dict(state["model"]["networks"])
     from .priors import build_prior
 

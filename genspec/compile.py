@@ -367,6 +367,9 @@ class Model:
                 "optimizers": {name: run.optimizer.state_dict() for name, run in self.objectives.items()}}
 
     def load_state_dict(self, state: dict) -> None:
+        mismatch = state_mismatch(self.networks, state.get("networks", {})) or state_mismatch(self.priors, state.get("priors", {}))
+        if mismatch:
+            raise RunError(f"the checkpoint does not fit this spec: {mismatch}")
         self.networks.load_state_dict(state["networks"])
         self.priors.load_state_dict(state.get("priors", {}))
         self.states.load_state_dict(state.get("states", {}))
@@ -479,3 +482,22 @@ def choose_device(setting: str = "auto") -> torch.device:
 
 
 __all__ = ["Model", "Env", "Gaussian", "build", "choose_device", "make_optimizer"]
+
+
+def state_mismatch(modules: nn.ModuleDict, saved: dict) -> str | None:
+    """The first tensor where a checkpoint and the spec's modules disagree, in words (None if they
+    agree): a checkpoint of another spec, or of this spec before its layers changed, would
+    otherwise end in torch's `size mismatch` traceback."""
+    own = modules.state_dict()
+    for key, tensor in own.items():
+        network, _, name = key.partition(".")
+        if key not in saved:
+            return f"network {network}: its tensor {name} is not in the checkpoint"
+        if tuple(saved[key].shape) != tuple(tensor.shape):
+            return (f"network {network}: tensor {name} is {'x'.join(map(str, saved[key].shape)) or 'a scalar'} in the "
+                    f"checkpoint but {'x'.join(map(str, tensor.shape)) or 'a scalar'} in the spec")
+    extra = [key for key in saved if key not in own]
+    if extra:
+        network, _, name = extra[0].partition(".")
+        return f"network {network}: the checkpoint has a tensor {name} that the spec's network does not"
+    return None

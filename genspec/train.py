@@ -25,7 +25,7 @@ import yaml
 
 from .compile import Model, choose_device
 from .data import Splits, batch_starts, batches, load_data
-from .errors import RunError
+from .errors import RunError, plural
 from . import fidelity
 from . import distributed as dist
 from . import trace as step_trace
@@ -49,6 +49,10 @@ def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwri
         progress: bool = True) -> dict:
     """Train and evaluate a spec, writing everything into its run folder. Returns the final metrics."""
     out = Path(out or Path("reports") / spec.name)
+    if out.is_symlink():  # --out LINK: the run lives in the folder the link names (--overwrite moves that aside)
+        if not out.exists():
+            raise RunError(f"{out} is a link to {os.readlink(out)}, which does not exist; create it or choose another --out")
+        out = out.resolve()
     world = dist.from_environment()  # several processes under torchrun (`genspec run --nproc N`)
     dist.check_batch_split(spec, world.size)  # also for a world an outer torchrun started
     if out.exists() and not out.is_dir():
@@ -303,7 +307,10 @@ def _restore(model: Model, out: Path, device, epochs: int, world: dist.World, se
     if done > epochs:  # equal: training is over, and the final evaluation runs again
         raise RunError(f"{out} already has {done} epoch{'s' if done != 1 else ''}, more than the {epochs} asked; "
                        f"to train on, ask for more, e.g. --resume --set train.epochs={done + 10}")
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except RunError as exc:
+        raise RunError(f"{out / CHECKPOINT}: {exc}") from None
     epoch = int(state["epoch"])
     _restore_rng(state, world, seed, epoch)
     if not world.main:  # another rank of a distributed run: rank 0 keeps the folder
@@ -311,9 +318,27 @@ def _restore(model: Model, out: Path, device, epochs: int, world: dist.World, se
     if epoch < epochs:  # training on: the old final metrics no longer describe the run (nor mark it finished)
         (out / FINAL_METRICS).unlink(missing_ok=True)
     history = [h for h in _read_history(out) if h["epoch"] <= epoch]  # epochs after the checkpoint are redone
+    # each epoch's record is appended before its checkpoint is written, so every epoch up to the
+    # checkpoint's has one; a gap means metrics.jsonl was cut or removed since
+    lost = sorted(set(range(1, epoch + 1)) - {h["epoch"] for h in history})
+    if lost:
+        raise RunError(f"{out / 'metrics.jsonl'} has no record of {plural(len(lost), 'epoch')} ({_ranges(lost)}) though the "
+                       f"checkpoint holds {plural(epoch, 'epoch')}: the file was cut or removed, and a resumed run would "
+                       "leave them out of its report. Put the file back, or start afresh with --overwrite")
     _atomic_write_text(out / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     step_trace.truncate(out, epoch)
     return epoch + 1, history
+
+
+def _ranges(numbers: list[int]) -> str:
+    """Sorted [1, 2, 3, 7] -> '1-3, 7'."""
+    runs = [[numbers[0], numbers[0]]]
+    for n in numbers[1:]:
+        if n == runs[-1][1] + 1:
+            runs[-1][1] = n
+        else:
+            runs.append([n, n])
+    return ", ".join(str(a) if a == b else f"{a}-{b}" for a, b in runs)
 
 
 def _read_history(out: Path) -> list:

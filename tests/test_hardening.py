@@ -115,3 +115,67 @@ def test_a_closed_pipe_ends_quietly(monkeypatch, capsys):
     monkeypatch.setattr("sys.stdout", ClosedPipe())
     assert cli.main(["show", str(QUICKSTART)]) == 141
     assert capsys.readouterr().err == ""
+
+
+# ---------------------------------------------------------------- run folders
+
+def run_vae(folder, name="v", tail="", *args):
+    from spec_helpers import tiny_digits_vae
+
+    spec = folder / f"{name}.yaml"
+    spec.write_text(tiny_digits_vae(name, tail))
+    rc, out, err = cli_in_process("run", spec, "--out", folder / name, "--no-progress", *args)
+    return rc, err, spec
+
+
+def test_checkpoint_of_another_shape_is_one_line(tmp_path):
+    import shutil
+
+    assert run_vae(tmp_path, "v", "", "--set", "train.epochs=1")[0] == 0
+    (tmp_path / "w.yaml").write_text((tmp_path / "v.yaml").read_text().replace('"fc 16, relu", gaussian 2', '"fc 24, relu", gaussian 2')
+                                     .replace("name: v", "name: w"))
+    assert cli_in_process("run", tmp_path / "w.yaml", "--out", tmp_path / "w", "--no-progress")[0] == 0
+    shutil.copy(tmp_path / "w" / "checkpoint.pt", tmp_path / "v" / "checkpoint.pt")
+    rc, _, err = cli_in_process("run", tmp_path / "v.yaml", "--out", tmp_path / "v", "--resume", "--set", "train.epochs=2",
+                                "--no-progress")
+    assert rc == 1 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert str(tmp_path / "v" / "checkpoint.pt") in err and "network enc: tensor" in err and "24x64 in the checkpoint but 16x64 in the spec" in err
+    rc, _, err = cli_in_process("sample", tmp_path / "v")
+    assert rc == 1 and "does not fit the run's spec.resolved.yaml: network enc" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("damage, lost", [("cut", "1 epoch (2)"), ("removed", "2 epochs (1-2)")])
+def test_history_that_lost_records_is_not_resumed_silently(tmp_path, damage, lost):
+    assert run_vae(tmp_path, "v", "", "--set", "train.epochs=2")[0] == 0
+    history = tmp_path / "v" / "metrics.jsonl"
+    if damage == "cut":
+        text = history.read_text()
+        history.write_text(text[: len(text) - 40])  # the last record cut short
+    else:
+        history.unlink()
+    rc, _, err = cli_in_process("run", tmp_path / "v.yaml", "--out", tmp_path / "v", "--resume", "--set", "train.epochs=3",
+                                "--no-progress")
+    assert rc == 1 and f"has no record of {lost}" in err and "--overwrite" in err
+    assert (tmp_path / "v" / "checkpoint.pt").exists()  # nothing was touched
+
+
+def test_overwrite_through_a_link(tmp_path):
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real)
+    spec = tmp_path / "v.yaml"
+    from spec_helpers import tiny_digits_vae
+
+    spec.write_text(tiny_digits_vae("v"))
+    for extra in ([], ["--overwrite"]):
+        rc, _, err = cli_in_process("run", spec, "--out", tmp_path / "link", "--no-progress", *extra)
+        assert rc == 0, err
+    assert (tmp_path / "link").is_symlink() and (real / "metrics.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "real", "v.yaml"]  # no .link.replaced left
+
+
+def test_a_link_to_nothing_is_refused_before_training(tmp_path):
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    rc, err, _ = run_vae(tmp_path, "v")
+    rc, _, err = cli_in_process("run", tmp_path / "v.yaml", "--out", tmp_path / "link", "--no-progress")
+    assert rc == 1 and "which does not exist" in err
