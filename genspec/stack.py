@@ -39,7 +39,7 @@ from .errors import RunError
 from .graphs import StepGraphs
 from .spec import Spec
 from .train import (RESOLVED, _atomic_write_text, add_losses, after_checks, count_updates, epoch_steps, phase_cycle,
-                    phase_networks, save_checkpoint, torch_failures_as_messages, write_metrics)
+                    phase_networks, save_checkpoint, torch_failures_as_messages, write_manifest, write_metrics)
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
@@ -299,6 +299,7 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
     for spec, model, splits, folder, history in zip(specs, stacked.models, stacked.splits, folders, histories):
         metrics = final_evaluation(spec, model, splits, folder, history)
         write_report(spec, folder, metrics, history)
+        write_manifest(folder, [RESOLVED, "layers.md", *metrics.get("grids", {}).values()])
         write_metrics(folder, metrics)
         results.append(metrics)
     return results

@@ -84,6 +84,7 @@ def torch_failures_as_messages(train: dict, runs_at_once: int = 1):
 
 def _run(spec: Spec, out: Path, resume: bool, overwrite: bool, progress: bool, world: dist.World) -> dict:
     if world.main:
+        _finish_interrupted_move(out)  # a kill while --overwrite moved a run aside: make it whole first
         _check_folder(spec, out, resume, overwrite)
     splits, model = after_checks(spec, lambda: prepare(spec, world))
     device = model.device
@@ -105,6 +106,7 @@ def _run(spec: Spec, out: Path, resume: bool, overwrite: bool, progress: bool, w
         return {}
     metrics = final_evaluation(spec, model, splits, out, history, progress and sys.stderr.isatty())
     write_report(spec, out, metrics, history)
+    write_manifest(out, [RESOLVED, "layers.md", *metrics.get("grids", {}).values()])
     write_metrics(out, metrics)
     _drop_replaced(out)  # the new run is complete: the one it replaced can go
     return metrics
@@ -178,26 +180,59 @@ def _check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
                            + ("; it stopped before its first checkpoint: run it again without --resume to start afresh"
                               if started else ""))
         _check_same_spec(spec, out)
-    elif has_run and not any((out / marker).exists() for marker in RUN_MARKERS):
+    elif not has_run and other_files(out):
         raise RunError(f"{out} is not empty and is not a genspec run folder; choose another --out")
     elif has_run and not overwrite:
         raise RunError(f"{out} already holds a run; use --resume to continue it or --overwrite to replace it")
 
 
 RUN_MARKERS = (RESOLVED, CHECKPOINT, "metrics.jsonl", "metrics.json")
-STARTED_ONLY = {RESOLVED, "layers.md"}  # what a run writes before its first epoch ends
+STARTED_ONLY = {RESOLVED, "layers.md", ".genspec-files"}  # what a run writes before its first epoch ends
 # A study of a spec reports in the spec's run folder (reports/<name>/) beside a run of it.
 STUDY_FILES = ("study.md", "study_*.csv")
+# The files a run writes, by name (a folder written before the manifest existed is known by
+# these); grids with names of their own are in the manifest the run keeps.
+MANIFEST = ".genspec-files"
+KNOWN_RUN_FILES = ("spec.resolved.yaml", "layers.md", "metrics.jsonl", "metrics.json", "checkpoint.pt", "report.md",
+                   "trace.csv", "trace.png", "losses.png", "graph.png", "labels.png", "samples.png",
+                   "reconstructions.png", "interpolations.png", "*.tmp", MANIFEST)
 
 
 def run_files(out: Path) -> list[Path]:
-    """What in `out` belongs to the run there: its plain files. A folder inside it is another
-    run's or a tuning's (`reports/<name>/tune/`, a study's `<config>/seed<k>/`), and a study's
-    report sits beside the run's files; neither is the run's to replace or delete."""
+    """What in `out` the run there wrote: the files its manifest names and genspec's own file
+    names. Nothing else is the run's to move or delete: a user's notes beside it, a folder inside
+    it (a tuning's `tune/`, a study's `<config>/seed<k>/`), a study's report."""
     if not out.is_dir():
         return []
-    return sorted(p for p in out.iterdir() if not p.is_dir() and p.name != LOCK_FILE
+    named = set(_manifest(out))
+    return sorted(p for p in out.iterdir() if p.is_file() and not p.is_symlink() and p.name != LOCK_FILE
+                  and (p.name in named or any(fnmatch.fnmatch(p.name, pattern) for pattern in KNOWN_RUN_FILES))
                   and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
+
+
+def other_files(out: Path) -> list[Path]:
+    """Plain files in `out` that no run wrote (and that are not a study's report)."""
+    if not out.is_dir():
+        return []
+    own = set(run_files(out))
+    return sorted(p for p in out.iterdir() if not p.is_dir() and p not in own and p.name != LOCK_FILE
+                  and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
+
+
+def _manifest(out: Path) -> list[str]:
+    try:
+        names = json.loads((out / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str) and "/" not in n] if isinstance(names, list) else []
+
+
+def write_manifest(out: Path, names) -> None:
+    """Record the files this run wrote (beside those already recorded), so --overwrite later
+    replaces exactly them."""
+    present = {p.name for p in out.iterdir() if p.is_file()} if out.is_dir() else set()
+    written = sorted((set(_manifest(out)) | set(names) | {MANIFEST}) & (present | {MANIFEST}))
+    _atomic_write_text(out / MANIFEST, json.dumps(written) + "\n")
 
 
 def _stopped_before_first_epoch(out: Path) -> bool:
@@ -208,33 +243,57 @@ def _stopped_before_first_epoch(out: Path) -> bool:
 
 
 def _clear_folder(out: Path, resume: bool) -> None:
-    """Make `out` ready for a fresh run (or keep it for a resume). A run it held is moved aside to
-    `replaced_path(out)` rather than deleted, until the new run has finished (`_drop_replaced`):
-    a new run stopped by Ctrl-C, a divergence or a full disk leaves the old one there. Where a
-    replaced run is already waiting there, `out` holds only an unfinished replacement of it,
-    whose files go; the replaced run stays. Only the run's own files move or go: what else the
-    folder holds (a tuning, a study) stays where it is."""
+    """Make `out` ready for a fresh run (or keep it for a resume). A finished or checkpointed run
+    it held is moved aside to `replaced_path(out)` rather than deleted, until the new run has
+    finished (`_drop_replaced`): a new run stopped by Ctrl-C, a divergence or a full disk leaves
+    the old one there. Where a replaced run is already waiting there, `out` holds only an
+    unfinished replacement of it, whose files go; the replaced run stays. Only the files the run
+    wrote move or go: what else the folder holds (a user's notes, a tuning, a study) stays."""
+    _finish_interrupted_move(out)
     if not resume and out.exists():
         backup = replaced_path(out)
         own = run_files(out)
         if own and not backup.exists() and (out / CHECKPOINT).exists():
-            try:
-                out.rename(backup)  # one atomic step; what is not the run's comes back just below
-            except OSError as exc:  # e.g. a mount point
-                raise RunError(f"cannot move the run in {out} aside to {backup} ({exc.strerror}); "
-                               "remove it yourself or choose another --out") from None
-            out.mkdir()
-            _return_others(backup, out)
+            _move_aside(own, out, backup)
         else:
-            for path in own:  # _check_folder made sure these are a genspec run's
+            for path in own:  # a run stopped in its first epoch, or an unfinished replacement: nothing to keep
                 path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 
+def _staging_path(out: Path) -> Path:
+    return out.with_name(f".{out.name}.replacing")
+
+
+def _move_aside(own: list[Path], out: Path, backup: Path) -> None:
+    """Move the run's files (only them) into a staging folder, then rename it to `backup` in one
+    step: a kill part-way leaves the staging folder, which the next run moves back first."""
+    staging = _staging_path(out)
+    try:
+        staging.mkdir()
+        for path in own:
+            path.rename(staging / path.name)
+        staging.rename(backup)
+    except OSError as exc:
+        raise RunError(f"cannot move the run in {out} aside to {backup} ({exc.strerror}); "
+                       "remove it yourself or choose another --out") from None
+
+
+def _finish_interrupted_move(out: Path) -> None:
+    """A move aside that a kill cut short: put its files back where they were."""
+    staging = _staging_path(out)
+    if not staging.is_dir():
+        return
+    for path in sorted(staging.iterdir()):
+        if not (out / path.name).exists():
+            path.rename(out / path.name)
+    if not any(staging.iterdir()):
+        staging.rmdir()
+
+
 def _return_others(backup: Path, out: Path) -> None:
-    """Move what is not the run's (nested folders, a study's report) from the replaced run's
-    backup to `out`. Run again before the backup is deleted: a kill between the rename and
-    this step leaves them in the backup, not lost."""
+    """Move what is not the run's (nested folders, a study's report) from a replaced run's backup
+    to `out` (a backup made before runs moved only their own files aside held the whole folder)."""
     own = set(run_files(backup))
     for path in sorted(backup.iterdir()):
         if path not in own and not (out / path.name).exists():

@@ -179,3 +179,49 @@ def test_a_link_to_nothing_is_refused_before_training(tmp_path):
     rc, err, _ = run_vae(tmp_path, "v")
     rc, _, err = cli_in_process("run", tmp_path / "v.yaml", "--out", tmp_path / "link", "--no-progress")
     assert rc == 1 and "which does not exist" in err
+
+
+def test_overwrite_replaces_only_the_runs_files(tmp_path):
+    from spec_helpers import tiny_digits_vae
+
+    spec = tmp_path / "v.yaml"
+    spec.write_text(tiny_digits_vae("v"))
+    out = tmp_path / "run"
+    assert cli_in_process("run", spec, "--out", out, "--no-progress")[0] == 0
+    notes = out / "notes.txt"
+    notes.write_text("my notes")
+    (out / "mine.png").write_bytes(b"a picture of my own")
+    inode = notes.stat().st_ino
+    rc, _, err = cli_in_process("run", spec, "--out", out, "--no-progress", "--overwrite")
+    assert rc == 0, err
+    assert notes.read_text() == "my notes" and notes.stat().st_ino == inode  # neither deleted nor moved
+    assert (out / "mine.png").read_bytes() == b"a picture of my own" and (out / "metrics.json").exists()
+    assert not any(p.name.startswith(".run.") for p in tmp_path.iterdir())
+
+
+def test_a_folder_of_other_files_is_still_refused(tmp_path):
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "thesis.tex").write_text("x")
+    rc, err, _ = run_vae(tmp_path, "docs")
+    assert rc == 1 and "is not empty and is not a genspec run folder" in err
+
+
+def test_a_move_aside_cut_short_is_put_back(tmp_path):
+    """A kill while --overwrite moved the old run aside leaves .run.replacing: the next run puts
+    those files back first, so the old run is whole again (and then moved aside in one piece)."""
+    from spec_helpers import tiny_digits_vae
+
+    spec = tmp_path / "v.yaml"
+    spec.write_text(tiny_digits_vae("v"))
+    out = tmp_path / "run"
+    assert cli_in_process("run", spec, "--out", out, "--no-progress")[0] == 0
+    checkpoint = (out / "checkpoint.pt").read_bytes()
+    staging = tmp_path / ".run.replacing"
+    staging.mkdir()
+    (out / "checkpoint.pt").rename(staging / "checkpoint.pt")  # the kill came after the first file
+    rc, _, err = cli_in_process("run", spec, "--out", out, "--no-progress", "--resume", "--set", "train.epochs=2")
+    assert rc == 0, err
+    assert not staging.exists()
+    history = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    assert len(history) == 2  # resumed from the checkpoint that had been half moved away
+    assert checkpoint != (out / "checkpoint.pt").read_bytes()

@@ -26,7 +26,8 @@ BASE = ["train.device=cpu", "data.split.train=64", "data.split.test=32", "train.
 RUN_SETS = BASE + ["train.epochs=2", "evaluate.grid_size=4", "evaluate.interpolation_steps=5"]
 FAST = BASE + ["train.epochs=1", "evaluate.grids=[]"]
 RUN_FILES = {"spec.resolved.yaml", "layers.md", "metrics.jsonl", "metrics.json", "samples.png", "reconstructions.png",
-             "interpolations.png", "losses.png", "graph.png", "report.md", "checkpoint.pt"}
+             "interpolations.png", "losses.png", "graph.png", "report.md", "checkpoint.pt",
+             ".genspec-files"}  # the manifest of the files the run wrote (what --overwrite replaces)
 
 
 def sets(overrides) -> list[str]:
@@ -206,7 +207,7 @@ def test_overwrite_replaces_the_run(tmp_path):
     (out / "stale.txt").write_text("left from before")
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=3"]))
     assert rc == 0, err
-    assert not (out / "stale.txt").exists()
+    assert (out / "stale.txt").read_text() == "left from before"  # not a file the run wrote: kept (issue 23)
     assert [json.loads(line)["epoch"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["seed"] == 3 and metrics["epochs"] == 1
