@@ -40,6 +40,17 @@ _ARTICLE = {"norm": "a norm", "act": "an activation", "dropout": "a dropout"}
 _POST_ORDER = {"norm": 0, "act": 1, "dropout": 2}
 
 
+_HUGE = re.compile(r"^[x/]?(\d+(x\d+)*)$")
+
+
+def _refuse_huge_numbers(tokens: list[str]) -> None:
+    """`fc 1000000000`: a size past the grammar's nine digits is too large, not a syntax error."""
+    for token in tokens[1:]:
+        match = _HUGE.match(token)
+        if match and any(len(n) > 9 for n in match.group(1).split("x")):
+            raise RowError(f"{token!r}: a layer size, kernel or stride is at most 999,999,999; this one is too large")
+
+
 def parse_row(row) -> dict:
     """A row (string or mapping) -> its canonical mapping."""
     if isinstance(row, dict):
@@ -61,6 +72,7 @@ def parse_row(row) -> dict:
     parts = [p.strip() for p in text.split(",")]
     if any(not p for p in parts):
         raise RowError("empty part between commas")
+    _refuse_huge_numbers(parts[0].split())
     out.update(_parse_main(parts[0].split()))
     if out["op"] == "gaussian" and len(parts) > 1 and any(p.strip() != "frozen" for p in parts[1:]):
         raise RowError("a gaussian head is the network's output: it takes no norm, activation or dropout")

@@ -42,7 +42,7 @@ RESOLVED = "spec.resolved.yaml"
 # so may whether steps replay from CUDA graphs (the same kernels either way).
 STUDY_ONLY = {("repeats",), ("study",), ("sweep",)}
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"),
-                     ("train", "loader"), ("train", "workers"), ("train", "cuda_graphs")}
+                     ("train", "loader"), ("train", "workers"), ("train", "cuda_graphs"), ("train", "memory_budget")}
 
 
 def run(spec: Spec, out: str | Path | None = None, resume: bool = False, overwrite: bool = False,
@@ -74,7 +74,14 @@ def torch_failures_as_messages(train: dict, runs_at_once: int = 1):
                     if runs_at_once > 1 else "; --resume continues from the last checkpoint")
         raise RunError(f"out of memory ({first_line}); try a smaller train.batch_size (now {train['batch_size']})"
                        + together) from None
+    except MemoryError:
+        raise RunError(f"out of memory: the machine could not hold this run; try a smaller train.batch_size (now "
+                       f"{train['batch_size']}) or smaller networks (genspec validate estimates a step's memory)") from None
     except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "DefaultCPUAllocator" in str(exc):  # the CPU allocator's refusal
+            first = str(exc).splitlines()[0]
+            raise RunError(f"out of memory on the CPU ({first}); try a smaller train.batch_size (now "
+                           f"{train['batch_size']}) or smaller networks; --resume continues from the last checkpoint") from None
         if "input should be between 0 and 1" not in str(exc):  # torch's binary_cross_entropy on the CPU
             raise
         raise RunError("a bce loss got a prediction outside [0, 1]: bce needs probabilities, so its first argument "

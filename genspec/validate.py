@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import json
 import math
+import re
 from functools import lru_cache
 from pathlib import Path
 
@@ -299,6 +300,7 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     states = _states(raw.get("state", {}), params, problems)
     _check_training_extras(raw, train, evaluate, latents, states, problems)
     _check_batch_norm_has_two(train, networks, problems)
+    _check_memory(raw, train, networks, problems)
     _check_names_do_not_clash(raw, problems)
     return Spec(raw["name"], doc, params, data, data_shape, num_classes, latents, networks, graph, losses,
                 objectives, train, phases, evaluate, labels, states)
@@ -337,6 +339,44 @@ def _resolve_run_paths(evaluate: dict, train: dict, spec_file: str) -> None:
     features = train.get("balance", {}).get("features")
     if isinstance(features, dict) and isinstance(features.get("classifier"), str):
         train["balance"] = {**train["balance"], "features": {**features, "classifier": run_path(features["classifier"], spec_file)}}
+
+
+DEFAULT_MEMORY_BUDGET_GIB = 64
+
+
+def step_memory(raw: dict, train: dict, networks: dict) -> dict:
+    """genspec's estimate of one training step's memory, in bytes: float32 weights, gradients and
+    Adam's two moments of every parameter (16 bytes each), and each network's activations at the
+    batch size, kept for the backward pass and matched by their gradients, once per call of the
+    network in the graph and losses. An estimate to refuse the impossible before anything is
+    allocated, not a measurement (autocast halves the activations, the allocator adds slack)."""
+    text = " ".join(str(v) for section in ("graph", "losses") for v in (raw.get(section) or {}).values())
+    batch = int(train.get("batch_size", 1))
+    per_network = {}
+    for name, net in networks.items():
+        params = net.info.trainable + net.info.frozen
+        values = sum(math.prod(row.out_shape) for row in net.info.rows if row.out_shape)
+        calls = max(1, len(re.findall(rf"\b{re.escape(name)}\s*[(.]", text)))
+        per_network[name] = {"params": params, "weights": 16 * params, "activations": 2 * 4 * values * batch * calls}
+    return per_network
+
+
+def _check_memory(raw: dict, train: dict, networks: dict, problems: Collector) -> None:
+    """A network too large for any machine (`fc 100000000` is 12.9 G parameters) is refused here,
+    with the estimate, instead of dying in the allocator after the data has loaded."""
+    budget = float(train.get("memory_budget", DEFAULT_MEMORY_BUDGET_GIB))
+    estimate = step_memory(raw, train, networks)
+    total = sum(n["weights"] + n["activations"] for n in estimate.values())
+    if total <= budget * 2 ** 30:
+        return
+    biggest = max(estimate, key=lambda n: estimate[n]["weights"] + estimate[n]["activations"])
+    big = estimate[biggest]
+    gib = 2 ** 30
+    problems.add(("networks", biggest), f"one training step needs about {total / gib:,.1f} GiB by genspec's estimate, above "
+                        f"train.memory_budget ({budget:g} GiB); networks.{biggest} alone has {big['params']:,} parameters "
+                        f"({big['weights'] / gib:,.1f} GiB with gradients and Adam's moments) and "
+                        f"{big['activations'] / gib:,.1f} GiB of activations at batch {train.get('batch_size')}. "
+                        "On a machine that has the memory: --set train.memory_budget=GIB")
 
 
 def _check_batch_norm_has_two(train: dict, networks: dict, problems: Collector) -> None:

@@ -225,3 +225,50 @@ def test_a_move_aside_cut_short_is_put_back(tmp_path):
     history = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     assert len(history) == 2  # resumed from the checkpoint that had been half moved away
     assert checkpoint != (out / "checkpoint.pt").read_bytes()
+
+
+# ---------------------------------------------------------------- memory
+
+def test_a_layer_size_past_nine_digits_is_too_large(tmp_path):
+    from spec_helpers import tiny_digits_vae
+
+    spec = tmp_path / "v.yaml"
+    spec.write_text(tiny_digits_vae("v").replace('"fc 16, relu", gaussian 2', '"fc 1000000000, relu", gaussian 2'))
+    rc, err = validate(spec)
+    assert rc == 2 and "'1000000000': a layer size, kernel or stride is at most 999,999,999" in err
+
+
+def test_a_network_too_large_for_the_budget_is_refused_with_the_estimate(tmp_path):
+    from spec_helpers import tiny_digits_vae
+
+    spec = tmp_path / "v.yaml"
+    spec.write_text(tiny_digits_vae("v").replace('"fc 16, relu", gaussian 2', '"fc 100000000, relu", gaussian 2'))
+    rc, err = validate(spec)
+    assert rc == 2 and f"{spec}:7:3: networks.enc: one training step needs about 126.7 GiB" in err
+    assert "6,900,000,004 parameters" in err and "--set train.memory_budget=GIB" in err
+    assert validate(spec, "--set", "train.memory_budget=200")[0] == 0
+
+
+def test_the_estimate_counts_weights_moments_and_activations_per_call():
+    import genspec
+    from genspec.validate import step_memory
+
+    spec = genspec.load(str(QUICKSTART))
+    estimate = step_memory(spec.raw, spec.train, spec.networks)
+    enc = spec.networks["enc"]
+    values = sum(__import__("math").prod(r.out_shape) for r in enc.info.rows)
+    assert estimate["enc"]["weights"] == 16 * (enc.info.trainable + enc.info.frozen)
+    assert estimate["enc"]["activations"] == 2 * 4 * values * spec.train["batch_size"]  # called once: enc(x)
+
+
+def test_an_allocation_failure_at_run_time_is_one_line(tmp_path, monkeypatch):
+    """What the CPU allocator raises when the estimate was too kind ends in a genspec line."""
+    import genspec.train
+
+    def refuse(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
+                           "you tried to allocate 51600000000 bytes. Error code 12 (Cannot allocate memory)")
+
+    monkeypatch.setattr(genspec.train, "prepare", refuse)
+    rc, err, _ = run_vae(tmp_path, "v")
+    assert rc == 1 and err.startswith("genspec: out of memory on the CPU") and len(err.strip().splitlines()) == 1
