@@ -41,9 +41,14 @@ class Problem:
     location: Location
     path: tuple
     message: str
+    excerpt: str = ""  # the source line, when the column points at a token inside a value
 
     def __str__(self) -> str:
-        return f"{self.location}: {format_path(self.path)}: {self.message}"
+        head = f"{self.location}: {format_path(self.path)}: {self.message}"
+        if not self.excerpt:
+            return head
+        # the line as written, and a caret under the offending token
+        return f"{head}\n    {self.excerpt}\n    {' ' * (self.location.column - 1)}^"
 
 
 @dataclass
@@ -79,10 +84,17 @@ class Collector:
 
     def __init__(self, where) -> None:
         self.where = where  # callable: path -> Location
+        # a Document's where: its `point` finds the offending token inside the value
+        self.point = getattr(getattr(where, "__self__", None), "point", None)
         self.problems: list[Problem] = []
 
     def add(self, path: tuple, message: str) -> None:
-        self.problems.append(Problem(self.where(tuple(path)), tuple(path), message))
+        path = tuple(path)
+        pointed = self.point(path, message) if self.point else None
+        if pointed:
+            self.problems.append(Problem(pointed[0], path, message, pointed[1]))
+        else:
+            self.problems.append(Problem(self.where(path), path, message))
 
     def raise_if_any(self) -> None:
         if self.problems:

@@ -32,6 +32,22 @@ class Document:
     locations: dict[tuple, Location] = field(default_factory=dict)
     file: str = "<string>"
 
+    def point(self, path: tuple, message: str) -> tuple[Location, str] | None:
+        """(location of the offending token inside the value at `path`, its source line), for a
+        message that quotes the token (`undefined name 'relu'`) or gives its character; None
+        where the value is not a one-line scalar of a file, or the token is not in it."""
+        start = self.locations.get(tuple(path) + (VALUE,))
+        value = _value_at(self.data, tuple(path))
+        if start is None or not isinstance(value, str) or not start.line:
+            return None
+        offset = _token_offset(value, message)
+        if offset is None:
+            return None
+        line = _source_line(start.file, start.line)
+        if line is None:
+            return None
+        return Location(start.file, start.line, start.column + offset), line
+
     def where(self, path: tuple) -> Location:
         """The location of `path`, or of its nearest ancestor that has one."""
         path = tuple(path)
@@ -40,6 +56,54 @@ class Document:
                 return self.locations[path]
             path = path[:-1]
         return self.locations.get((), Location(self.file, 1, 1))
+
+
+VALUE = "\x00value"  # locations[path + (VALUE,)]: where a one-line scalar's text starts (inside its quotes)
+
+
+def _value_at(data, path: tuple):
+    for part in path:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _token_offset(text: str, message: str) -> int | None:
+    """Where in `text` the message's offending token starts: `(at character N)` of a parse
+    error, else the first quoted token of the message found in the text as a whole word."""
+    at = re.search(r"at character (\d+)", message)  # 1-based; one past the end for "found the end"
+    if at and 1 <= int(at.group(1)) <= len(text) + 1:
+        return int(at.group(1)) - 1
+    for token in re.findall(r"'([^']+)'", message):
+        if token == text:
+            continue
+        found = re.search(rf"(?<![\w.]){re.escape(token)}(?!\w)", text)
+        if found:
+            return found.start()
+    return None
+
+
+def _source_line(file: str, number: int) -> str | None:
+    try:
+        path = Path(file)
+        if not path.is_file() or path.stat().st_size > MAX_SPEC_BYTES:
+            return None
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    return lines[number - 1] if 0 < number <= len(lines) else None
+
+
+def _value_start(file: str, node: yaml.Node) -> Location | None:
+    """Where a one-line scalar's text starts (after its opening quote); None for anything else."""
+    if not isinstance(node, yaml.ScalarNode) or node.start_mark.line != node.end_mark.line:
+        return None
+    if node.style in ("|", ">"):
+        return None
+    quoted = 1 if node.style in ('"', "'") else 0
+    return Location(file, node.start_mark.line + 1, node.start_mark.column + 1 + quoted)
 
 
 def _flow_hint(exc: yaml.MarkedYAMLError, text: str) -> str:
@@ -138,6 +202,9 @@ def _build(node: yaml.Node, path: tuple, doc: Document, file: str, depth: int):
         out = []
         for i, item in enumerate(node.value):
             doc.locations[path + (i,)] = _location(file, item)
+            start = _value_start(file, item)
+            if start:
+                doc.locations[path + (i, VALUE)] = start
             out.append(_build(item, path + (i,), doc, file, depth + 1))
         return out
     return _scalar(node, path, file)
@@ -156,6 +223,9 @@ def _build_mapping(node: yaml.MappingNode, path: tuple, doc: Document, file: str
         if key in out:
             raise SpecError([Problem(_location(file, key_node), path + (key,), "duplicate key")])
         doc.locations[path + (key,)] = _location(file, key_node)
+        start = _value_start(file, value_node)
+        if start:
+            doc.locations[path + (key, VALUE)] = start
         out[key] = _build(value_node, path + (key,), doc, file, depth + 1)
     return out
 

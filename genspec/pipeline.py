@@ -56,7 +56,7 @@ def load_runs(path: str | Path, overrides: list[str] | None = None, only: list[s
                 key = (p.location, p.path, p.message)
                 if key not in seen:  # the same mistake in a shared part is reported once
                     seen.add(key)
-                    problems.append(Problem(p.location, p.path, p.message + (f" [in run {run.id}]" if run.id else "")))
+                    problems.append(Problem(p.location, p.path, p.message + (f" [in run {run.id}]" if run.id else ""), p.excerpt))
     if problems:
         raise SpecError(problems)
     table_metric_problems(doc, [spec for _, spec in out])

@@ -133,7 +133,11 @@ def _parse_main(words: list[str]) -> dict:
 
 def _parse_conv(op: str, args: list[str]) -> dict:
     usage = f"expected '{op} CHANNELS KxK' then optional " + ("'/STRIDE'" if op == "conv" else "'xSCALE'") + ", 'pad N' / 'valid', 'bias=false'"
-    if len(args) < 2 or not _INT.match(args[0]) or not (_DIMS.match(args[1]) or _INT.match(args[1])):
+    if args and not _INT.match(args[0]):
+        raise RowError(f"{args[0]!r} is not a number of channels: {usage}")
+    if len(args) > 1 and not (_DIMS.match(args[1]) or _INT.match(args[1])):
+        raise RowError(f"{args[1]!r} is not a kernel size: {usage}")
+    if len(args) < 2:
         raise RowError(usage)
     kernel = [int(k) for k in args[1].split("x")]
     if len(kernel) > 2 or (len(kernel) == 2 and kernel[0] != kernel[1]):
@@ -164,8 +168,10 @@ def _parse_conv(op: str, args: list[str]) -> dict:
 
 def _parse_dense(op: str, args: list[str]) -> dict:
     usage = f"expected '{op} N' or '{op} HxWxC'" + (" and optional 'var=V'" if op == "gaussian" else "") + " and optional 'bias=false'"
-    if not args or not (_INT.match(args[0]) or _DIMS.match(args[0])):
+    if not args:
         raise RowError(usage)
+    if not (_INT.match(args[0]) or _DIMS.match(args[0])):
+        raise RowError(f"{args[0]!r} is not a size: {usage}")
     dims = [int(d) for d in args[0].split("x")]
     if any(d < 1 for d in dims):
         raise RowError("sizes must be positive")

@@ -1,7 +1,8 @@
 """Each spec in tests/fixtures/invalid/ is the quick-start with one mistake; `genspec validate` must report it
 as exactly these located lines (`FILE:LINE:COL: key.path: message`), exit with status 2, and never print a
 traceback. Every message below was checked by eye against its fixture: the line and column are those of the
-offending key, list item or row."""
+offending key, list item or row, or of the offending token inside an expression or row, which is then shown
+under its source line with a caret."""
 
 from __future__ import annotations
 
@@ -33,19 +34,25 @@ EXPECTED = {
         "missing_required.yaml:2:1: (top level): missing required key 'name'",
     ],
     "undefined_network": [
-        "undefined_network.yaml:32:3: graph.x_rec: unknown op or network 'decoder'; did you mean 'dec'?",
+        "undefined_network.yaml:32:10: graph.x_rec: unknown op or network 'decoder'; did you mean 'dec'?",
+        "      x_rec: decoder(z)",  # the line as written, and a caret under the offending token
+        "             ^",
     ],
     "undefined_network_objective": [
         "undefined_network_objective.yaml:39:30: objectives.vae.networks[2]: no network named 'disc' to train",
     ],
     "undefined_tensor": [
-        "undefined_tensor.yaml:35:3: losses.rec: undefined name 'x_recon'; did you mean 'x_rec'?",
+        "undefined_tensor.yaml:35:14: losses.rec: undefined name 'x_recon'; did you mean 'x_rec'?",
+        "      rec: sqerr(x_recon, x) / (2 * sigma2)",
+        "                 ^",
     ],
     "graph_cycle": [
         "graph_cycle.yaml:30:3: graph.q: cycle: q -> z -> x_rec -> q",
     ],
     "bad_row": [
-        "bad_row.yaml:20:9: networks.enc.layers[2]: unexpected 'relu': expected 'fc N' or 'fc HxWxC' and optional 'bias=false'",
+        "bad_row.yaml:20:15: networks.enc.layers[2]: unexpected 'relu': expected 'fc N' or 'fc HxWxC' and optional 'bias=false'",
+        "          - fc 64 relu",
+        "                  ^",
     ],
     "shape_mismatch_loss": [
         "shape_mismatch_loss.yaml:28:9: networks.dec.layers[3]: output 1x7x7 does not match 1x8x8 in sqerr (losses.rec)",
@@ -81,7 +88,9 @@ EXPECTED = {
     ],
     # a loss that fails to parse is reported once, not also as missing from evaluate.losses
     "bad_expression": [
-        "bad_expression.yaml:36:3: losses.kl: cannot parse 'kl(q, z': expected ')', found the end (at character 8)",
+        "bad_expression.yaml:36:14: losses.kl: cannot parse 'kl(q, z': expected ')', found the end (at character 8)",
+        "      kl: kl(q, z",
+        "                 ^",
     ],
     # each missing key is named, at the top-level mapping
     "missing_two_required": [

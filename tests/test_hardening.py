@@ -272,3 +272,27 @@ def test_an_allocation_failure_at_run_time_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setattr(genspec.train, "prepare", refuse)
     rc, err, _ = run_vae(tmp_path, "v")
     assert rc == 1 and err.startswith("genspec: out of memory on the CPU") and len(err.strip().splitlines()) == 1
+
+
+# ---------------------------------------------------------------- pointing at the token
+
+@pytest.mark.parametrize("old, new, token", [
+    ('"fc 16, relu", gaussian 2', '"conv banana 5x5", gaussian 2', "banana"),
+    ("rec: sqerr(x_rec, x)", "rec: sqerr(x_rec, relu)", "relu"),
+    ("kl: kl(q, z)", "kl: kl(q, z", None),  # a parse error points at the character it names
+])
+def test_errors_point_at_the_offending_token(tmp_path, old, new, token):
+    from spec_helpers import tiny_digits_vae
+
+    text = tiny_digits_vae("v").replace(old, new)
+    spec = tmp_path / "v.yaml"
+    spec.write_text(text)
+    rc, err = validate(spec)
+    head, source, caret = err.rstrip("\n").splitlines()
+    number = next(i for i, line in enumerate(text.splitlines(), 1) if new.split(":")[0] in line and new in line)
+    line = text.splitlines()[number - 1]
+    column = line.index(token) + 1 if token else line.index(new.split(": ", 1)[1]) + len(new.split(": ", 1)[1]) + 1
+    assert rc == 2 and head.startswith(f"{spec}:{number}:{column}: ")
+    assert source == "    " + line and caret == "    " + " " * (column - 1) + "^"
+    if token:
+        assert f"'{token}'" in head

@@ -129,7 +129,7 @@ ERRORS = [
     ("conv 64 5x3", "kernel '5x3': only square kernels (KxK) are supported"),
     ("conv 64 3x3x3", "kernel '3x3x3': only square kernels (KxK) are supported"),
     ("conv 64", "expected 'conv CHANNELS KxK' then optional '/STRIDE', 'pad N' / 'valid', 'bias=false'"),
-    ("conv 64 big", "expected 'conv CHANNELS KxK' then optional '/STRIDE', 'pad N' / 'valid', 'bias=false'"),
+    ("conv 64 big", "'big' is not a kernel size: expected 'conv CHANNELS KxK' then optional '/STRIDE', 'pad N' / 'valid', 'bias=false'"),
     ("conv 64 5x5 x2", "unexpected 'x2': expected 'conv CHANNELS KxK' then optional '/STRIDE', 'pad N' / 'valid', 'bias=false'"),
     ("deconv 64 5x5 /2", "unexpected '/2': expected 'deconv CHANNELS KxK' then optional 'xSCALE', 'pad N' / 'valid', 'bias=false'"),
     ("conv 8 3x3 pad", "unexpected 'pad': expected 'conv CHANNELS KxK' then optional '/STRIDE', 'pad N' / 'valid', 'bias=false'"),
