@@ -11,3 +11,11 @@ def fidelity_cache(tmp_path_factory):
         folder = tmp_path_factory.mktemp("genspec_cache")
         patch.setenv("GENSPEC_CACHE", str(folder))
         yield folder
+
+
+# Property tests draw the same examples on every run (the suite is deterministic), and keep no
+# example database in the checkout.
+from hypothesis import settings as _hypothesis_settings  # noqa: E402
+
+_hypothesis_settings.register_profile("genspec", derandomize=True, database=None)
+_hypothesis_settings.load_profile("genspec")
