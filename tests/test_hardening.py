@@ -296,3 +296,22 @@ def test_errors_point_at_the_offending_token(tmp_path, old, new, token):
     assert source == "    " + line and caret == "    " + " " * (column - 1) + "^"
     if token:
         assert f"'{token}'" in head
+
+
+def test_a_relayed_multi_line_message_is_cut_to_a_line_and_a_hint(monkeypatch, capsys):
+    from genspec import cli
+    from genspec.errors import RunError
+
+    def fail(args):
+        raise RunError("CUDA error: device-side assert triggered\nCUDA kernel errors might be asynchronously reported\n"
+                       "For debugging consider passing CUDA_LAUNCH_BLOCKING=1\nCompile with TORCH_USE_CUDA_DSA")
+
+    monkeypatch.setattr(cli, "cmd_validate", fail)
+    parser = cli.parser()
+    monkeypatch.setattr(cli, "parser", lambda: parser)
+    for action in parser._subparsers._group_actions[0].choices.values():
+        if action.prog.endswith("validate"):
+            action.set_defaults(func=fail)
+    assert cli.main(["validate", str(QUICKSTART)]) == 1
+    assert capsys.readouterr().err.splitlines() == ["genspec: CUDA error: device-side assert triggered",
+                                                    "CUDA kernel errors might be asynchronously reported"]
