@@ -353,13 +353,6 @@ def _speaker() -> str:
     return "genspec"
 
 
-def _one_line_and_a_hint(message: str) -> str:
-    """A failure is one line, plus at most one hint line: torch's own multi-line texts (a CUDA
-    error's advice, an allocator's dump) relayed inside a message are cut there."""
-    lines = [line for line in message.splitlines() if line.strip()]
-    return "\n".join(lines[:2]) if lines else message
-
-
 def _silence_stdout() -> None:
     """Point stdout at /dev/null, so the interpreter's own flush at exit does not fail again."""
     try:
@@ -379,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
             print(problem, file=sys.stderr)
         return 2
     except RunError as exc:
-        print(f"{_speaker()}: {_one_line_and_a_hint(str(exc))}", file=sys.stderr)
+        print(f"{_speaker()}: {exc}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `genspec show ... | head` closed the pipe: the reader has what it wanted
         _silence_stdout()

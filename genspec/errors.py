@@ -64,6 +64,13 @@ class SpecError(Exception):
         return "\n".join(str(p) for p in self.problems)
 
 
+def relayed(exc: BaseException) -> str:
+    """Another library's error text (torch's are often a page long) as one line plus at most one
+    hint line, for quoting inside a genspec message."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return "; ".join(lines[:2]) if lines else type(exc).__name__
+
+
 class RunError(Exception):
     """A run that cannot go on (missing data, diverged loss, refused resume): a clear message, no traceback."""
 

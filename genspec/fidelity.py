@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 from torch.nn import functional as F
 
-from .errors import RunError
+from .errors import RunError, relayed
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 METRIC_FLAGS = {"is": "isc", "fid": "fid", "kid": "kid", "prc": "prc"}
@@ -88,7 +88,7 @@ def _safe_check(path: Path) -> None:
     try:
         torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any failure means we will not hand it on
-        raise RunError(f"{path} is not a plain tensor file (refused to load it): {exc}") from None
+        raise RunError(f"{path} is not a plain tensor file (refused to load it): {relayed(exc)}") from None
 
 
 def load_classifier(run_dir: str, network: str | None = None, device="cpu"):
