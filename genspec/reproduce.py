@@ -405,8 +405,22 @@ def collect(todo: list[Entry]) -> None:
             entry.not_run = lacking or f"no finished run in {display(entry.folder)}"
 
 
-def ledger(todo: list[Entry], reasons: dict) -> dict:
-    rows = [row for entry in todo for row in rows_of(entry, reasons)]
+def kept_rows(folder: Path, todo: list[Entry]) -> list[dict]:
+    """The ledger is a record of every spec measured: the rows of specs this call does not cover
+    stay as they were (while their spec file still exists), so `genspec reproduce specs/cgan`
+    refreshes the CGAN rows and keeps the others."""
+    try:
+        rows = json.loads((folder / LEDGER_JSON).read_text())
+    except (OSError, ValueError):
+        return []
+    covered = {spec_label(entry) for entry in todo}
+    root = project_root(str(todo[0].file)) or Path.cwd()
+    return [row for row in rows if isinstance(row, dict) and {"spec", "metric", "status"} <= set(row)
+            and row["spec"] not in covered and (root / row["spec"]).is_file()]
+
+
+def ledger(todo: list[Entry], reasons: dict, kept: list[dict] = ()) -> dict:
+    rows = sorted([*kept, *(row for entry in todo for row in rows_of(entry, reasons))], key=lambda r: r["spec"])
     return {"rows": rows, "rank_agreement": rank_agreement(rows)}
 
 
@@ -485,7 +499,7 @@ def reproduce(targets: list[str], collect_only: bool = False, out: str | None = 
     if not collect_only:
         train_missing(todo, progress, say)
     collect(todo)
-    book = ledger(todo, reasons)
+    book = ledger(todo, reasons, kept_rows(folder, todo))
     md, js = write(book, folder)
     counts = ", ".join(f"{sum(r['status'] == s for r in book['rows'])} {s}" for s in STATUSES)
     say(f"reproduce: {len(book['rows'])} rows ({counts}); ledger in {display(md)} and {display(js)}")

@@ -218,3 +218,19 @@ def test_shipped_reasons_file_names_shipped_specs():
         pytest.skip("no reasons file committed")
     names = {yaml.safe_load(p.read_text()).get("name") for p in (REPO / "specs").rglob("*.yaml")}
     assert set(yaml.safe_load(path.read_text())) <= names
+
+
+def test_a_partial_reproduce_keeps_the_other_rows(project):
+    assert cli_in_process("reproduce", project / "specs", "--collect")[0] == 0
+    before = {(r["name"], r["metric"]): r for r in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())}
+    (project / "reports" / "a" / "metrics.json").write_text(
+        (project / "reports" / "a" / "metrics.json").read_text().replace("10.2", "30.0"))
+    assert cli_in_process("reproduce", project / "specs" / "variants" / "a.yaml", "--collect")[0] == 0
+    after = {(r["name"], r["metric"]): r for r in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())}
+    assert set(after) == set(before)  # b, c and missing stay in the ledger
+    assert after["a", "nelbo"]["status"] == "below" and after["b", "nelbo"] == before["b", "nelbo"]
+    # a spec that no longer exists leaves the ledger at the next reproduce
+    (project / "specs" / "missing.yaml").unlink()
+    assert cli_in_process("reproduce", project / "specs" / "variants", "--collect")[0] == 0
+    names = {r["name"] for r in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())}
+    assert names == {"a", "b", "c"}
