@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shlex
 import time
 from dataclasses import dataclass, field
@@ -119,8 +120,9 @@ def missing_needs(spec) -> str | None:
 
     try:
         load_data(spec.data, spec.train["seed"])
-    except RunError as exc:
-        return f"data absent here: {exc}"
+    except RunError:
+        # the loader's own message (run the command to see it) names this machine's paths
+        return f"data absent here: no {spec.data['dataset']} under data.root / $GENSPEC_DATA"
     if fidelity.requested(spec.evaluate) and fidelity.choose_extractor(spec.evaluate) == "inception":
         try:
             fidelity.inception_weights(spec.evaluate)
@@ -360,13 +362,19 @@ def spearman(xs: list[float], ys: list[float]) -> float | None:
     return None if sxx == 0 or syy == 0 else sxy / math.sqrt(sxx * syy)
 
 
+def paper_of(row: dict) -> str:
+    """The paper a row belongs to: its source without a trailing parenthesis naming the variant
+    ('BEGAN v3: ... (BEGAN-CS)' and '... (proposed, L1)' are one paper)."""
+    return re.sub(r"\s*\([^()]*\)$", "", row["source"]) or "(no paper named)"
+
+
 def rank_agreement(rows: list[dict]) -> list[dict]:
     """Per paper and metric with at least three measured rows: do our numbers order the rows as
     the paper's do? The answer that still means something when the scale differs."""
     groups: dict = {}
     for row in rows:
         if row["ours"] is not None:
-            groups.setdefault((row["source"], row["metric"]), []).append(row)
+            groups.setdefault((paper_of(row), row["metric"]), []).append(row)
     out = []
     for (source, metric), members in sorted(groups.items()):
         if len(members) >= 3:
@@ -446,7 +454,7 @@ def markdown(book: dict) -> str:
              " · ".join(f"{counts[s]} {s}" for s in STATUSES), ""]
     by_source: dict = {}
     for row in rows:
-        by_source.setdefault(row["source"] or "(no paper named)", []).append(row)
+        by_source.setdefault(paper_of(row), []).append(row)
     for source, members in by_source.items():
         lines += [f"## {source}", "",
                   "| spec | table / row | metric | paper | ours ± std | status | protocol | epochs | wall time | "
