@@ -158,7 +158,7 @@ def test_absent_data_is_named(tmp_path, monkeypatch):
     book = rp.reproduce([str(REPO / "specs" / "celeba_vae.yaml")], collect_only=True, out=str(tmp_path / "ledger"),
                         say=lambda *_: None)
     row = book["rows"][0]
-    assert row["status"] == "not_run" and row["reason"].startswith("data absent here: celeba not found")
+    assert row["status"] == "not_run" and row["reason"].startswith("data absent here: no celeba under data.root")
     assert row["command"] == "genspec run specs/celeba_vae.yaml"
 
 
