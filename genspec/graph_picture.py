@@ -216,8 +216,15 @@ def plot_graph(g: nx.DiGraph, path: Path, title: str) -> None:
               fontsize=8)
     ax.set_title(title)
     fig.tight_layout()
+    save_figure(fig, path, "the graph picture", dpi=100)
+
+
+def save_figure(fig, path, what: str, dpi: int = 110) -> None:
+    """Save a matplotlib figure and close it, failure or not; a refused write names `what`."""
+    import matplotlib.pyplot as plt
+
     try:
-        with writing("the graph picture", path):
-            fig.savefig(path, dpi=100)
+        with writing(what, path):
+            fig.savefig(path, dpi=dpi)
     finally:
         plt.close(fig)

@@ -9,7 +9,7 @@ import json
 from pathlib import Path
 
 from .errors import plural, writing
-from .graph_picture import plot_graph
+from .graph_picture import plot_graph, save_figure
 from .rows import format_row
 from .shapes import fmt, prior_parameters
 from .spec import Spec
@@ -109,11 +109,7 @@ def plot_losses(history: list, path: Path) -> bool:
         ax.set_xlabel("epoch")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    try:
-        with writing("a picture", path):
-            fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, "a picture")
     return True
 
 
@@ -273,11 +269,7 @@ def plot_label_counts(labels: dict, path: Path) -> bool:
     ax.set_title(f"Labels of generated samples (agreement {labels['agreement']:.1%})", fontsize=10)
     fig.colorbar(image, ax=ax, fraction=0.046, label="share of the row")
     fig.tight_layout()
-    try:
-        with writing("a picture", path):
-            fig.savefig(path, dpi=110)
-    finally:
-        plt.close(fig)
+    save_figure(fig, path, "a picture")
     return True
 
 

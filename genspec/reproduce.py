@@ -104,12 +104,7 @@ def run_folder(file: Path, name: str) -> Path:
 
 def command(entry: Entry) -> str:
     """The exact command that makes this row's run, from the project folder."""
-    root = project_root(str(entry.file)) or Path.cwd()
-    try:
-        spec = entry.file.resolve().relative_to(root)
-    except ValueError:
-        spec = entry.file.resolve()
-    return f"genspec run {shlex.quote(str(spec))}"
+    return f"genspec run {shlex.quote(spec_label(entry))}"
 
 
 def missing_needs(spec) -> str | None:
