@@ -41,7 +41,7 @@ REFERENCE = 64  # virtual batch norm's reference batch, as genspec's REFERENCE_B
 
 
 class VBN(nn.Module):
-    """Virtual batch norm, the same arithmetic as genspec.layers.VirtualBatchNorm: the first
+    """Virtual batch norm, the same arithmetic as genspec.compiler.layers.VirtualBatchNorm: the first
     `reference` examples of the batch are the reference, each example is normalised with their
     statistics plus its own (weight 1 / (reference + 1))."""
 

@@ -69,7 +69,7 @@ def synthetic_jpegs(folder: Path, n: int) -> Path:
 def genspec_pass(split, batch_size: int, device) -> int:
     import torch
 
-    from genspec.data import batches
+    from genspec.data.datasets import batches
 
     seen = 0
     for x, _ in batches(split, batch_size, torch.Generator().manual_seed(0)):
@@ -113,7 +113,7 @@ def main() -> None:
     args = arguments()
     import torch
 
-    from genspec.data import load_data
+    from genspec.data.datasets import load_data
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     n = 1000 if args.quick else args.images

@@ -19,7 +19,7 @@ untimed, and its parameters must equal genspec's (`params_match`, `max_abs_diff`
 
 A "step" is what genspec's train loop calls a step: one `Model.train_step` of one phase on one
 batch. The GAN's phases alternate (discriminator, then generator), each on its own batch,
-exactly as genspec/train.py cycles through `train.phases`.
+exactly as genspec/train/loop.py cycles through `train.phases`.
 
 This is a measurement script, not a test: it asserts nothing about speed.
 """
@@ -52,9 +52,9 @@ from torch.nn import functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import genspec
-from genspec.compile import Model, choose_device
-from genspec.data import load_data
-from genspec.graphs import WARMUP_STEPS
+from genspec.compiler.model import Model, choose_device
+from genspec.data.datasets import load_data
+from genspec.compiler.cuda_graphs import WARMUP_STEPS
 
 SEED = 0
 OUT = ROOT / "reports" / "benchmarks" / "overhead.jsonl"
@@ -320,7 +320,7 @@ def make_batches(spec, batch_size: int, count: int, device) -> tuple[list, str]:
     if spec.data["dataset"] in ("mnist", "fashion_mnist"):
         train = load_data(spec.data, SEED).train.x  # genspec's own loading: range [-1, 1], as a run sees it
         batches = [train[torch.randperm(len(train), generator=g)[:batch_size]] for _ in range(count)]
-        source = f"{spec.data['dataset']} train split (genspec.data.load_data)"
+        source = f"{spec.data['dataset']} train split (genspec.data.datasets.load_data)"
     else:  # no CelebA needed to time Larsen's model: uniform noise of the data's shape and range
         batches = [torch.rand(batch_size, *spec.data_shape, generator=g) * 2 - 1 for _ in range(count)]
         source = f"synthetic uniform [-1, 1] {'x'.join(map(str, spec.data_shape))}"
@@ -343,12 +343,12 @@ def genspec_phase_steps(model: Model, bookkeeping: bool) -> list:
     cycle = [index for index, phase in enumerate(model.spec.phases) for _ in range(phase.repeat)]
     if not bookkeeping:
         return [lambda x, index=index: model.train_step(index, x) for index in cycle]
-    from genspec.train import FiniteWatch  # train.py's device-side finiteness record
+    from genspec.train.loop import FiniteWatch  # train.py's device-side finiteness record
 
     sums: dict = {}
     finite = FiniteWatch()
 
-    def step_with_bookkeeping(x, index):  # what genspec/train.py's _one_epoch adds around each step
+    def step_with_bookkeeping(x, index):  # what genspec/train/loop.py's _one_epoch adds around each step
         losses = model.train_step(index, x)
         finite.record(0, losses)
         for name, value in losses.items():
@@ -534,7 +534,7 @@ def benchmark(name: str, args, device) -> dict:
     spec = genspec.load(ROOT / spec_file, args.set)
     batch_size = args.batch_size or (args.quick and quick_batch) or spec.train["batch_size"]
 
-    torch.manual_seed(SEED)  # as genspec/train.py does before building the model
+    torch.manual_seed(SEED)  # as genspec/train/loop.py does before building the model
     model = Model(spec, device)
     model.train(True)
     hand = hand_class(model)  # deep copies: the same initial weights; PyTorch's defaults

@@ -11,21 +11,21 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import RunError, SpecError
+from genspec.errors import RunError, SpecError
 
 __version__ = "0.1.0"
 
 
 def load(path, overrides: list[str] | None = None):
     """The resolved, validated spec at `path` (with `--set`-style overrides). Raises SpecError."""
-    from .pipeline import load_spec
+    from genspec.graph.pipeline import load_spec
 
     return load_spec(path, overrides)
 
 
 def build(spec, device="cpu") -> dict:
     """The spec's networks as nn.Modules by name, initialised as the spec says."""
-    from .compile import build as _build
+    from genspec.compiler.model import build as _build
 
     return _build(spec, device)
 
@@ -45,10 +45,10 @@ def load_run(folder, device="cpu") -> FinishedRun:
     """Load the trained networks of a run folder from its checkpoint (weights_only)."""
     import torch
 
-    from .graph import build_graph
-    from .loader import load_file
-    from .train import CHECKPOINT, RESOLVED, finished_metrics, load_checkpoint
-    from .validate import validate
+    from genspec.graph.dependencies import build_graph
+    from genspec.lang.loader import load_file
+    from genspec.train.loop import CHECKPOINT, RESOLVED, finished_metrics, load_checkpoint
+    from genspec.lang.validate import validate
 
     folder = Path(folder)
     if not (folder / CHECKPOINT).exists():
@@ -57,13 +57,13 @@ def load_run(folder, device="cpu") -> FinishedRun:
     spec.graph_nx = build_graph(spec)
     networks = build(spec, device)
     state = load_checkpoint(folder, device)
-    from .compile import state_mismatch
+    from genspec.compiler.model import state_mismatch
 
     mismatch = state_mismatch(torch.nn.ModuleDict(networks), state["model"].get("networks", {}))
     if mismatch:
         raise RunError(f"{folder / CHECKPOINT} does not fit the run's spec.resolved.yaml: {mismatch}")
     torch.nn.ModuleDict(networks).load_state_dict(state["model"]["networks"])
-    from .priors import build_prior
+    from genspec.compiler.priors import build_prior
 
     priors = {name: build_prior(latent).to(device) for name, latent in spec.latents.items()}
     torch.nn.ModuleDict(priors).load_state_dict(state["model"].get("priors", {}))

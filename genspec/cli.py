@@ -13,11 +13,11 @@ import os
 import sys
 from pathlib import Path
 
-from .errors import RunError, SpecError, plural, writing
+from genspec.errors import RunError, SpecError, plural, writing
 
 
 def cmd_validate(args) -> int:
-    from .pipeline import is_study, load_runs
+    from genspec.graph.pipeline import is_study, load_runs
 
     failed = []
     for path in args.specs:
@@ -27,7 +27,7 @@ def cmd_validate(args) -> int:
             failed.append(exc)
             continue
         if is_study(runs):
-            from .study import plan_study
+            from genspec.experiments.study import plan_study
 
             seeds = len(plan_study(path, args.set, args.only, None)[1]) // len(runs)
             print(f"{path}: ok ({runs[0][1].name}: {plural(len(runs), 'configuration')} x {plural(seeds, 'seed')} = "
@@ -42,8 +42,8 @@ def cmd_validate(args) -> int:
 
 
 def cmd_show(args) -> int:
-    from .pipeline import load_runs
-    from .report import layer_tables, optimiser_table, show_json
+    from genspec.graph.pipeline import load_runs
+    from genspec.report.run_report import layer_tables, optimiser_table, show_json
 
     runs = load_runs(args.spec, args.set, args.only)
     if args.json:
@@ -58,8 +58,8 @@ def cmd_show(args) -> int:
 
 
 def cmd_graph(args) -> int:
-    from . import graph
-    from .pipeline import load_spec
+    from genspec.graph import dependencies as graph
+    from genspec.graph.pipeline import load_spec
 
     if args.out and args.format != "png":
         raise RunError("--out is where --format png writes its picture; the other formats print to the terminal")
@@ -70,7 +70,7 @@ def cmd_graph(args) -> int:
     elif args.format == "json":
         print(json.dumps(graph.to_json(g), indent=2))
     elif args.format == "png":
-        from .graph_picture import plot_graph
+        from genspec.graph.picture import plot_graph
 
         out = Path(args.out or f"{spec.name}_graph.png")
         plot_graph(g, out, f"{spec.name}: dependency graph, data flowing left to right")
@@ -81,7 +81,7 @@ def cmd_graph(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from .pipeline import is_study, load_runs
+    from genspec.graph.pipeline import is_study, load_runs
 
     runs = load_runs(args.spec, args.set, args.only)  # every spec problem surfaces before anything is written
     nproc = args.nproc
@@ -90,12 +90,12 @@ def cmd_run(args) -> int:
     if nproc is not None and nproc > 1 and os.environ.get("WORLD_SIZE") is None:
         if is_study(runs):
             raise RunError("--nproc trains one spec across processes; run a study's runs one by one or without it")
-        from .distributed import check_batch_split, launch
+        from genspec.compiler.distributed import check_batch_split, launch
 
         check_batch_split(runs[0][1], nproc)
         return launch(_without_nproc(args.argv), nproc)
     if is_study(runs):
-        from .study import run_study
+        from genspec.experiments.study import run_study
 
         if args.resume:
             raise RunError("a study resumes by itself: run it again (finished runs are skipped, interrupted ones resumed)")
@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
         raise RunError("--parallel and --stack train the runs of a study (a spec with `sweep` or `repeats`) together; "
                        "to spread one run over processes use --nproc")
     spec = runs[0][1]
-    from .train import run
+    from genspec.train.loop import run
 
     out = args.out or f"reports/{spec.name}"
     try:
@@ -124,7 +124,7 @@ def cmd_run(args) -> int:
 
 def _interrupted_message(out: Path) -> str:
     """What a stopped run left in its folder, and how to go on."""
-    from .train import CHECKPOINT, _stopped_before_first_epoch, run_files
+    from genspec.train.loop import CHECKPOINT, _stopped_before_first_epoch, run_files
 
     if (out / CHECKPOINT).exists():
         return f"interrupted; {out} keeps its last checkpoint, and --resume continues from it"
@@ -136,7 +136,7 @@ def _interrupted_message(out: Path) -> str:
 
 def _replaced_note(out: Path) -> str:
     """Where the run that --overwrite was replacing waits, when the new one did not finish."""
-    from .train import replaced_path
+    from genspec.train.loop import replaced_path
 
     backup = replaced_path(out)
     if not backup.exists():
@@ -159,8 +159,8 @@ def _without_nproc(argv: list[str]) -> list[str]:
 
 
 def cmd_diff(args) -> int:
-    from .diff import diff_specs, is_equivalent, render_text
-    from .pipeline import load_spec
+    from genspec.report.diff import diff_specs, is_equivalent, render_text
+    from genspec.graph.pipeline import load_spec
 
     problems = []
     specs = []
@@ -185,8 +185,8 @@ def cmd_sample(args) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from . import load_run
-    from .evaluate import generator_of, generator_parts, interpolation_images, sample_images, to_unit
+    from genspec import load_run
+    from genspec.measure.evaluate import generator_of, generator_parts, interpolation_images, sample_images, to_unit
 
     if args.n < 1:
         raise RunError(f"--n must be a positive number of images, got {args.n}")
@@ -215,7 +215,7 @@ def cmd_sample(args) -> int:
 
 
 def cmd_tune(args) -> int:
-    from .tune import settings_from, tune
+    from genspec.experiments.tune import settings_from, tune
 
     settings = settings_from(args.spec, args.param, args.range or [], args.trials, args.initial, args.metric,
                              args.minimize, args.strategy, args.set)
@@ -233,8 +233,8 @@ def cmd_tune(args) -> int:
 def cmd_is_splits(args) -> int:
     import csv
 
-    from . import load_run
-    from .fidelity import inception_score_by_splits
+    from genspec import load_run
+    from genspec.measure.fidelity import inception_score_by_splits
 
     run = load_run(args.run_dir)
     rows = inception_score_by_splits(run, args.splits, args.samples, args.seed)
@@ -251,7 +251,7 @@ def cmd_is_splits(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from .reproduce import reproduce
+    from genspec.experiments.reproduce import reproduce
 
     reproduce(args.targets or ["specs"], collect_only=args.collect, out=args.out, progress=not args.no_progress)
     return 0

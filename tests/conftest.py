@@ -5,7 +5,7 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def fidelity_cache(tmp_path_factory):
-    """Reference features are cached under GENSPEC_CACHE (genspec/fidelity.py): the tests, and
+    """Reference features are cached under GENSPEC_CACHE (genspec/measure/fidelity.py): the tests, and
     the CLI runs they start, keep theirs in a folder of the session, not in the user's home."""
     with pytest.MonkeyPatch.context() as patch:
         folder = tmp_path_factory.mktemp("genspec_cache")

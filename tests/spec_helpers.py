@@ -13,9 +13,9 @@ import sys
 from pathlib import Path
 
 from genspec.errors import Collector, SpecError
-from genspec.graph import build_graph
-from genspec.loader import load_text
-from genspec.validate import validate
+from genspec.graph.dependencies import build_graph
+from genspec.lang.loader import load_text
+from genspec.lang.validate import validate
 
 REPO = Path(__file__).resolve().parent.parent
 QUICKSTART = REPO / "specs" / "quickstart.yaml"

@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 import genspec
-from genspec.layers import Gaussian, TableNet
-from genspec.spec import Spec
+from genspec.compiler.layers import Gaussian, TableNet
+from genspec.lang.spec import Spec
 from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -9,8 +9,8 @@ import yaml
 from torch.nn import functional as F
 
 import genspec
-from genspec.compile import Env, Model
-from genspec.graph import to_json, to_text
+from genspec.compiler.model import Env, Model
+from genspec.graph.dependencies import to_json, to_text
 from spec_helpers import tiny_gan_doc
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import genspec
-from genspec.compile import Model
+from genspec.compiler.model import Model
 from spec_helpers import REPO
 
 

@@ -115,7 +115,7 @@ def fingerprint(folder: Path) -> dict:
 
 
 def machine() -> dict:
-    from genspec.provenance import cpu_name
+    from genspec.measure.provenance import cpu_name
 
     return {"cpu": cpu_name(), "torch": torch.__version__, "threads": torch.get_num_threads()}
 

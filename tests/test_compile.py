@@ -14,9 +14,9 @@ from torch import nn
 
 import genspec
 from genspec import cli
-from genspec.compile import Env, Model
-from genspec.data import batches, load_data
-from genspec.layers import LOGITS, Gaussian, TableNet
+from genspec.compiler.model import Env, Model
+from genspec.data.datasets import batches, load_data
+from genspec.compiler.layers import LOGITS, Gaussian, TableNet
 from spec_helpers import tiny_gan_doc
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import genspec
-from genspec.balance import assign_labels, class_statistics, mahalanobis, rebalanced_weights
-from genspec.compile import Env, Model
+from genspec.measure.balance import assign_labels, class_statistics, mahalanobis, rebalanced_weights
+from genspec.compiler.model import Env, Model
 from genspec.errors import SpecError
-from genspec.ops import TENSOR_OPS, noisy
-from genspec.trace import collapse_flags
+from genspec.compiler.ops import TENSOR_OPS, noisy
+from genspec.train.trace import collapse_flags
 from spec_helpers import REPO, TINY_BEGAN, cli_in_process
 
 
@@ -133,7 +133,7 @@ def test_began_run_traces_k_and_m_global_every_step_and_resumes_exactly(tmp_path
 def test_began_cs_and_vae_losses_are_the_papers_equations(tmp_path):
     for name in ("began_cs", "began_vae"):
         spec = genspec.load(REPO / "specs" / f"{name}.yaml")
-        text = {k: genspec.expr.to_text(v) for k, v in spec.losses.items()}
+        text = {k: genspec.lang.expr.to_text(v) for k, v in spec.losses.items()}
         assert text["l_real"] == "mse(rec_real, x)"
         if name == "began_cs":
             assert text["l_c"] == "l2dist(z_d, h_fake)" and text["d_loss"] == "l_real - k * l_fake + alpha * l_c"
@@ -196,7 +196,7 @@ def test_categorical_latent_draws_one_hot_labels_by_its_weights():
 
 
 def test_discriminator_vbn_reference_is_real_images_with_their_labels():
-    from genspec.data import Split
+    from genspec.data.datasets import Split
 
     spec = genspec.load(REPO / "specs" / "cgan.yaml")
     model = Model(spec, torch.device("cpu"))
@@ -219,7 +219,7 @@ def test_noisy_mixes_in_uniform_noise():
 
 
 def test_noise_variant_changes_only_the_discriminator_loss():
-    from genspec.diff import diff_specs
+    from genspec.report.diff import diff_specs
 
     result = diff_specs(genspec.load(REPO / "specs" / "cgan" / "smoothing.yaml"), genspec.load(REPO / "specs" / "cgan" / "noise.yaml"))
     paths = {tuple(c["path"]) for c in result["changes"]}

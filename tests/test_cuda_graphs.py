@@ -1,4 +1,4 @@
-"""Whole-step CUDA graphs (genspec/graphs.py, train.cuda_graphs).
+"""Whole-step CUDA graphs (genspec/compiler/cuda_graphs.py, train.cuda_graphs).
 
 On the CPU, `StepGraphs` runs with a stand-in backend that keeps CUDA's contract (a capture
 records the step without running it; a replay runs the recorded step on the static buffers and
@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import genspec
-from genspec.compile import CAPTURABLE_OPTIMIZERS, Model, fast_path, make_optimizer
+from genspec.compiler.model import CAPTURABLE_OPTIMIZERS, Model, fast_path, make_optimizer
 from genspec.errors import RunError
-from genspec.graphs import StepGraphs
-from genspec.stack import StackedRuns
+from genspec.compiler.cuda_graphs import StepGraphs
+from genspec.experiments.stack import StackedRuns
 from spec_helpers import (NORMED_AUTOENCODER, QUICKSTART, REPO, TINY_BEGAN, TINY_CONDITIONAL_GAN, TINY_WGAN_GP,
                           tiny_digits_vae)
 

@@ -11,9 +11,9 @@ import json
 import pytest
 import torch
 
-from genspec import data as D
-from genspec.distributed import World
-from genspec.validate import DATA_DEFAULTS
+from genspec.data import datasets as D
+from genspec.compiler.distributed import World
+from genspec.lang.validate import DATA_DEFAULTS
 from spec_helpers import cli_in_process, problems_of, run_cli, tiny_digits_vae
 from test_specs import make_image_folder
 

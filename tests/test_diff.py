@@ -2,7 +2,7 @@
 
 Formatting, comments, key order, compact-vs-mapping rows and number spelling do not count;
 params (and what derives from them), layer tables and extra sections do. Checked both through
-the command line (a subprocess, as a user runs it) and through `genspec.diff.diff_specs`.
+the command line (a subprocess, as a user runs it) and through `genspec.report.diff.diff_specs`.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 import genspec
-from genspec.diff import diff_specs, is_equivalent, render_text
+from genspec.report.diff import diff_specs, is_equivalent, render_text
 from spec_helpers import genspec_subprocess
 
 REPO = Path(__file__).resolve().parent.parent

@@ -12,9 +12,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 import genspec
 from genspec.cli import _without_nproc
-from genspec.distributed import SINGLE, World, shard
+from genspec.compiler.distributed import SINGLE, World, shard
 from genspec.errors import RunError
-from genspec.train import run
+from genspec.train.loop import run
 from spec_helpers import REPO, TINY_DIGITS_CLASSIFIER, cli_env, cli_in_process, run_cli, tiny_gan_doc
 from test_conditional_and_equilibrium import TINY_BEGAN
 
@@ -87,7 +87,7 @@ def test_every_rank_of_an_outer_torchrun_refuses_a_batch_too_small_to_share(tmp_
 def test_more_processes_than_gpus_stop_every_rank_with_one_message(monkeypatch):
     """On a one-GPU machine `--nproc 2` would have rank 1 ask for cuda:1 (and NCCL refuses two
     ranks on one GPU): every rank stops before touching a device or the process group."""
-    from genspec.distributed import setup
+    from genspec.compiler.distributed import setup
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
@@ -241,7 +241,7 @@ def _snapshot(model) -> dict:
 
 def _train_case(path: str, overrides: list, detached: list, world) -> dict:
     """One spec on this rank as `genspec run` trains it (without the folder); or the RunError."""
-    from genspec.train import _one_epoch, prepare
+    from genspec.train.loop import _one_epoch, prepare
 
     spec = genspec.load(path, overrides)
     try:
@@ -314,7 +314,7 @@ def _changed(result: dict, prefix: str) -> bool:
 
 
 def test_ddp_wrappers_average_like_one_process_on_the_global_batch(ranks):
-    from genspec.train import _one_epoch, prepare
+    from genspec.train.loop import _one_epoch, prepare
 
     (r0, r1), cases = ranks
     for r in (r0, r1):
@@ -481,7 +481,7 @@ def test_the_process_group_is_destroyed_before_the_interpreter_tears_down():
         "import atexit, os, torch.distributed as dist\n"
         "atexit.register(lambda: print('initialized at exit:', dist.is_initialized(), flush=True))\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29531', RANK='0', WORLD_SIZE='1')\n"
-        "from genspec.distributed import World, setup\n"
+        "from genspec.compiler.distributed import World, setup\n"
         "setup(World(), 'cpu')\n"
         "print('initialized:', dist.is_initialized(), flush=True)\n"
     )
@@ -499,7 +499,7 @@ def test_shutdown_frees_the_wrappers_that_hold_the_group_before_destroying_it():
         "gc.disable()\n"
         "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29532', RANK='0', WORLD_SIZE='1')\n"
         "from torch.nn.parallel import DistributedDataParallel as DDP\n"
-        "from genspec.distributed import World, setup, shutdown\n"
+        "from genspec.compiler.distributed import World, setup, shutdown\n"
         "setup(World(), 'cpu')\n"
         "holder = {'ddp': DDP(torch.nn.Linear(2, 2))}\n"
         "holder['self'] = holder  # a cycle, as the model and its wrappers make one\n"

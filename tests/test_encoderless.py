@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 import genspec
-from genspec.compile import Model
-from genspec.data import load_data
+from genspec.compiler.model import Model
+from genspec.data.datasets import load_data
 from genspec.errors import RunError
-from genspec.layers import ConvGaussianHead, GaussianHead, build_row
-from genspec.pipeline import load_runs
-from genspec.rows import parse_row
-from genspec.shapes import infer_network
+from genspec.compiler.layers import ConvGaussianHead, GaussianHead, build_row
+from genspec.graph.pipeline import load_runs
+from genspec.lang.rows import parse_row
+from genspec.lang.shapes import infer_network
 from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -346,7 +346,7 @@ def test_missing_svhn_names_the_files(tmp_path):
 
 
 def test_each_study_run_reports_only_its_own_cell_of_the_thesis():
-    from genspec.pipeline import load_runs
+    from genspec.graph.pipeline import load_runs
 
     folder = STUDY.parent
     svhn = {run.id: spec.source.get("reported") for run, spec in load_runs(str(folder / "svhn_study.yaml"), [], [])}

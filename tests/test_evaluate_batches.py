@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import genspec
-from genspec.compile import Model
-from genspec.data import load_data
-from genspec.evaluate import accuracy, evaluate_losses
-from genspec.train import epoch_steps
+from genspec.compiler.model import Model
+from genspec.data.datasets import load_data
+from genspec.measure.evaluate import accuracy, evaluate_losses
+from genspec.train.loop import epoch_steps
 from spec_helpers import TINY_DIGITS_CLASSIFIER
 
 TEST_EXAMPLES = 65  # 4 x 16 + 1: a last batch of one
@@ -72,8 +72,8 @@ def test_epoch_steps_counts_the_batches_every_process_trains():
 
 
 def test_the_lowest_test_loss_and_its_epoch_are_kept_for_papers_that_report_the_best_checkpoint():
-    from genspec.evaluate import best_test_losses
-    from genspec.report import flat_results
+    from genspec.measure.evaluate import best_test_losses
+    from genspec.report.run_report import flat_results
 
     history = [{"epoch": 1, "test": {"m": 3.0, "rec": 2.0}}, {"epoch": 2, "test": {"m": 1.5, "rec": float("nan")}},
                {"epoch": 3, "test": {"m": 2.0, "rec": 2.5}}]

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from genspec import expr as E
-from genspec.expr import BinOp, Call, ExprError, ListExpr, Name, Neg, Num
+from genspec.lang import expr as E
+from genspec.lang.expr import BinOp, Call, ExprError, ListExpr, Name, Neg, Num
 
 
 def N(x):

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import genspec
-from genspec.compile import FastPath, Model, fast_path
-from genspec.trace import StepTrace
-from genspec.train import FiniteWatch
+from genspec.compiler.model import FastPath, Model, fast_path
+from genspec.train.trace import StepTrace
+from genspec.train.loop import FiniteWatch
 from spec_helpers import REPO, cli_in_process
 
 QUICKSTART = REPO / "specs" / "quickstart.yaml"
@@ -31,7 +31,7 @@ def test_auto_switches_are_on_for_cuda_and_off_for_cpu():
 
 
 def test_fused_kernels_are_taken_where_pytorch_has_them():
-    from genspec.compile import make_optimizer
+    from genspec.compiler.model import make_optimizer
 
     params = [torch.nn.Parameter(torch.zeros(3))]
     for name in ("adam", "adamw", "sgd"):
@@ -140,8 +140,8 @@ def test_a_confident_discriminator_keeps_its_loss_and_gradient_under_bf16():
     """`fc 1, sigmoid` under autocast: a bfloat16 sigmoid rounds to exactly 1 past a logit of
     about 6.2, where the cross-entropy against 0 reads log(0) (clamped to 100) and the gradient
     vanishes. genspec's sigmoid runs in float32, so a logit of 7 keeps its loss of ~7 and its gradient ~1."""
-    from genspec.compile import build
-    from genspec.ops import bce
+    from genspec.compiler.model import build
+    from genspec.compiler.ops import bce
 
     spec = genspec.load(REPO / "specs" / "dcgan.yaml", DCGAN_TINY)
     dis = build(spec)["dis"]
@@ -163,8 +163,8 @@ def test_a_confident_discriminator_keeps_its_loss_and_gradient_under_bf16():
 
 
 def test_soft_labels_and_gaussian_noise_are_float32_beside_bfloat16_outputs():
-    from genspec.layers import Gaussian
-    from genspec.ops import SoftLabel
+    from genspec.compiler.layers import Gaussian
+    from genspec.compiler.ops import SoftLabel
 
     p = torch.full((1000,), 0.5, dtype=torch.bfloat16)
     target = SoftLabel(0.9, swap=0.5, other=0.05).like(p)
@@ -177,7 +177,7 @@ def test_soft_labels_and_gaussian_noise_are_float32_beside_bfloat16_outputs():
 
 
 def test_epoch_sums_of_bfloat16_losses_are_kept_in_float32():
-    from genspec.train import add_losses
+    from genspec.train.loop import add_losses
 
     sums, counts = {}, {}
     for _ in range(1000):
@@ -230,7 +230,7 @@ def test_gradient_penalty_trains_under_torch_compile():
 def test_channels_last_is_left_off_where_no_network_convolves():
     """Channels-last speeds up convolutions; for fully connected networks it is a copy of every
     image batch for nothing, so `auto` turns it on only where a network convolves."""
-    from genspec.compile import convolves
+    from genspec.compiler.model import convolves
 
     auto = {"precision": "auto", "channels_last": "auto", "fused": "auto"}
     assert fast_path(auto, torch.device("cuda"), convolutional=False).channels_last is False
@@ -243,7 +243,7 @@ def test_a_loaded_step_count_goes_where_pytorch_keeps_it():
     """A checkpoint loaded onto the GPU puts Adam's step count there; a non-fused Adam then reads
     it back for every parameter in every step (a wait for the device). Loading moves it back to
     the CPU; fused and capturable ones keep it beside their parameters, as PyTorch does."""
-    from genspec.compile import step_count_device
+    from genspec.compiler.model import step_count_device
 
     cuda = torch.device("cuda")
     param = torch.nn.Parameter(torch.zeros(3))

@@ -1,4 +1,4 @@
-"""Sample-quality metrics through torch-fidelity (genspec/fidelity.py).
+"""Sample-quality metrics through torch-fidelity (genspec/measure/fidelity.py).
 
 A tiny classifier trained for one epoch on the 8x8 digits is the registered feature extractor;
 genspec's numbers are checked against torch-fidelity's own feature-level functions on the same
@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import genspec
-from genspec import fidelity as gf
+from genspec.measure import fidelity as gf
 from genspec.errors import RunError
 from spec_helpers import cli_in_process as main
 
@@ -167,8 +167,8 @@ def test_the_real_set_score_keeps_the_checkpoint_the_training_loop_wrote(tmp_pat
     as many processes replays: scoring the real test set must not overwrite it without them."""
     import yaml
 
-    from genspec.evaluate import _real_metrics
-    from genspec.train import RESOLVED, prepare, save_checkpoint
+    from genspec.measure.evaluate import _real_metrics
+    from genspec.train.loop import RESOLVED, prepare, save_checkpoint
 
     (tmp_path / "clf.yaml").write_text(CLASSIFIER_SPEC)
     spec = genspec.load(tmp_path / "clf.yaml")

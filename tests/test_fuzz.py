@@ -15,7 +15,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from genspec.errors import SpecError
-from genspec.pipeline import load_runs
+from genspec.graph.pipeline import load_runs
 from spec_helpers import REPO, cli_in_process, tiny_digits_vae
 
 SHIPPED = sorted(p for p in (REPO / "specs").rglob("*.yaml"))
@@ -113,7 +113,7 @@ def uninterrupted(tmp_path_factory):
 @settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(stop=st.integers(1, STEPS))
 def test_resume_after_an_interruption_at_any_step_equals_the_uninterrupted_run(tmp_path_factory, uninterrupted, stop):
-    from genspec.compile import Model
+    from genspec.compiler.model import Model
 
     spec, (weights, history) = uninterrupted
     out = tmp_path_factory.mktemp("stopped") / "run"

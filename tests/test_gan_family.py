@@ -4,12 +4,12 @@ import torch
 from torch import nn
 
 import genspec
-from genspec.compile import Env, Model
-from genspec.layers import VirtualBatchNorm, build_network
-from genspec.ops import gradient_penalty
-from genspec.rows import parse_row
-from genspec.shapes import infer_network
-from genspec.spec import Network
+from genspec.compiler.model import Env, Model
+from genspec.compiler.layers import VirtualBatchNorm, build_network
+from genspec.compiler.ops import gradient_penalty
+from genspec.lang.rows import parse_row
+from genspec.lang.shapes import infer_network
+from genspec.lang.spec import Network
 from spec_helpers import TINY_DIGITS_CLASSIFIER
 
 
@@ -130,7 +130,7 @@ def test_wgan_gp_critic_is_updated_five_times_per_generator_update():
 
 
 def test_dcgan_variants_differ_only_in_their_schedule_or_learning_rates():
-    from genspec.diff import diff_specs
+    from genspec.report.diff import diff_specs
 
     base = genspec.load("specs/dcgan.yaml")
     for variant, paths in {"specs/dcgan/ttur.yaml": {("params", "lr_d"), ("params", "lr_g"),

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from genspec import graph as G
-from genspec.graph import Value
+from genspec.graph import dependencies as G
+from genspec.graph.dependencies import Value
 
 from spec_helpers import QUICKSTART_TEXT, check, problems_of, quickstart_with
 

@@ -8,7 +8,7 @@ import networkx as nx
 import pytest
 
 import genspec
-from genspec.graph_picture import _crossings, columns_of, layered_layout, plot_graph, shown_graph
+from genspec.graph.picture import _crossings, columns_of, layered_layout, plot_graph, shown_graph
 
 SPECS = sorted(Path(__file__).resolve().parent.parent.glob("specs/*.yaml"))
 CLEARANCE = 0.3  # layout units; a drawn node's radius is about a quarter of the spacing between nodes
@@ -80,7 +80,7 @@ def test_ordering_removes_a_crossing_the_alphabetical_order_has():
 
 LAYOUT_SCRIPT = """
 import genspec
-from genspec.graph_picture import layered_layout, shown_graph
+from genspec.graph.picture import layered_layout, shown_graph
 layout = layered_layout(shown_graph(genspec.load("specs/began.yaml").graph_nx))
 print(sorted(layout.position.items()))
 """

@@ -4,7 +4,7 @@ import pytest
 
 import genspec
 from genspec.errors import RunError
-from genspec.evaluate import grid_sources
+from genspec.measure.evaluate import grid_sources
 
 
 def test_a_vae_shows_its_decoder_on_prior_draws_and_its_reconstruction():

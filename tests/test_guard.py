@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from genspec.errors import RunError
-from genspec.guard import LOCK_FILE, folder_lock
+from genspec.train.guard import LOCK_FILE, folder_lock
 from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,7 +31,7 @@ def hold_lock(folder: Path) -> subprocess.Popen:
     code = textwrap.dedent(f"""
         import sys, time
         from pathlib import Path
-        from genspec.guard import folder_lock
+        from genspec.train.guard import folder_lock
         with folder_lock(Path({str(folder)!r})):
             print("held", flush=True)
             time.sleep(600)
@@ -86,7 +86,7 @@ def test_a_worker_exits_when_its_parent_is_killed(tmp_path):
         import multiprocessing, time
         def child(path):
             import os, time
-            from genspec.guard import exit_with_parent
+            from genspec.train.guard import exit_with_parent
             exit_with_parent(poll_s=0.05)
             open(path, "w").write(str(os.getpid()))
             time.sleep(600)

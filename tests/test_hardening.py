@@ -251,7 +251,7 @@ def test_a_network_too_large_for_the_budget_is_refused_with_the_estimate(tmp_pat
 
 def test_the_estimate_counts_weights_moments_and_activations_per_call():
     import genspec
-    from genspec.validate import step_memory
+    from genspec.lang.validate import step_memory
 
     spec = genspec.load(str(QUICKSTART))
     estimate = step_memory(spec.raw, spec.train, spec.networks)
@@ -263,13 +263,13 @@ def test_the_estimate_counts_weights_moments_and_activations_per_call():
 
 def test_an_allocation_failure_at_run_time_is_one_line(tmp_path, monkeypatch):
     """What the CPU allocator raises when the estimate was too kind ends in a genspec line."""
-    import genspec.train
+    import genspec.train.loop
 
     def refuse(*args, **kwargs):
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:118] data. DefaultCPUAllocator: can't allocate memory: "
                            "you tried to allocate 51600000000 bytes. Error code 12 (Cannot allocate memory)")
 
-    monkeypatch.setattr(genspec.train, "prepare", refuse)
+    monkeypatch.setattr(genspec.train.loop, "prepare", refuse)
     rc, err, _ = run_vae(tmp_path, "v")
     assert rc == 1 and err.startswith("genspec: out of memory on the CPU") and len(err.strip().splitlines()) == 1
 
@@ -305,7 +305,7 @@ def test_a_relayed_multi_line_message_is_cut_to_a_line_and_a_hint(tmp_path):
 
     import torch
 
-    from genspec import fidelity
+    from genspec.measure import fidelity
     from genspec.errors import RunError, relayed
 
     assert relayed(RuntimeError("first\n\n  second  \nthird\nfourth")) == "first; second"

@@ -1,4 +1,4 @@
-"""Labels of generated samples and the collapse warning (genspec/labels.py, report.py).
+"""Labels of generated samples and the collapse warning (genspec/measure/labels.py, report.py).
 
 A conditional GAN on the 8x8 digits is scored by a tiny classifier run: its report shows the
 asked-label x classified-class table and picture. The collapse rules are checked on metrics
@@ -12,8 +12,8 @@ import json
 import pytest
 import torch
 
-from genspec import labels
-from genspec.report import collapse_warnings
+from genspec.measure import labels
+from genspec.report.run_report import collapse_warnings
 from spec_helpers import TINY_CONDITIONAL_GAN, TINY_DIGITS_CLASSIFIER, cli_in_process, tiny_digits_vae
 
 
@@ -59,7 +59,7 @@ def test_label_counts_are_deterministic(tmp_path, classifier):
 
 def test_generate_for_label_fixes_the_label():
     """The generator is asked for label k: its condition is the one-hot of k, other conditions are drawn."""
-    from genspec.priors import CategoricalPrior, NormalPrior
+    from genspec.compiler.priors import CategoricalPrior, NormalPrior
 
     class Echo(torch.nn.Module):  # returns the conditions it was given
         def forward(self, z, label, other):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from genspec.errors import Location, Problem, SpecError, format_path
-from genspec.loader import Document, load_file, load_text
-from genspec.validate import validate
+from genspec.lang.loader import Document, load_file, load_text
+from genspec.lang.validate import validate
 
 from spec_helpers import QUICKSTART
 

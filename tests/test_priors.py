@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import genspec
-from genspec.compile import Env, Model
-from genspec.data import load_data
-from genspec.graph import compute_order
-from genspec.priors import NormalPrior, RealNVPPrior, build_prior
-from genspec.spec import Latent
+from genspec.compiler.model import Env, Model
+from genspec.data.datasets import load_data
+from genspec.graph.dependencies import compute_order
+from genspec.compiler.priors import NormalPrior, RealNVPPrior, build_prior
+from genspec.lang.spec import Latent
 
 
 def sharpened(prior: RealNVPPrior, gain: float = 3.0) -> RealNVPPrior:

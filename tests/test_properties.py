@@ -18,13 +18,13 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from genspec import expr as E
+from genspec.lang import expr as E
 from genspec.errors import SpecError
-from genspec.graph import build_graph
-from genspec.loader import load_text
-from genspec.registry import ACTIVATIONS, EXPRESSION_OPS, LAYER_OPS, ROW_KEYS, TOP_LEVEL_KEYS
-from genspec.rows import RowError, format_row, parse_row
-from genspec.validate import validate
+from genspec.graph.dependencies import build_graph
+from genspec.lang.loader import load_text
+from genspec.lang.registry import ACTIVATIONS, EXPRESSION_OPS, LAYER_OPS, ROW_KEYS, TOP_LEVEL_KEYS
+from genspec.lang.rows import RowError, format_row, parse_row
+from genspec.lang.validate import validate
 
 from spec_helpers import QUICKSTART_TEXT
 

@@ -1,4 +1,4 @@
-"""The reproduction ledger (genspec/reproduce.py, `genspec reproduce`).
+"""The reproduction ledger (genspec/experiments/reproduce.py, `genspec reproduce`).
 
 Status rules and rank correlation are checked on numbers; the ledger's files on a small project
 of digit specs: collected from run folders written by hand (so every status is forced), and
@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from genspec import reproduce as rp
+from genspec.experiments import reproduce as rp
 from spec_helpers import REPO, TINY_CONDITIONAL_GAN, TINY_DIGITS_CLASSIFIER, cli_in_process, tiny_digits_vae
 
 ROW_KEYS = {"spec", "metric", "paper", "ours", "std", "epochs", "seconds", "device", "commit", "status", "reason"}
@@ -234,3 +234,16 @@ def test_a_partial_reproduce_keeps_the_other_rows(project):
     assert cli_in_process("reproduce", project / "specs" / "variants", "--collect")[0] == 0
     names = {r["name"] for r in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())}
     assert names == {"a", "b", "c"}
+
+
+def test_a_measured_row_stays_when_its_run_folder_is_gone(project):
+    """Run folders are not committed, the ledger is: collecting in a fresh checkout keeps what was
+    measured, and only a new measurement replaces it."""
+    assert cli_in_process("reproduce", project / "specs", "--collect")[0] == 0
+    before = {(r["name"], r["metric"]): r for r in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())}
+    assert before["a", "nelbo"]["status"] != "not_run"
+    (project / "reports" / "a" / "metrics.json").unlink()
+    assert cli_in_process("reproduce", project / "specs", "--collect")[0] == 0
+    after = {(r["name"], r["metric"]): r for r in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())}
+    assert after["a", "nelbo"] == before["a", "nelbo"]
+    assert len(after) == len(before)  # kept, not doubled by a not_run row

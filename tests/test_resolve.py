@@ -7,8 +7,8 @@ import textwrap
 import pytest
 
 from genspec.errors import Location, SpecError
-from genspec.pipeline import load_spec
-from genspec.resolve import resolve, split_key
+from genspec.graph.pipeline import load_spec
+from genspec.lang.resolve import resolve, split_key
 
 from spec_helpers import QUICKSTART, QUICKSTART_TEXT, run_cli
 

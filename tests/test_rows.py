@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from genspec.registry import ACTIVATIONS, LAYER_OPS
-from genspec.rows import RowError, format_row, parse_row
+from genspec.lang.registry import ACTIVATIONS, LAYER_OPS
+from genspec.lang.rows import RowError, format_row, parse_row
 
 # ---------------------------------------------------------------- compact rows
 

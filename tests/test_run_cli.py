@@ -14,9 +14,9 @@ import yaml
 from PIL import Image
 
 import genspec
-from genspec.compile import Model
-from genspec.data import load_data
-from genspec.evaluate import make_grids
+from genspec.compiler.model import Model
+from genspec.data.datasets import load_data
+from genspec.measure.evaluate import make_grids
 from spec_helpers import cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -320,10 +320,10 @@ def test_an_interrupted_run_says_what_it_left_and_starts_afresh_without_a_checkp
     """Ctrl-C before the first checkpoint leaves only the layer tables and the resolved spec:
     the message says there is nothing to resume, --resume says to run it again, and a plain run
     starts afresh without --overwrite. Stopped after a checkpoint, the message says --resume."""
-    import genspec.train
+    import genspec.train.loop
 
     out = tmp_path / "run"
-    real_epoch = genspec.train._one_epoch
+    real_epoch = genspec.train.loop._one_epoch
 
     def stop_at(epoch_to_stop):
         def one_epoch(spec, model, splits, epoch, *args, **kwargs):
@@ -333,14 +333,14 @@ def test_an_interrupted_run_says_what_it_left_and_starts_afresh_without_a_checkp
         return one_epoch
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "_one_epoch", stop_at(1))
+        patch.setattr(genspec.train.loop, "_one_epoch", stop_at(1))
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
     assert rc == 130 and "interrupted before the first checkpoint; nothing to resume" in err
     assert sorted(p.name for p in out.iterdir()) == ["layers.md", "spec.resolved.yaml"]
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--resume", *sets(FAST))
     assert rc == 1 and "run it again without --resume to start afresh" in err
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "_one_epoch", stop_at(2))
+        patch.setattr(genspec.train.loop, "_one_epoch", stop_at(2))
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(BASE + ["train.epochs=2", "evaluate.grids=[]"]))
     assert rc == 130 and "stopped before its first epoch ended" in err, err
     assert f"interrupted; {out} keeps its last checkpoint, and --resume continues from it" in err
@@ -353,7 +353,7 @@ def test_an_overwrite_that_stops_mid_training_keeps_the_old_run(tmp_path, monkey
     """--overwrite moves the old run aside until the new one has finished: Ctrl-C in the new run's
     first epoch leaves the old one, byte for byte, where the message says; the next finished run
     removes it."""
-    import genspec.train
+    import genspec.train.loop
 
     out = tmp_path / "run"
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
@@ -364,13 +364,13 @@ def test_an_overwrite_that_stops_mid_training_keeps_the_old_run(tmp_path, monkey
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        patch.setattr(genspec.train.loop, "_one_epoch", interrupted)
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=3"]))
     backup = tmp_path / ".run.replaced"
     assert rc == 130 and f"the run --overwrite was replacing is kept in {backup}" in err
     assert folder_bytes(backup) == before
     with monkeypatch.context() as patch:  # stopped again: the first replaced run is the one kept
-        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        patch.setattr(genspec.train.loop, "_one_epoch", interrupted)
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=4"]))
     assert rc == 130 and folder_bytes(backup) == before
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=5"]))
@@ -382,7 +382,7 @@ def test_overwrite_keeps_what_is_not_the_runs(tmp_path, monkeypatch):
     """A tuning (`reports/<name>/tune/`) and a study's report live in the run folder of their
     spec: --overwrite replaces the run's files only, also when the new run is stopped, and a
     folder holding only such things takes a first run without --overwrite."""
-    import genspec.train
+    import genspec.train.loop
 
     out = tmp_path / "run"
     (out / "tune").mkdir(parents=True)
@@ -397,7 +397,7 @@ def test_overwrite_keeps_what_is_not_the_runs(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        patch.setattr(genspec.train.loop, "_one_epoch", interrupted)
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--overwrite", *sets(FAST + ["train.seed=3"]))
     assert rc == 130
     backup = tmp_path / ".run.replaced"
@@ -437,17 +437,17 @@ def test_metrics_json_comes_last_and_marks_the_run_finished(tmp_path, monkeypatc
     """A run stopped while writing its report has no metrics.json (which a study reads as
     "finished"); --resume evaluates again and finishes it. A resume asked for more epochs drops
     the old metrics.json at once: stopped part-way, the folder does not claim to be finished."""
-    import genspec.train
+    import genspec.train.loop
 
     out = tmp_path / "run"
-    real_report = genspec.train.write_report
+    real_report = genspec.train.loop.write_report
 
     def stopped_in_report(*args, **kwargs):
         real_report(*args, **kwargs)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "write_report", stopped_in_report)
+        patch.setattr(genspec.train.loop, "write_report", stopped_in_report)
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
     assert rc == 130 and (out / "report.md").exists() and not (out / "metrics.json").exists()
     assert not list(out.glob("*.tmp"))
@@ -459,7 +459,7 @@ def test_metrics_json_comes_last_and_marks_the_run_finished(tmp_path, monkeypatc
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        patch.setattr(genspec.train.loop, "_one_epoch", interrupted)
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--resume",
                              *sets(FAST + ["train.epochs=2"]))
     assert rc == 130 and not (out / "metrics.json").exists() and (out / "checkpoint.pt").exists()
@@ -468,10 +468,10 @@ def test_metrics_json_comes_last_and_marks_the_run_finished(tmp_path, monkeypatc
 def test_interrupted_with_metrics_but_no_checkpoint_says_overwrite(tmp_path, monkeypatch):
     """With train.checkpoint_every 2, a run stopped in epoch 2 has epoch 1's metrics and no
     checkpoint: the message says --overwrite, which is what a rerun then asks for."""
-    import genspec.train
+    import genspec.train.loop
 
     out = tmp_path / "run"
-    real_epoch = genspec.train._one_epoch
+    real_epoch = genspec.train.loop._one_epoch
 
     def stop_in_second(spec, model, splits, epoch, *args, **kwargs):
         if epoch == 2:
@@ -480,7 +480,7 @@ def test_interrupted_with_metrics_but_no_checkpoint_says_overwrite(tmp_path, mon
 
     overrides = sets(BASE + ["train.epochs=2", "train.checkpoint_every=2", "evaluate.grids=[]"])
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "_one_epoch", stop_in_second)
+        patch.setattr(genspec.train.loop, "_one_epoch", stop_in_second)
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *overrides)
     assert rc == 130 and f"nothing to resume: --overwrite starts {out} afresh" in err, err
     assert (out / "metrics.jsonl").is_file() and not (out / "checkpoint.pt").exists()

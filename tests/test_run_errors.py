@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from genspec.errors import SpecError
-from genspec.pipeline import load_spec
+from genspec.graph.pipeline import load_spec
 from spec_helpers import QUICKSTART, cli_in_process
 
 TINY = ["train.device=cpu", "data.split.train=64", "data.split.test=32", "train.batch_size=16", "train.max_steps=2",
@@ -90,7 +90,7 @@ def test_bce_of_expressions_that_stay_in_the_unit_interval_is_accepted(loss):
 
 
 def test_interval_arithmetic_leaves_undecided_what_it_cannot_bound():
-    from genspec.graph import UNBOUNDED, _interval
+    from genspec.graph.dependencies import UNBOUNDED, _interval
 
     assert _interval("*", (0.0, 1.0), (-2.0, 3.0)) == (-2.0, 3.0)
     assert _interval("/", (1.0, 2.0), (-1.0, 1.0)) is None  # the divisor can be 0
@@ -106,12 +106,12 @@ def test_a_bce_prediction_no_check_could_bound_stops_with_a_message(tmp_path):
 
 
 def test_running_out_of_memory_is_a_message_that_names_the_batch_size(tmp_path, monkeypatch):
-    import genspec.train
+    import genspec.train.loop
 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
-    monkeypatch.setattr(genspec.train, "_train_epochs", out_of_memory)
+    monkeypatch.setattr(genspec.train.loop, "_train_epochs", out_of_memory)
     rc, _, err = run(tmp_path / "run")
     assert rc == 1 and "Traceback" not in err
     assert ("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller train.batch_size (now "

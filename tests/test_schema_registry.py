@@ -9,8 +9,8 @@ from pathlib import Path
 import jsonschema
 import pytest
 
-from genspec import registry as R
-from genspec.validate import SCHEMA_PATH, schema
+from genspec.lang import registry as R
+from genspec.lang.validate import SCHEMA_PATH, schema
 
 from spec_helpers import REPO
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from genspec.rows import parse_row
-from genspec.shapes import ShapeError, conv_padding, deconv_padding, fmt, infer_network
+from genspec.lang.rows import parse_row
+from genspec.lang.shapes import ShapeError, conv_padding, deconv_padding, fmt, infer_network
 
 
 def infer(input_shape, *rows, freeze=False):

@@ -25,13 +25,13 @@ import pytest
 import torch
 
 import genspec
-from genspec import graph as spec_graph
+from genspec.graph import dependencies as spec_graph
 from genspec.errors import RunError
-from genspec.layers import Gaussian
-from genspec.pipeline import load_runs
-from genspec.priors import build_prior
-from genspec.resolve import resolve
-from genspec.sweep import factors, is_sweep
+from genspec.compiler.layers import Gaussian
+from genspec.graph.pipeline import load_runs
+from genspec.compiler.priors import build_prior
+from genspec.lang.resolve import resolve
+from genspec.lang.sweep import factors, is_sweep
 from spec_helpers import TINY_DIGITS_CLASSIFIER, cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -45,7 +45,7 @@ TEST_DEVICE = os.environ.get("GENSPEC_TEST_DEVICE", "cpu")
 # one seed on the CPU (fast); two on CUDA, where a study stacks a configuration's seeds by default
 STUDY_REPEATS = 2 if TEST_DEVICE.startswith("cuda") else 1
 # two steps on the CPU; on CUDA enough for each phase of a two-phase cycle to warm up, be captured
-# as a CUDA graph and replayed (train.cuda_graphs, genspec/graphs.py)
+# as a CUDA graph and replayed (train.cuda_graphs, genspec/compiler/cuda_graphs.py)
 TINY_STEPS = 8 if TEST_DEVICE.startswith("cuda") else 2
 TINY_TRAIN = 16 * TINY_STEPS + 32  # examples: the steps' batches of 16, and more
 
@@ -177,7 +177,7 @@ def tiny_overrides(spec, tmp_path: Path, depth: int = 0, classifier: Path | None
         sets.append("evaluate.reference.size=32")
     extractor = spec.evaluate.get("extractor", "inception")
     if asked and extractor == "inception":
-        from genspec.fidelity import inception_weights
+        from genspec.measure.fidelity import inception_weights
 
         try:
             inception_weights(spec.evaluate)

@@ -1,4 +1,4 @@
-"""Stacked replicas (genspec/stack.py): the seeds of one configuration trained as one model with a
+"""Stacked replicas (genspec/experiments/stack.py): the seeds of one configuration trained as one model with a
 leading model dimension give the results of separate runs."""
 
 from __future__ import annotations
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import genspec
-from genspec.balance import Balancer
-from genspec.stack import StackedRuns, cannot_stack, train_stacked
-from genspec.evaluate import evaluate_losses
-from genspec.train import run
+from genspec.measure.balance import Balancer
+from genspec.experiments.stack import StackedRuns, cannot_stack, train_stacked
+from genspec.measure.evaluate import evaluate_losses
+from genspec.train.loop import run
 from spec_helpers import NORMED_AUTOENCODER, REPO, TINY_BEGAN, TINY_CONDITIONAL_GAN, TINY_DIGITS_CLASSIFIER, TINY_WGAN_GP
 
 def replicas(path: Path, seeds, extra=()) -> list:
@@ -171,7 +171,7 @@ def test_stacked_categorical_draws_follow_each_replicas_own_class_weights(tmp_pa
     independently of the others; a small conditional GAN then trains stacked to the end."""
     from torch.func import functional_call, vmap
 
-    from genspec.stack import StackedRuns
+    from genspec.experiments.stack import StackedRuns
 
     (tmp_path / "cgan.yaml").write_text(TINY_CONDITIONAL_GAN)
     specs = replicas(tmp_path / "cgan.yaml", (0, 1))
@@ -288,15 +288,15 @@ def test_rebalancing_writes_each_replicas_new_weights_into_its_stacked_slice(tmp
 
 
 def test_stacked_runs_out_of_memory_suggest_unstacking(monkeypatch, tmp_path):
-    import genspec.stack
+    import genspec.experiments.stack
     from genspec.errors import RunError
-    from genspec.pipeline import load_spec
+    from genspec.graph.pipeline import load_spec
     from spec_helpers import QUICKSTART
 
     def out_of_memory(*args):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 1.00 GiB")
 
-    monkeypatch.setattr(genspec.stack, "_train_stacked", out_of_memory)
+    monkeypatch.setattr(genspec.experiments.stack, "_train_stacked", out_of_memory)
     spec = load_spec(QUICKSTART)
     with pytest.raises(RunError, match=r"or --no-stack \(this trains 3 runs at once\); running the study again resumes"):
-        genspec.stack.train_stacked([spec] * 3, [tmp_path / str(i) for i in range(3)])
+        genspec.experiments.stack.train_stacked([spec] * 3, [tmp_path / str(i) for i in range(3)])

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from genspec.study import StudyRun, metric_value, stack_choice, write_study_report
-from genspec.sweep import Run
+from genspec.experiments.study import StudyRun, metric_value, stack_choice, write_study_report
+from genspec.lang.sweep import Run
 from spec_helpers import run_cli as run_subprocess, tiny_digits_vae
 from spec_helpers import cli_in_process as run_cli
 
@@ -239,7 +239,7 @@ def test_a_run_without_metrics_is_resumed_alone(study, tmp_path, damage):
 
 
 def test_a_study_stopped_before_a_runs_first_checkpoint_goes_on(study, tmp_path, monkeypatch):
-    import genspec.train
+    import genspec.train.loop
 
     spec, _, _ = study
     out = tmp_path / "out"
@@ -250,7 +250,7 @@ def test_a_study_stopped_before_a_runs_first_checkpoint_goes_on(study, tmp_path,
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "_one_epoch", interrupted)
+        patch.setattr(genspec.train.loop, "_one_epoch", interrupted)
         rc, _, err = run_cli(*args)
     assert rc == 130 and "interrupted" in err
     folder = out / run_id("L", "normal") / "seed0"
@@ -381,7 +381,7 @@ def test_study_stack_in_the_spec_stacks_and_no_stack_overrides_it(tmp_path):
 
 
 def test_the_table_layout_is_said_in_words_without_placeholders():
-    from genspec.study import _axes
+    from genspec.experiments.study import _axes
 
     assert _axes(["prior"], ["encoder"]) == "rows prior, columns encoder"
     assert _axes([], ["beta"]) == "columns beta"  # one factor: no '-' for the rows

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from genspec.errors import SpecError
-from genspec.pipeline import load_runs, split_overrides
-from genspec.study import plan_study
+from genspec.graph.pipeline import load_runs, split_overrides
+from genspec.experiments.study import plan_study
 from spec_helpers import cli_in_process as run_cli, tiny_digits_vae
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -16,9 +16,9 @@ import torch
 import yaml
 
 import genspec
-from genspec.data import load_data
+from genspec.data.datasets import load_data
 from genspec.errors import RunError
-from genspec.validate import DATA_DEFAULTS
+from genspec.lang.validate import DATA_DEFAULTS
 from spec_helpers import cli_in_process as run_cli, tiny_gan_doc
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -154,9 +154,9 @@ def test_batch_same_shares_a_batch_and_metrics_count_updates(tmp_path, phases, d
 
 
 def test_a_shared_batch_is_the_batch_of_the_phase_before(tmp_path):
-    from genspec.train import _one_epoch, phase_cycle
-    from genspec.compile import Model
-    from genspec.data import load_data
+    from genspec.train.loop import _one_epoch, phase_cycle
+    from genspec.compiler.model import Model
+    from genspec.data.datasets import load_data
 
     spec = genspec.load(write_yaml(tmp_path / "gan.yaml", gan_doc([{"update": ["dis"]}, {"update": ["gen"], "batch": "same"}])))
     assert phase_cycle(spec.phases, 1) == [[0, 1]]
@@ -562,8 +562,8 @@ def test_a_resume_replays_the_stream_of_each_process_that_saved_it(capsys):
     """A single process continues its own stream; under --nproc each rank continues its own, when
     the checkpoint holds as many ranks' streams. With another number of processes each rank starts
     a stream of its own (had every rank taken rank 0's, all would draw the same noise)."""
-    from genspec.distributed import SINGLE, World
-    from genspec.train import _restore_rng
+    from genspec.compiler.distributed import SINGLE, World
+    from genspec.train.loop import _restore_rng
 
     saved, expected = [], []
     for seed in (3, 4):  # rank 0's stream, rank 1's

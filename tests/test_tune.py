@@ -152,9 +152,9 @@ def test_diverging_trials_fail_and_tuning_goes_on(tmp_path):
 @pytest.mark.slow
 def test_one_failed_trial_among_completed(tmp_path, monkeypatch):
     """Trial 1 fails (its run raises RunError); trials 0 and 2 complete; the best is theirs."""
-    import genspec.train
+    import genspec.train.loop
 
-    real_run, calls = genspec.train.run, []
+    real_run, calls = genspec.train.loop.run, []
 
     def flaky_run(spec, out=None, **kwargs):
         calls.append(Path(out).name)
@@ -162,7 +162,7 @@ def test_one_failed_trial_among_completed(tmp_path, monkeypatch):
             raise RunError("injected failure\nsecond line")
         return real_run(spec, out=out, **kwargs)
 
-    monkeypatch.setattr(genspec.train, "run", flaky_run)
+    monkeypatch.setattr(genspec.train.loop, "run", flaky_run)
     out = tmp_path / "tune"
     rc, stdout, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 3, "--initial", 2, *TINY, "--out", out)
     assert rc == 0, stderr
@@ -210,9 +210,9 @@ def test_resume_runs_only_the_missing_trials(tmp_path):
 @pytest.mark.slow
 def test_resume_after_an_interrupted_trial(tmp_path, monkeypatch):
     """A kill during trial 2 (KeyboardInterrupt): trials 0 and 1 are kept, --resume runs trial 2 again."""
-    import genspec.train
+    import genspec.train.loop
 
-    real_run, calls = genspec.train.run, []
+    real_run, calls = genspec.train.loop.run, []
 
     def interrupted_run(spec, out=None, **kwargs):
         calls.append(Path(out).name)
@@ -222,7 +222,7 @@ def test_resume_after_an_interrupted_trial(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_run(spec, out=out, **kwargs)
 
-    monkeypatch.setattr(genspec.train, "run", interrupted_run)
+    monkeypatch.setattr(genspec.train.loop, "run", interrupted_run)
     out = tmp_path / "tune"
     rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 3, "--initial", 2, *TINY, "--out", out)
     assert rc == 130, stderr
@@ -269,9 +269,9 @@ def test_a_damaged_client_file_is_a_clear_error(tmp_path):
 def test_a_stop_between_the_table_and_the_client_loses_no_trial(tmp_path, monkeypatch):
     """trials.csv is saved before ax_client.json: a stop between the two leaves a trial finished
     in the table and running in the client, which --resume finishes in the client, not again."""
-    import genspec.tune
+    import genspec.experiments.tune
 
-    real_save, saves = genspec.tune._save_client, []
+    real_save, saves = genspec.experiments.tune._save_client, []
 
     def stop_after_first_trial(client, path):
         saves.append(path)
@@ -281,7 +281,7 @@ def test_a_stop_between_the_table_and_the_client_loses_no_trial(tmp_path, monkey
 
     out = tmp_path / "tune"
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.tune, "_save_client", stop_after_first_trial)
+        patch.setattr(genspec.experiments.tune, "_save_client", stop_after_first_trial)
         rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 2, "--initial", 2, *TINY, "--out", out,
                              "--parallel", 1)
     assert rc == 130 and "--resume continues the tuning" in stderr
@@ -292,14 +292,14 @@ def test_a_stop_between_the_table_and_the_client_loses_no_trial(tmp_path, monkey
     assert "tune: trial 0 " not in stderr and "tune: trial 1 " in stderr
     rows = read_trials(out)
     assert [(int(r["trial"]), r["status"]) for r in rows] == [(0, "completed"), (1, "completed")]
-    from genspec.tune import _load_client
+    from genspec.experiments.tune import _load_client
 
     trials = _load_client(out / "ax_client.json")._experiment.trials
     assert [trials[i].status.is_completed for i in (0, 1)] == [True, True]
 
 
 def test_an_interrupted_overwrite_keeps_the_old_tuning(tmp_path, monkeypatch):
-    import genspec.train
+    import genspec.train.loop
 
     out = tmp_path / "tune"
     rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out)
@@ -310,7 +310,7 @@ def test_an_interrupted_overwrite_keeps_the_old_tuning(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train, "run", interrupted)
+        patch.setattr(genspec.train.loop, "run", interrupted)
         rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out,
                              "--overwrite")
     backup = tmp_path / ".tune.replaced"
@@ -370,7 +370,7 @@ def test_points_must_cover_every_tuned_param_unless_the_command_line_replaces_th
     spec.write_text(yaml.safe_dump(doc))
     rc, _, stderr = main("tune", spec, "--param", "beta", "--param", "lr", *TINY, "--out", tmp_path / "t")
     assert rc == 1 and "give every tuned param a list of points, all of one length (given: beta 1; tuned: beta, lr)" in stderr
-    from genspec.tune import settings_from
+    from genspec.experiments.tune import settings_from
 
     assert settings_from(str(spec), ["beta"], [], 2, 1, None, None, None, []).points == []  # --initial: quasi-random
     assert settings_from(str(spec), ["beta"], [(0.1, 5)], 2, None, None, None, None, []).points == []  # --range

@@ -16,7 +16,7 @@ import math
 import pytest
 import yaml
 
-from genspec.tune import parallel_count, trial_devices, worker_threads
+from genspec.experiments.tune import parallel_count, trial_devices, worker_threads
 from spec_helpers import cli_in_process as main, genspec_subprocess, tiny_digits_vae
 
 # linear_operator warns on import; Ax uses pandas keywords that pandas has deprecated
@@ -42,15 +42,15 @@ def tune_args(spec, out, trials, initial, *more):
 
 
 def test_parallel_trials_equal_sequential_and_direct_runs(tmp_path, monkeypatch):
-    import genspec.tune
-    from genspec.pipeline import load_spec
-    from genspec.train import run
-    from genspec.tune import _new_client, settings_from
+    import genspec.experiments.tune
+    from genspec.graph.pipeline import load_spec
+    from genspec.train.loop import run
+    from genspec.experiments.tune import _new_client, settings_from
 
     spec = tiny_beta_vae(tmp_path)
     saved = []  # the table's length at each save: one save per finished trial
-    real_write = genspec.tune._write_table
-    monkeypatch.setattr(genspec.tune, "_write_table", lambda out, table, settings: (
+    real_write = genspec.experiments.tune._write_table
+    monkeypatch.setattr(genspec.experiments.tune, "_write_table", lambda out, table, settings: (
         saved.append(len(table)), real_write(out, table, settings)))
 
     # two workers; trials 0 and 1 are quasi-random, trial 2 comes from the GP fitted on what finished first

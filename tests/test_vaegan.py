@@ -36,11 +36,11 @@ from torch.nn import functional as F
 
 import genspec
 from genspec import cli
-from genspec import ops as gops
-from genspec.compile import Env, Model
-from genspec.data import load_data
-from genspec.ops import SoftLabel, bce, bce_from_logits
-from genspec.resolve import resolve
+from genspec.compiler import ops as gops
+from genspec.compiler.model import Env, Model
+from genspec.data.datasets import load_data
+from genspec.compiler.ops import SoftLabel, bce, bce_from_logits
+from genspec.lang.resolve import resolve
 from spec_helpers import genspec_subprocess
 
 REPO = Path(__file__).resolve().parent.parent
@@ -502,7 +502,7 @@ evaluate:
 @pytest.fixture(scope="module")
 def classifier_run(image_folder, tmp_path_factory) -> Path:
     """A finished classifier run (two classes: the two image folders) to extract FID features with."""
-    from genspec.train import run
+    from genspec.train.loop import run
 
     folder = tmp_path_factory.mktemp("classifier")
     path = folder / "classifier.yaml"

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from genspec.errors import SpecError
-from genspec.loader import load_file
-from genspec.pipeline import load_spec
-from genspec.spec import Phase
-from genspec.validate import validate
+from genspec.lang.loader import load_file
+from genspec.graph.pipeline import load_spec
+from genspec.lang.spec import Phase
+from genspec.lang.validate import validate
 
 from spec_helpers import QUICKSTART, check, problems_of, quickstart_with
 

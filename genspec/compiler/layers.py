@@ -1,0 +1,374 @@
+"""Layer tables to nn.Modules: one `TableNet` per network, one small block per row."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from genspec.lang.shapes import conv_padding, deconv_padding
+from genspec.lang.spec import Network
+
+
+def full_precision(t: torch.Tensor) -> torch.dtype:
+    """t's dtype, at least float32: what noise, targets and constants beside a network output take.
+    Under bfloat16 autocast the outputs are bfloat16, whose 8-bit mantissa would round 0.9 to
+    0.8984 and quantise noise draws; float32 and float64 stay as they are."""
+    return torch.promote_types(t.dtype, torch.float32)
+
+
+@dataclass
+class Gaussian:
+    """A diagonal Gaussian from a `gaussian` head (log-variance fixed for `var=`)."""
+
+    mean: torch.Tensor
+    logvar: torch.Tensor
+
+    def rsample(self) -> torch.Tensor:
+        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean, dtype=full_precision(self.mean))
+
+    def detach(self) -> "Gaussian":
+        return Gaussian(self.mean.detach(), self.logvar.detach())
+
+
+class GaussianHead(nn.Module):
+    def __init__(self, n_in: int, out_shape: tuple, var: float | None, bias: bool = True):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        n = math.prod(out_shape)
+        self.fixed_logvar = None if var is None else math.log(var)
+        self.linear = nn.Linear(n_in, n if var is not None else 2 * n, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> Gaussian:
+        h = self.linear(x.flatten(1))
+        if self.fixed_logvar is not None:
+            mean = h.view(-1, *self.out_shape)
+            return Gaussian(mean, torch.full_like(mean, self.fixed_logvar, dtype=full_precision(mean)))
+        mean, logvar = h.chunk(2, dim=1)
+        return Gaussian(mean.reshape(-1, *self.out_shape), logvar.reshape(-1, *self.out_shape))
+
+
+class ConvGaussianHead(nn.Module):
+    """A convolutional gaussian head: 2C channels split into mean and log-variance (C with `var=`)."""
+
+    def __init__(self, conv: nn.Module, var: float | None):
+        super().__init__()
+        self.conv = conv
+        self.fixed_logvar = None if var is None else math.log(var)
+
+    def forward(self, x: torch.Tensor) -> Gaussian:
+        h = self.conv(x)
+        if self.fixed_logvar is not None:
+            return Gaussian(h, torch.full_like(h, self.fixed_logvar, dtype=full_precision(h)))
+        mean, logvar = h.chunk(2, dim=1)
+        return Gaussian(mean, logvar)
+
+
+class Reshape(nn.Module):
+    def __init__(self, shape: tuple):
+        super().__init__()
+        self.shape = tuple(shape)
+
+    def forward(self, x):
+        return x.reshape(x.shape[0], *self.shape)
+
+    def extra_repr(self) -> str:
+        return "x".join(map(str, self.shape))
+
+
+class Crop(nn.Module):
+    def __init__(self, p: int):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        return x[..., self.p:-self.p, self.p:-self.p]
+
+
+class Concat(nn.Module):
+    """Joins a condition input to the running tensor: end to end for flat tensors, as constant
+    feature maps (broadcast over height and width) or channels for images."""
+
+    def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and condition.dim() == 2:
+            condition = condition[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
+        return torch.cat([x, condition.to(x.dtype)], dim=1)
+
+
+class Dense(nn.Module):
+    """A fully connected row: flattens its input and reshapes its output (`fc 8x8x256` -> 256x8x8).
+
+    Norm, activation and dropout act on the reshaped output, so `fc 8x8x256, bn` normalises
+    each of the 256 channels (BatchNorm2d), as PyTorch implementations of these papers do.
+    """
+
+    def __init__(self, n_in: int, out_shape: tuple, bias: bool, post: list[nn.Module]):
+        super().__init__()
+        self.out_shape = tuple(out_shape)
+        self.linear = nn.Linear(n_in, math.prod(out_shape), bias=bias)
+        self.post = nn.Sequential(*post)
+
+    def forward(self, x):
+        return self.post(self.linear(x.flatten(1)).reshape(x.shape[0], *self.out_shape))
+
+
+class FloatSigmoid(nn.Sigmoid):
+    """A sigmoid computed in float32 at least. Under bfloat16 autocast a sigmoid keeps its input's dtype,
+    and bfloat16 rounds it to exactly 1 once the logit passes about 6.2 (16.6 in float32): a
+    discriminator's cross-entropy then reads log(0), clamped to -100, and its gradient
+    p * (1 - p) is 0, so it stops learning from the fakes it is surest of. Without autocast the
+    input is float32 (or float64) already and nothing changes."""
+
+    def forward(self, x):
+        return torch.sigmoid(x.to(full_precision(x)))
+
+
+def _activation(name: str, slope: float = 0.01) -> nn.Module:
+    return {
+        "relu": lambda: nn.ReLU(),
+        "lrelu": lambda: nn.LeakyReLU(slope),
+        "tanh": lambda: nn.Tanh(),
+        "sigmoid": lambda: FloatSigmoid(),
+        "elu": lambda: nn.ELU(),
+        "gelu": lambda: nn.GELU(),
+        "silu": lambda: nn.SiLU(),
+        "softplus": lambda: nn.Softplus(),
+        "softmax": lambda: nn.Softmax(dim=1),
+        "log_softmax": lambda: nn.LogSoftmax(dim=1),
+    }[name]()
+
+
+class VirtualBatchNorm(nn.Module):
+    """Virtual batch normalisation (Salimans et al. 2016): each example is normalised with the
+    statistics of a fixed reference batch plus itself, so examples in a batch do not depend on
+    one another. The network runs its reference batch in front of every batch (TableNet does)."""
+
+    def __init__(self, channels: int, spatial: bool, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(channels))
+        self.bias = nn.Parameter(torch.zeros(channels))
+        self.spatial, self.eps = spatial, eps
+        self.reference_size = 0  # set by the network before each pass
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        r = self.reference_size
+        if r == 0:
+            raise RuntimeError("virtual batch norm needs the network's reference batch in front of the batch")
+        per_example = (lambda t: t.mean((2, 3))) if self.spatial else (lambda t: t)  # (N, C)
+        # E[h^2] - E[h]^2 in float32: in bfloat16 (autocast on CUDA) the difference cancels to a
+        # few bits, and a variance of 0.12 comes out as 0.0625
+        h32 = h.float()
+        mean_x, square_x = per_example(h32), per_example(h32 * h32)
+        w = 1.0 / (r + 1)
+        mean = (1 - w) * mean_x[:r].mean(0) + w * mean_x
+        var = ((1 - w) * square_x[:r].mean(0) + w * square_x - mean * mean).clamp_min(0)
+        if self.spatial:
+            mean, var = mean[:, :, None, None], var[:, :, None, None]
+            weight, bias = self.weight[:, None, None], self.bias[:, None, None]
+        else:
+            weight, bias = self.weight, self.bias
+        return (weight * (h32 - mean) / torch.sqrt(var + self.eps) + bias).to(h.dtype)
+
+
+def _norm(name: str, shape: tuple) -> nn.Module:
+    if name == "vbn":
+        if len(shape) not in (1, 3):
+            raise ValueError("virtual batch norm needs a flat or CxHxW input")
+        return VirtualBatchNorm(shape[0], spatial=len(shape) == 3)
+    if name == "bn":
+        return nn.BatchNorm2d(shape[0]) if len(shape) == 3 else nn.BatchNorm1d(shape[0])
+    return nn.LayerNorm(list(shape))
+
+
+def _post(row: dict, shape: tuple) -> list[nn.Module]:
+    post: list[nn.Module] = []
+    if row.get("norm"):
+        post.append(_norm(row["norm"], shape))
+    if row.get("act"):
+        post.append(_activation(row["act"], row.get("slope", 0.01)))
+    if row.get("dropout"):
+        post.append(nn.Dropout(row["dropout"]))
+    return post
+
+
+def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
+    op = row["op"]
+    bias = row.get("bias", True)
+    if op == "fc":
+        return Dense(math.prod(in_shape), out_shape, bias, _post(row, out_shape))
+    if op == "gaussian" and "kernel" in row:
+        channels = row["out"] * (1 if "var" in row else 2)
+        return ConvGaussianHead(_conv(row, in_shape, channels, bias), row.get("var"))
+    if op == "gaussian":
+        return GaussianHead(math.prod(in_shape), out_shape, row.get("var"), bias)
+    if op == "conv":
+        main = _conv(row, in_shape, row["out"], bias)
+    elif op == "deconv":
+        p, extra = deconv_padding(row)
+        main = nn.ConvTranspose2d(in_shape[0], row["out"], row["kernel"], row["stride"], p, extra, bias=bias)
+    elif op == "maxpool":
+        main = nn.MaxPool2d(row["kernel"], row["stride"])
+    elif op == "avgpool":
+        main = nn.AvgPool2d(row["kernel"], row["stride"])
+    elif op == "upsample":
+        main = nn.Upsample(scale_factor=row["scale"], mode=row.get("mode", "nearest"))
+    elif op == "dropout":
+        main = nn.Dropout(row["p"])
+    elif op == "flatten":
+        main = nn.Flatten()
+    elif op == "reshape":
+        main = Reshape(row["shape"])
+    elif op == "crop":
+        main = Crop(row["p"])
+    elif op in ("bn", "ln", "vbn"):
+        main = _norm(op, in_shape)
+    elif op == "identity":
+        main = nn.Identity()
+    elif op == "concat":
+        return Concat()
+    else:
+        main = _activation(op, row.get("slope", 0.01))
+    post = _post(row, out_shape)
+    return nn.Sequential(main, *post) if post else main
+
+
+def _conv(row: dict, in_shape: tuple, channels: int, bias: bool) -> nn.Module:
+    left, right, top, bottom = conv_padding(row, in_shape[1], in_shape[2])
+    if left == right and top == bottom and left == top:
+        return nn.Conv2d(in_shape[0], channels, row["kernel"], row["stride"], left, bias=bias)
+    # an even kernel's 'same' padding is one pixel larger right and bottom
+    return nn.Sequential(nn.ZeroPad2d((left, right, top, bottom)),
+                         nn.Conv2d(in_shape[0], channels, row["kernel"], row["stride"], 0, bias=bias))
+
+
+REFERENCE_BATCH = 64
+LOGITS = "(logits)"  # forward_taps' key for the pre-sigmoid output of a network that ends in a sigmoid; never a tap name
+
+
+def _strip_final_sigmoid(rows: nn.ModuleList) -> None:
+    """Remove the last row's closing sigmoid (TableNet applies it itself, keeping the logits).
+    The sigmoid has no parameters, so state-dict keys do not change."""
+    last = rows[-1]
+    if isinstance(last, FloatSigmoid):
+        rows[-1] = nn.Identity()
+        return
+    container = last.post if isinstance(last, Dense) else last
+    if not (isinstance(container, nn.Sequential) and len(container) and isinstance(container[-1], FloatSigmoid)):
+        raise AssertionError(f"a row that ends in a sigmoid was built without one: {last}")
+    del container[-1]
+
+
+def _drop(value, n: int):
+    if not n:
+        return value
+    if isinstance(value, Gaussian):
+        return Gaussian(value.mean[n:], value.logvar[n:])
+    return value[n:]
+
+
+class TableNet(nn.Module):
+    """A network built from a layer table. `forward(x)` gives the last row's output;
+    `forward_taps(x)` also gives every named tap, from one pass."""
+
+    def __init__(self, net: Network):
+        super().__init__()
+        self.rows = nn.ModuleList(build_row(r.row, r.in_shape, r.out_shape) for r in net.info.rows)
+        self.ends_in_sigmoid = net.info.ends_in_sigmoid
+        if self.ends_in_sigmoid:
+            _strip_final_sigmoid(self.rows)
+        self.taps = dict(net.info.taps)
+        self._tap_at = {i: name for name, i in self.taps.items()}
+        self._frozen_rows = [i for i, r in enumerate(net.info.rows) if r.frozen]
+        self._virtual_norms = [m for m in self.rows.modules() if isinstance(m, VirtualBatchNorm)]
+        conditions = list(net.conditions)
+        self._concat_at = {i: conditions.index(r.row["input"]) for i, r in enumerate(net.info.rows) if r.row["op"] == "concat"}
+        self.has_reference = bool(self._virtual_norms)
+        if self.has_reference:
+            # The reference batch: N(0, I) placeholders, replaced by Model.set_references with draws of
+            # the input's latent or real data; one slot for the input and one per condition.
+            shapes = [net.input] + [shape for shape, _ in net.conditions.values()]
+            for slot, shape in enumerate(shapes):
+                self.register_buffer(f"reference_{slot}" if slot else "reference", torch.randn(REFERENCE_BATCH, *shape))
+
+    def set_reference(self, slot: int, value: torch.Tensor) -> None:
+        getattr(self, f"reference_{slot}" if slot else "reference").copy_(value)
+
+    def _references(self, count: int) -> list:
+        return [getattr(self, f"reference_{slot}" if slot else "reference") for slot in range(count)]
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        # A frozen row is a fixed function: its batch norm keeps its initial running statistics.
+        for i in self._frozen_rows:
+            for m in self.rows[i].modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+        return self
+
+    def forward(self, x, *conditions):
+        return self.forward_taps(x, *conditions)[None]
+
+    def forward_taps(self, x, *conditions) -> dict:
+        """Outputs of every named tap, and the final output under the key None; for a network that
+        ends in a sigmoid, the logits it was computed from under LOGITS."""
+        skip = 0
+        if self._virtual_norms:  # the reference batch rides in front of the batch, then is dropped
+            skip = len(self.reference)
+            inputs = [torch.cat([ref.to(t.dtype), t]) for ref, t in zip(self._references(1 + len(conditions)), (x, *conditions))]
+            x, conditions = inputs[0], inputs[1:]
+            for norm in self._virtual_norms:
+                norm.reference_size = skip
+        out = {}
+        last = len(self.rows) - 1
+        for i, row in enumerate(self.rows):
+            x = row(x, conditions[self._concat_at[i]]) if i in self._concat_at else row(x)
+            if i == last and self.ends_in_sigmoid:
+                out[LOGITS] = _drop(x, skip)
+                x = torch.sigmoid(x.to(full_precision(x)))  # in float32 at least, as FloatSigmoid
+            if i in self._tap_at:
+                out[self._tap_at[i]] = _drop(x, skip)
+        out[None] = _drop(x, skip)
+        return out
+
+
+def initialise(module: TableNet, net: Network) -> None:
+    """Apply the network's `init` to conv, transposed-conv, linear (and, for normal, norm) weights."""
+    if net.init == "default":
+        return
+    for m in module.modules():
+        is_weighted = isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+        is_norm = isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm))
+        if not (is_weighted or (is_norm and net.init == "normal")) or getattr(m, "weight", None) is None:
+            continue
+        with torch.no_grad():
+            if net.init == "normal":
+                nn.init.normal_(m.weight, *net.init_args)
+            elif net.init == "xavier_uniform":
+                nn.init.xavier_uniform_(m.weight)
+            elif net.init == "xavier_normal":
+                nn.init.xavier_normal_(m.weight)
+            elif net.init == "kaiming_normal":
+                nn.init.kaiming_normal_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
+def freeze(module: TableNet, net: Network) -> None:
+    """Frozen rows keep their initial weights: no gradient, no optimiser."""
+    for row_module, info in zip(module.rows, net.info.rows):
+        if info.frozen:
+            for p in row_module.parameters():
+                p.requires_grad_(False)
+
+
+def build_network(net: Network) -> TableNet:
+    module = TableNet(net)
+    initialise(module, net)
+    freeze(module, net)
+    return module
+
+
+__all__ = ["Gaussian", "TableNet", "build_network", "F"]

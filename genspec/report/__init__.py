@@ -1,0 +1,2 @@
+"""Stage 7, what people read: a run's report.md, layer tables and pictures, and spec diffs.
+"""
