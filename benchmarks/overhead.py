@@ -343,16 +343,30 @@ def genspec_phase_steps(model: Model, bookkeeping: bool) -> list:
     cycle = [index for index, phase in enumerate(model.spec.phases) for _ in range(phase.repeat)]
     if not bookkeeping:
         return [lambda x, index=index: model.train_step(index, x) for index in cycle]
-    from genspec.train.loop import FiniteWatch  # train.py's device-side finiteness record
+    import tempfile
 
+    from genspec.compiler.distributed import SINGLE
+    from genspec.experiments.run import register_builtin_hooks
+    from genspec.train.hooks import Hooks, TrainingRun
+    from genspec.train.loop import FiniteWatch  # the loop's device-side finiteness record
+
+    register_builtin_hooks()  # the hooks a real run attaches, with their per-step listeners
+    run = TrainingRun(model.spec, model, None, Path(tempfile.mkdtemp()), SINGLE, progress=False)
+    hooks = Hooks.attach(run)
     sums: dict = {}
     finite = FiniteWatch()
+    steps = iter(range(1, 10**9))
 
     def step_with_bookkeeping(x, index):  # what genspec/train/loop.py's _one_epoch adds around each step
         losses = model.train_step(index, x)
         finite.record(0, losses)
         for name, value in losses.items():
             sums[name] = sums.get(name, 0) + value
+        for listener in hooks.after_update:
+            listener(run, index, losses)
+        step = next(steps)
+        for listener in hooks.step_end:
+            listener(run, step, losses)
 
     return [lambda x, index=index: step_with_bookkeeping(x, index) for index in cycle]
 
@@ -567,7 +581,7 @@ def benchmark(name: str, args, device) -> dict:
         "benchmark": "overhead",
         "spec": name,
         "spec_file": spec_file,
-        "genspec_loop": "Model.train_step + train.py bookkeeping" if args.bookkeeping else "Model.train_step",
+        "genspec_loop": "Model.train_step + the loop's bookkeeping and hook dispatch" if args.bookkeeping else "Model.train_step",
         **environment(device),
         "batch_size": batch_size,
         "steps": steps,
@@ -661,7 +675,7 @@ def main(argv=None) -> None:
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--device", default="auto", help="auto (CUDA when available), cpu, cuda, cuda:1 ...")
     parser.add_argument("--bookkeeping", action="store_true",
-                        help="time genspec's step with train.py's per-step loss check and sums around it")
+                        help="time genspec's step with the loop's per-step loss check, sums and hook dispatch around it")
     parser.add_argument("--deterministic", action="store_true",
                         help="deterministic kernels for both loops (cuDNN and cuBLAS pick order-stable "
                              "algorithms), so that params_match is exact on CUDA too; may slow both")

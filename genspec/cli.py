@@ -106,7 +106,7 @@ def cmd_run(args) -> int:
         raise RunError("--parallel and --stack train the runs of a study (a spec with `sweep` or `repeats`) together; "
                        "to spread one run over processes use --nproc")
     spec = runs[0][1]
-    from genspec.train.loop import run
+    from genspec.experiments.run import run
 
     out = args.out or f"reports/{spec.name}"
     try:
@@ -124,11 +124,11 @@ def cmd_run(args) -> int:
 
 def _interrupted_message(out: Path) -> str:
     """What a stopped run left in its folder, and how to go on."""
-    from genspec.train.loop import CHECKPOINT, _stopped_before_first_epoch, run_files
+    from genspec.train.folder import CHECKPOINT, run_files, stopped_before_first_epoch
 
     if (out / CHECKPOINT).exists():
         return f"interrupted; {out} keeps its last checkpoint, and --resume continues from it"
-    if not run_files(out) or _stopped_before_first_epoch(out):
+    if not run_files(out) or stopped_before_first_epoch(out):
         return f"interrupted before the first checkpoint; nothing to resume, and running it again starts afresh in {out}"
     return (f"interrupted before the first checkpoint (train.checkpoint_every); nothing to resume: --overwrite "
             f"starts {out} afresh")
@@ -136,7 +136,7 @@ def _interrupted_message(out: Path) -> str:
 
 def _replaced_note(out: Path) -> str:
     """Where the run that --overwrite was replacing waits, when the new one did not finish."""
-    from genspec.train.loop import replaced_path
+    from genspec.train.folder import replaced_path
 
     backup = replaced_path(out)
     if not backup.exists():
@@ -185,8 +185,8 @@ def cmd_sample(args) -> int:
     import torch
     from torchvision.utils import save_image
 
-    from genspec import load_run
-    from genspec.measure.evaluate import generator_of, generator_parts, interpolation_images, sample_images, to_unit
+    from genspec.train.finished import load_run
+    from genspec.measure.sampling import generator_of, generator_parts, interpolation_images, sample_images, to_unit
 
     if args.n < 1:
         raise RunError(f"--n must be a positive number of images, got {args.n}")
@@ -233,7 +233,7 @@ def cmd_tune(args) -> int:
 def cmd_is_splits(args) -> int:
     import csv
 
-    from genspec import load_run
+    from genspec.train.finished import load_run
     from genspec.measure.fidelity import inception_score_by_splits
 
     run = load_run(args.run_dir)

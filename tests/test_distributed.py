@@ -14,7 +14,7 @@ import genspec
 from genspec.cli import _without_nproc
 from genspec.compiler.distributed import SINGLE, World, shard
 from genspec.errors import RunError
-from genspec.train.loop import run
+from genspec.experiments.run import run
 from spec_helpers import REPO, TINY_DIGITS_CLASSIFIER, cli_env, cli_in_process, run_cli, tiny_gan_doc
 from test_conditional_and_equilibrium import TINY_BEGAN
 

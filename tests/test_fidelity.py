@@ -168,7 +168,9 @@ def test_the_real_set_score_keeps_the_checkpoint_the_training_loop_wrote(tmp_pat
     import yaml
 
     from genspec.measure.evaluate import _real_metrics
-    from genspec.train.loop import RESOLVED, prepare, save_checkpoint
+    from genspec.train.folder import RESOLVED
+    from genspec.train.loop import prepare
+    from genspec.train.checkpoint import save_checkpoint
 
     (tmp_path / "clf.yaml").write_text(CLASSIFIER_SPEC)
     spec = genspec.load(tmp_path / "clf.yaml")

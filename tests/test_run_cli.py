@@ -437,17 +437,17 @@ def test_metrics_json_comes_last_and_marks_the_run_finished(tmp_path, monkeypatc
     """A run stopped while writing its report has no metrics.json (which a study reads as
     "finished"); --resume evaluates again and finishes it. A resume asked for more epochs drops
     the old metrics.json at once: stopped part-way, the folder does not claim to be finished."""
-    import genspec.train.loop
+    import genspec.report.run_report
 
     out = tmp_path / "run"
-    real_report = genspec.train.loop.write_report
+    real_report = genspec.report.run_report.write_report
 
     def stopped_in_report(*args, **kwargs):
         real_report(*args, **kwargs)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train.loop, "write_report", stopped_in_report)
+        patch.setattr(genspec.report.run_report, "write_report", stopped_in_report)
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
     assert rc == 130 and (out / "report.md").exists() and not (out / "metrics.json").exists()
     assert not list(out.glob("*.tmp"))

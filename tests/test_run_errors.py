@@ -111,7 +111,7 @@ def test_running_out_of_memory_is_a_message_that_names_the_batch_size(tmp_path, 
     def out_of_memory(*args, **kwargs):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore detail")
 
-    monkeypatch.setattr(genspec.train.loop, "_train_epochs", out_of_memory)
+    monkeypatch.setattr(genspec.train.loop, "fit", out_of_memory)
     rc, _, err = run(tmp_path / "run")
     assert rc == 1 and "Traceback" not in err
     assert ("out of memory (CUDA out of memory. Tried to allocate 2.00 GiB); try a smaller train.batch_size (now "

@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 
 import genspec
-from genspec.measure.evaluate import sample_images, to_unit
+from genspec.measure.sampling import sample_images, to_unit
 from spec_helpers import cli_in_process as main, genspec_subprocess
 
 REPO = Path(__file__).resolve().parent.parent

@@ -14,7 +14,7 @@ import genspec
 from genspec.measure.balance import Balancer
 from genspec.experiments.stack import StackedRuns, cannot_stack, train_stacked
 from genspec.measure.evaluate import evaluate_losses
-from genspec.train.loop import run
+from genspec.experiments.run import run
 from spec_helpers import NORMED_AUTOENCODER, REPO, TINY_BEGAN, TINY_CONDITIONAL_GAN, TINY_DIGITS_CLASSIFIER, TINY_WGAN_GP
 
 def replicas(path: Path, seeds, extra=()) -> list:

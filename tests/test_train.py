@@ -563,7 +563,7 @@ def test_a_resume_replays_the_stream_of_each_process_that_saved_it(capsys):
     the checkpoint holds as many ranks' streams. With another number of processes each rank starts
     a stream of its own (had every rank taken rank 0's, all would draw the same noise)."""
     from genspec.compiler.distributed import SINGLE, World
-    from genspec.train.loop import _restore_rng
+    from genspec.train.checkpoint import _restore_rng
 
     saved, expected = [], []
     for seed in (3, 4):  # rank 0's stream, rank 1's

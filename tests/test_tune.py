@@ -152,9 +152,9 @@ def test_diverging_trials_fail_and_tuning_goes_on(tmp_path):
 @pytest.mark.slow
 def test_one_failed_trial_among_completed(tmp_path, monkeypatch):
     """Trial 1 fails (its run raises RunError); trials 0 and 2 complete; the best is theirs."""
-    import genspec.train.loop
+    import genspec.experiments.run
 
-    real_run, calls = genspec.train.loop.run, []
+    real_run, calls = genspec.experiments.run.run, []
 
     def flaky_run(spec, out=None, **kwargs):
         calls.append(Path(out).name)
@@ -162,7 +162,7 @@ def test_one_failed_trial_among_completed(tmp_path, monkeypatch):
             raise RunError("injected failure\nsecond line")
         return real_run(spec, out=out, **kwargs)
 
-    monkeypatch.setattr(genspec.train.loop, "run", flaky_run)
+    monkeypatch.setattr(genspec.experiments.run, "run", flaky_run)
     out = tmp_path / "tune"
     rc, stdout, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 3, "--initial", 2, *TINY, "--out", out)
     assert rc == 0, stderr
@@ -210,9 +210,9 @@ def test_resume_runs_only_the_missing_trials(tmp_path):
 @pytest.mark.slow
 def test_resume_after_an_interrupted_trial(tmp_path, monkeypatch):
     """A kill during trial 2 (KeyboardInterrupt): trials 0 and 1 are kept, --resume runs trial 2 again."""
-    import genspec.train.loop
+    import genspec.experiments.run
 
-    real_run, calls = genspec.train.loop.run, []
+    real_run, calls = genspec.experiments.run.run, []
 
     def interrupted_run(spec, out=None, **kwargs):
         calls.append(Path(out).name)
@@ -222,7 +222,7 @@ def test_resume_after_an_interrupted_trial(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real_run(spec, out=out, **kwargs)
 
-    monkeypatch.setattr(genspec.train.loop, "run", interrupted_run)
+    monkeypatch.setattr(genspec.experiments.run, "run", interrupted_run)
     out = tmp_path / "tune"
     rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 3, "--initial", 2, *TINY, "--out", out)
     assert rc == 130, stderr
@@ -299,7 +299,7 @@ def test_a_stop_between_the_table_and_the_client_loses_no_trial(tmp_path, monkey
 
 
 def test_an_interrupted_overwrite_keeps_the_old_tuning(tmp_path, monkeypatch):
-    import genspec.train.loop
+    import genspec.experiments.run
 
     out = tmp_path / "tune"
     rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out)
@@ -310,7 +310,7 @@ def test_an_interrupted_overwrite_keeps_the_old_tuning(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(genspec.train.loop, "run", interrupted)
+        patch.setattr(genspec.experiments.run, "run", interrupted)
         rc, _, stderr = main("tune", BETA_VAE, "--param", "beta", "--trials", 1, "--initial", 1, *TINY, "--out", out,
                              "--overwrite")
     backup = tmp_path / ".tune.replaced"

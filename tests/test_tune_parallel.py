@@ -44,7 +44,7 @@ def tune_args(spec, out, trials, initial, *more):
 def test_parallel_trials_equal_sequential_and_direct_runs(tmp_path, monkeypatch):
     import genspec.experiments.tune
     from genspec.graph.pipeline import load_spec
-    from genspec.train.loop import run
+    from genspec.experiments.run import run
     from genspec.experiments.tune import _new_client, settings_from
 
     spec = tiny_beta_vae(tmp_path)

@@ -502,7 +502,7 @@ evaluate:
 @pytest.fixture(scope="module")
 def classifier_run(image_folder, tmp_path_factory) -> Path:
     """A finished classifier run (two classes: the two image folders) to extract FID features with."""
-    from genspec.train.loop import run
+    from genspec.experiments.run import run
 
     folder = tmp_path_factory.mktemp("classifier")
     path = folder / "classifier.yaml"

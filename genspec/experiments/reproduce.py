@@ -128,7 +128,7 @@ def missing_needs(spec) -> str | None:
 
 def classifier_dependencies(entry: Entry) -> list[Path]:
     """Classifier run folders the spec's extractor or balancing reads that are not finished yet."""
-    from genspec.train.loop import finished_metrics
+    from genspec.train.folder import finished_metrics
 
     named = []
     extractor = entry.spec.evaluate.get("extractor")
@@ -156,7 +156,8 @@ def spec_named(root: Path, name: str) -> Path | None:
 
 def train_entry(entry: Entry, progress: bool, say=print) -> None:
     """Train one spec into its run folder: resume an interrupted run, start a fresh one."""
-    from genspec.train.loop import CHECKPOINT, run
+    from genspec.train.folder import CHECKPOINT
+    from genspec.experiments.run import run
 
     resume = (entry.folder / CHECKPOINT).exists()
     began = time.perf_counter()
@@ -171,7 +172,7 @@ def train_missing(todo: list[Entry], progress: bool = True, say=print) -> None:
     """Train every entry without a finished run whose needs this machine has; classifier runs
     that an entry's extractor reads are trained first. Entries that cannot run get `not_run`."""
     from genspec.graph.pipeline import load_spec
-    from genspec.train.loop import finished_metrics
+    from genspec.train.folder import finished_metrics
 
     for entry in todo:
         if finished_metrics(entry.folder) is not None:
@@ -400,7 +401,7 @@ def load_reasons(folder: Path) -> dict:
 
 
 def collect(todo: list[Entry]) -> None:
-    from genspec.train.loop import finished_metrics
+    from genspec.train.folder import finished_metrics
 
     for entry in todo:
         entry.metrics = finished_metrics(entry.folder)
@@ -490,12 +491,12 @@ def markdown(book: dict) -> str:
 
 
 def write(book: dict, folder: Path) -> tuple[Path, Path]:
-    from genspec.train.loop import _atomic_write_text
+    from genspec.train.folder import atomic_write_text
 
     folder.mkdir(parents=True, exist_ok=True)
     md, js = folder / LEDGER_MD, folder / LEDGER_JSON
-    _atomic_write_text(js, json.dumps(book["rows"], indent=2) + "\n")
-    _atomic_write_text(md, markdown(book))
+    atomic_write_text(js, json.dumps(book["rows"], indent=2) + "\n")
+    atomic_write_text(md, markdown(book))
     return md, js
 
 

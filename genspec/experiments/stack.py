@@ -17,7 +17,6 @@ results are those of separate runs up to float rounding and random draws.
 
 from __future__ import annotations
 
-import json
 import math
 import sys
 import time
@@ -28,18 +27,21 @@ from torch import nn
 import yaml
 from torch.func import functional_call, stack_module_state, vmap
 
-from genspec.lang import expr as E
-from genspec.train import trace as step_trace
-from genspec.measure.balance import Balancer
+from genspec.compiler.cuda_graphs import StepGraphs
 from genspec.compiler.model import Env, Model, choose_device, make_optimizer
 from genspec.data.datasets import Splits, batch_starts, batches, load_data
-from genspec.measure.evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng, graph_samples
-from genspec.report.run_report import write_layer_tables, write_report
 from genspec.errors import RunError
-from genspec.compiler.cuda_graphs import StepGraphs
+from genspec.lang import expr as E
 from genspec.lang.spec import Spec
-from genspec.train.loop import (RESOLVED, _atomic_write_text, add_losses, after_checks, count_updates, epoch_steps, phase_cycle,
-                    phase_networks, save_checkpoint, torch_failures_as_messages, write_manifest, write_metrics)
+from genspec.measure.balance import Balancer
+from genspec.measure.evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng
+from genspec.measure.sampling import graph_samples
+from genspec.report.run_report import write_layer_tables, write_report
+from genspec.train import trace as step_trace
+from genspec.train.checkpoint import save_checkpoint
+from genspec.train.folder import RESOLVED, append_record, atomic_write_text, write_manifest, write_metrics
+from genspec.train.loop import (add_losses, after_checks, count_updates, epoch_steps, phase_cycle, phase_networks,
+                                torch_failures_as_messages)
 
 NEXT = "next_state/"  # a phase's output: a state's unclamped next value, stored after the step
 
@@ -265,7 +267,7 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
     for spec, folder in zip(specs, folders):
         folder.mkdir(parents=True, exist_ok=True)
         write_layer_tables(spec, folder)
-        _atomic_write_text(folder / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
+        atomic_write_text(folder / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
     histories = [[] for _ in specs]
     train = specs[0].train
     trace = step_trace.StepTrace(step_trace.trace_keys(specs[0]), device, replicas=len(specs))
@@ -287,8 +289,7 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
             if balances:
                 record["balance"] = balances[r]
             histories[r].append(record)
-            with open(folder / "metrics.jsonl", "a") as f:
-                f.write(json.dumps(record) + "\n")
+            append_record(folder, record)
             if epoch % train["checkpoint_every"] == 0 or epoch == train["epochs"]:
                 save_checkpoint(model, folder, epoch)
         if progress:

@@ -153,20 +153,20 @@ def _train_entry(what, options: dict | None, progress: bool) -> None:
 
     from genspec.train.guard import folder_lock
     from genspec.experiments.stack import train_stacked
-    from genspec.train.loop import _clear_folder, _drop_replaced
+    from genspec.train.folder import clear_folder, drop_replaced
 
     with ExitStack() as locks:  # as run() does, one process at a time in each folder
         for item in what:
             locks.enter_context(folder_lock(item.folder))
         for item in what:  # new or started-only folders go; under --overwrite a finished run is moved aside
-            _clear_folder(item.folder, resume=False)
+            clear_folder(item.folder, resume=False)
         train_stacked([item.spec for item in what], [item.folder for item in what], progress)
         for item in what:
-            _drop_replaced(item.folder)  # the new runs are complete
+            drop_replaced(item.folder)  # the new runs are complete
 
 
 def _train(spec: Spec, folder: Path, resume: bool, overwrite: bool, progress: bool) -> None:
-    from genspec.train.loop import run
+    from genspec.experiments.run import run
 
     run(spec, out=folder, resume=resume, overwrite=overwrite, progress=progress)
 
@@ -220,7 +220,7 @@ def _worker(documents: list, folders: list, options: dict | None, threads: int) 
 
 def _say_replaced(planned: list[StudyRun]) -> None:
     """Where runs that --overwrite was replacing still wait: their new runs did not finish."""
-    from genspec.train.loop import replaced_path
+    from genspec.train.folder import replaced_path
 
     waiting = [path for path in (replaced_path(item.folder) for item in planned) if path.exists()]
     if waiting:
@@ -234,7 +234,7 @@ def _check_kept_runs(planned: list[StudyRun], statuses: list[str]) -> list[str]:
     from now: beyond what a resume may change (train.epochs and the like), any difference stops
     the study before it trains anything, naming the runs and the keys, rather than report old
     results as new ones. A finished run asked for more epochs is resumed for them."""
-    from genspec.train.loop import describe_changes, spec_changes
+    from genspec.train.folder import describe_changes, spec_changes
 
     changed, fewer = [], []
     for i, (item, status) in enumerate(zip(planned, statuses)):
@@ -269,13 +269,13 @@ def _epochs_done(folder: Path) -> int:
 
 
 def _status(folder: Path) -> str:
-    from genspec.train.loop import finished_metrics
+    from genspec.train.folder import finished_metrics
 
     if finished_metrics(folder) is not None:
         return "finished"
     if (folder / "checkpoint.pt").exists():
         return "interrupted"
-    from genspec.train.loop import run_files
+    from genspec.train.folder import run_files
 
     return "started" if run_files(folder) else "new"
 
@@ -315,7 +315,7 @@ def _tables(section: dict, finished: list[tuple[StudyRun, dict]]) -> list[dict]:
 def write_study_report(section: dict, planned: list[StudyRun]) -> Path:
     out: Path = section["out"]
     out.mkdir(parents=True, exist_ok=True)
-    from genspec.train.loop import finished_metrics
+    from genspec.train.folder import finished_metrics
 
     finished = [(item, metrics) for item in planned if (metrics := finished_metrics(item.folder)) is not None]
     factors = section["factors"]

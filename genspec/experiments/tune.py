@@ -216,7 +216,8 @@ def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume
 
 def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, overwrite: bool, progress: bool,
           parallel: int) -> dict:
-    from genspec.train.loop import _atomic_write_text, run
+    from genspec.train.folder import atomic_write_text
+    from genspec.experiments.run import run
 
     client_file = out / CLIENT_FILE
     if resume:
@@ -232,7 +233,7 @@ def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, over
         _set_aside(out)
         client = _new_client(settings, base.name, base.train["seed"])
         table = []
-        _atomic_write_text(out / SETTINGS_FILE, json.dumps(_settings_record(settings), indent=2) + "\n")
+        atomic_write_text(out / SETTINGS_FILE, json.dumps(_settings_record(settings), indent=2) + "\n")
     done = {row["trial"] for row in table if row["status"] in ("completed", "failed")}
     # trials that were running when a previous session died are run again with their parameters
     pending = {i: dict(t.arm.parameters) for i, t in client._experiment.trials.items()
@@ -312,7 +313,7 @@ def _set_aside(out: Path) -> None:
     replacement of it, which goes."""
     import shutil
 
-    from genspec.train.loop import replaced_path
+    from genspec.train.folder import replaced_path
 
     backup = replaced_path(out)
     if backup.exists():
@@ -328,14 +329,14 @@ def _set_aside(out: Path) -> None:
 def _drop_replaced_tuning(out: Path) -> None:
     import shutil
 
-    from genspec.train.loop import replaced_path
+    from genspec.train.folder import replaced_path
 
     if replaced_path(out).exists():
         shutil.rmtree(replaced_path(out))
 
 
 def _replaced_note(out: Path) -> str:
-    from genspec.train.loop import replaced_path
+    from genspec.train.folder import replaced_path
 
     backup = replaced_path(out)
     return (f"; the tuning --overwrite was replacing is kept in {backup}: move its contents back into {out} to "
@@ -443,7 +444,7 @@ def _init_worker(threads: int) -> None:
 def _trial_in_worker(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, device) -> dict:
     from dataclasses import replace
 
-    from genspec.train.loop import run
+    from genspec.experiments.run import run
 
     if device:
         settings = replace(settings, overrides=[*settings.overrides, f"train.device={device}"])
@@ -538,9 +539,9 @@ def _finish(client, settings: TuneSettings, table: list[dict], out: Path) -> dic
     picture = _plot(client, settings, table, suggestion, out)
     _write_markdown(settings, table, best, suggestion, picture, out)
     result = {"best": best, "trials": table, "suggestion": suggestion, "metric": settings.metric, "minimize": settings.minimize}
-    from genspec.train.loop import _atomic_write_text
+    from genspec.train.folder import atomic_write_text
 
-    _atomic_write_text(out / "tune.json", json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(out / "tune.json", json.dumps(result, indent=2, default=str) + "\n")
     return result
 
 

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from genspec.compiler import distributed as dist
 from genspec.errors import RunError
+from genspec.train.hooks import BALANCING, Hook, register_hook
 
 
 @dataclass
@@ -79,7 +81,7 @@ def classifier_features(run_dir: str):
     """A function images -> penultimate-layer features of a genspec classifier run (the same
     layer the FID extractor reads)."""
     from genspec.measure.fidelity import _penultimate_row
-    from genspec import load_run
+    from genspec.train.finished import load_run
 
     run = load_run(run_dir)
     name = next(iter(run.networks))
@@ -122,3 +124,26 @@ class Balancer:
         counts = torch.bincount(labels, minlength=self.classes)
         self.prior.weights.copy_(rebalanced_weights(counts).to(self.prior.weights))
         return {"counts": counts.tolist(), "weights": [round(w, 5) for w in self.prior.weights.tolist()]}
+
+
+@register_hook("balance", order=BALANCING)
+class BalanceHook(Hook):
+    """`train.balance`: every `every` epochs, label the generator's images and reweight its label
+    prior (on every process; rank 0's weights then go to all), logged in the epoch's record."""
+
+    def __init__(self, balancer: Balancer):
+        self.balancer = balancer
+
+    @classmethod
+    def attach(cls, run):
+        return cls(Balancer(run.spec, run.model, run.splits.train)) if run.spec.train.get("balance") else None
+
+    def epoch_end(self, run, record: dict) -> None:
+        if not self.balancer.due(record["epoch"]):
+            return
+        from genspec.measure.sampling import graph_samples
+
+        spec, model = run.spec, run.model
+        record["balance"] = self.balancer.step(lambda n: graph_samples(spec, model, spec.train["balance"]["images"], n))
+        if run.world.distributed:
+            dist.broadcast_module_state([model.priors])  # rank 0's label weights for every rank

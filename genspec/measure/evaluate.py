@@ -8,22 +8,24 @@ draws.
 
 from __future__ import annotations
 
-import json
 import math
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from genspec.lang import expr as E
-from genspec.measure import fidelity
-from genspec.measure import labels
-from genspec.measure import provenance
+from genspec.compiler import distributed as dist
 from genspec.compiler.model import Env, Model
 from genspec.data.datasets import Split, Splits, batches
 from genspec.errors import RunError
 from genspec.graph.dependencies import compute_order, data_ancestors
+from genspec.lang import expr as E
 from genspec.lang.spec import Spec
+from genspec.measure import fidelity, labels, provenance
+from genspec.measure.sampling import (generator_of, generator_parts, interpolation_images,
+                                      sample_images, to_unit)
+from genspec.train.hooks import EVALUATION, Hook, register_hook
 from genspec.train.trace import collapse_flags
 
 EVAL_SEED = 12345
@@ -60,42 +62,6 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
 
 
 # ---------------------------------------------------------------- grids
-
-def generator_of(spec: Spec) -> tuple | None:
-    """(network, latent, condition latents) that turn latent draws into an image of the data's
-    shape. A conditional generator's conditions must be latents (a CGAN's categorical labels)."""
-    for net_name, net in spec.networks.items():
-        if tuple(net.info.output) != tuple(spec.data_shape) or net.info.kind != "tensor":
-            continue
-        conditions = tuple(source for _, source in net.conditions.values())
-        if not all(source in spec.latents for source in conditions):
-            continue
-        for latent_name, latent in spec.latents.items():
-            if tuple(latent.shape) == tuple(net.input) and latent_name not in conditions:
-                return net_name, latent_name, conditions
-    return None
-
-
-def generator_parts(model_or_run, source: tuple) -> tuple:
-    """(module, latent prior, condition priors) of a generator_of result."""
-    priors = model_or_run.priors
-    return model_or_run.networks[source[0]], priors[source[1]], [priors[c] for c in source[2]]
-
-
-def graph_samples(spec: Spec, model: Model, tensor: str, n: int) -> torch.Tensor:
-    """n values of a graph tensor computed from latent draws alone (no data), in eval mode."""
-    nodes = [(node, model.node_fns[node]) for node in compute_order(spec.graph_nx, [f"tensor:{tensor}"])]
-    batch = spec.evaluate["batch_size"]
-    parts = []
-    model.train(False)
-    with torch.no_grad():
-        for start in range(0, n, batch):
-            size = min(batch, n - start)
-            # the step's batch size comes from x; nothing reads it here
-            env = model.compute(Env(torch.empty((size, 0), device=model.device)), nodes)
-            parts.append(env[f"tensor:{tensor}"])
-    model.train(True)
-    return torch.cat(parts)
 
 
 def reconstruction_of(spec: Spec, generator: str | None) -> str | None:
@@ -137,13 +103,6 @@ def grid_sources(spec: Spec) -> dict:
     return out
 
 
-def to_unit(x: torch.Tensor, spec: Spec) -> torch.Tensor:
-    """Images in the spec's range -> [0, 1] for saving."""
-    if list(spec.data.get("range", [0, 1])) == [-1, 1]:
-        x = (x + 1) / 2
-    return x.clamp(0, 1)
-
-
 def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, str]:
     from torchvision.utils import save_image
 
@@ -183,21 +142,6 @@ def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple
         pairs = torch.stack([x, images], dim=1).reshape(2 * n, *x.shape[1:])
         return pairs, min(side + side % 2, 2 * n)
     return images, side
-
-
-def sample_images(module, prior, n: int, device, conditions=()) -> torch.Tensor:
-    return module(prior.sample(n, device), *[c.sample(n, device) for c in conditions])
-
-
-def interpolation_images(module, prior, rows: int, steps: int, device, conditions=()) -> torch.Tensor:
-    """Each row decodes a straight line in latent space between two prior draws (a conditional
-    generator keeps one draw of its conditions along a row)."""
-    shape = prior.shape
-    ends = prior.sample(2 * rows, device).view(rows, 2, *shape)
-    t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(shape))
-    z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
-    fixed = [c.sample(rows, device).repeat_interleave(steps, dim=0) for c in conditions]
-    return module(z.reshape(rows * steps, *shape), *fixed)
 
 
 def final_evaluation(spec: Spec, model: Model, splits: Splits, out: Path, history: list, progress: bool = False) -> dict:
@@ -253,22 +197,6 @@ def best_test_losses(history: list) -> dict:
     return {"best_test": best, "best_test_epoch": epoch}
 
 
-def metrics_text(metrics: dict) -> str:
-    """metrics.json's text (NaN and infinities as null, which JSON has)."""
-    return json.dumps(_json_safe(metrics), indent=2, allow_nan=False) + "\n"
-
-
-def _json_safe(value):
-    """NaN and infinities are not JSON: write them as null."""
-    if isinstance(value, dict):
-        return {k: _json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def accuracy(spec: Spec, model: Model, split: Split) -> float:
     """Share of test examples whose argmax of the `evaluate.accuracy` tensor equals the label."""
     if split.y is None:
@@ -313,7 +241,7 @@ def _sample_quality(spec: Spec, model: Model, splits: Splits, progress: bool) ->
 def _real_metrics(spec: Spec, model: Model, splits: Splits, out: Path) -> dict:
     """A classifier run scores real images in its own feature space (IS of real MNIST): the test
     split's, or the training split's with `real.split: train`."""
-    # The extractor is loaded from the finished run's checkpoint: the training loop (train.py's or
+    # The extractor is loaded from the finished run's checkpoint: the training loop (train/loop.py's or
     # stack.py's) wrote it after the last epoch, under --nproc with every rank's random streams
     asked = dict(spec.evaluate["real"])
     split = asked.pop("split", "test")
@@ -332,3 +260,29 @@ class _SpecView:
 
 
 __all__ = ["evaluate_losses", "final_evaluation", "grid_sources", "RunError"]
+
+
+@register_hook("evaluation", order=EVALUATION)
+class EvaluationHook(Hook):
+    """The test losses after every epoch (a run whose test loss is not finite stops, every process
+    together), and the final evaluation (losses, samples and grids, FID/IS/KID, the label
+    histogram) into `run.metrics` at the end."""
+
+    @staticmethod
+    def preflight(spec) -> None:
+        fidelity.preflight(spec.evaluate)  # the feature extractor's weights
+        grid_sources(spec)
+
+    def epoch_end(self, run, record: dict) -> None:
+        problem = None
+        if run.world.main:  # rank 0 evaluates and writes; a stop there stops every rank
+            record["test"] = test = evaluate_losses(run.spec, run.model, run.splits.test)
+            bad = [name for name, value in test.items() if not math.isfinite(value)]
+            if bad:
+                problem = RunError(f"test loss {bad[0]!r} is {test[bad[0]]} after epoch {record['epoch']}; the run "
+                                   "stopped (the last checkpoint is kept). Try a smaller learning rate.")
+        dist.agree(problem, run.world)
+
+    def run_end(self, run) -> None:
+        run.metrics = final_evaluation(run.spec, run.model, run.splits, run.out, run.history,
+                                       run.progress and sys.stderr.isatty())

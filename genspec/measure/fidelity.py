@@ -94,7 +94,7 @@ def _safe_check(path: Path) -> None:
 def load_classifier(run_dir: str, network: str | None = None, device="cpu"):
     """A finished classifier run and the name of its classifier network: the one named, else the
     first with a flat output (its class scores)."""
-    from genspec import load_run
+    from genspec.train.finished import load_run
 
     run = load_run(run_dir, device)
     names = [network] if network else [n for n, net in run.spec.networks.items() if len(net.info.output) == 1]
@@ -105,7 +105,7 @@ def load_classifier(run_dir: str, network: str | None = None, device="cpu"):
 
 def classifier_extractor(run_dir: str, network: str | None = None):
     """Register the classifier of a finished run with torch-fidelity; returns (name, protocol)."""
-    from genspec.train.loop import CHECKPOINT
+    from genspec.train.folder import CHECKPOINT
 
     tf = _torch_fidelity()
     run, network = load_classifier(run_dir, network)
@@ -333,7 +333,7 @@ def inception_score_by_splits(run, splits: list[int], samples: int | None = None
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     from genspec.compiler.model import choose_device
-    from genspec.measure.evaluate import generator_of, generator_parts, sample_images
+    from genspec.measure.sampling import generator_of, generator_parts, sample_images
 
     evaluate = run.spec.evaluate
     source = generator_of(run.spec)

@@ -13,6 +13,7 @@ from genspec.graph.picture import plot_graph, save_figure
 from genspec.lang.rows import format_row
 from genspec.lang.shapes import fmt, prior_parameters
 from genspec.lang.spec import Spec
+from genspec.train.hooks import REPORTING, Hook, register_hook
 from genspec.train.trace import plot_trace
 
 
@@ -353,3 +354,20 @@ def write_report(spec: Spec, out: Path, metrics: dict, history: list) -> None:
 
 
 __all__ = ["layer_tables", "show_json", "write_report", "write_layer_tables", "json"]
+
+
+@register_hook("report", order=REPORTING)
+class ReportHook(Hook):
+    """layers.md when a run starts afresh; report.md (with its pictures) once the final
+    evaluation has filled `run.metrics`."""
+
+    @classmethod
+    def attach(cls, run):
+        return cls() if run.world.main else None
+
+    def run_start(self, run) -> None:
+        if not run.resumed:
+            write_layer_tables(run.spec, run.out)
+
+    def run_end(self, run) -> None:
+        write_report(run.spec, run.out, run.metrics, run.history)

@@ -12,6 +12,8 @@ import csv
 import math
 from pathlib import Path
 
+from genspec.train.hooks import TRACING, Hook, register_hook
+
 TRACE_FILE = "trace.csv"
 
 
@@ -136,3 +138,29 @@ def plot_trace(history: list, names: list[str], path: Path, flags: list[dict] | 
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return True
+
+
+@register_hook("trace", order=TRACING)
+class TraceHook(Hook):
+    """`train.trace`: records the named losses and states at every step, writes them to
+    trace.csv and a summary into each epoch's record. A resumed run first drops the rows of
+    the epochs it redoes."""
+
+    def __init__(self, keys, device):
+        self.trace = StepTrace(keys, device)
+
+    @classmethod
+    def attach(cls, run):
+        return cls(trace_keys(run.spec), run.model.device) if run.world.main and run.spec.train.get("trace") else None
+
+    def run_start(self, run) -> None:
+        if run.resumed:
+            truncate(run.out, run.start_epoch - 1)
+
+    def step_end(self, run, step: int, losses: dict) -> None:
+        self.trace.record(step, losses)
+
+    def epoch_end(self, run, record: dict) -> None:
+        summary = self.trace.flush(run.out, record["epoch"])
+        if summary:
+            record["trace"] = summary

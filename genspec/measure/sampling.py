@@ -1,0 +1,71 @@
+"""Images from a model's generator: which network and latents make an image of the data's
+shape, draws from it (with its conditions), interpolations, any graph tensor from latent draws
+alone, and images scaled to [0, 1] for saving. Shared by the evaluation, the feature-based
+metrics, the label histogram, balancing and `genspec sample`."""
+
+from __future__ import annotations
+
+import torch
+
+from genspec.compiler.model import Env, Model
+from genspec.graph.dependencies import compute_order
+from genspec.lang.spec import Spec
+
+
+def generator_of(spec: Spec) -> tuple | None:
+    """(network, latent, condition latents) that turn latent draws into an image of the data's
+    shape. A conditional generator's conditions must be latents (a CGAN's categorical labels)."""
+    for net_name, net in spec.networks.items():
+        if tuple(net.info.output) != tuple(spec.data_shape) or net.info.kind != "tensor":
+            continue
+        conditions = tuple(source for _, source in net.conditions.values())
+        if not all(source in spec.latents for source in conditions):
+            continue
+        for latent_name, latent in spec.latents.items():
+            if tuple(latent.shape) == tuple(net.input) and latent_name not in conditions:
+                return net_name, latent_name, conditions
+    return None
+
+
+def generator_parts(model_or_run, source: tuple) -> tuple:
+    """(module, latent prior, condition priors) of a generator_of result."""
+    priors = model_or_run.priors
+    return model_or_run.networks[source[0]], priors[source[1]], [priors[c] for c in source[2]]
+
+
+def graph_samples(spec: Spec, model: Model, tensor: str, n: int) -> torch.Tensor:
+    """n values of a graph tensor computed from latent draws alone (no data), in eval mode."""
+    nodes = [(node, model.node_fns[node]) for node in compute_order(spec.graph_nx, [f"tensor:{tensor}"])]
+    batch = spec.evaluate["batch_size"]
+    parts = []
+    model.train(False)
+    with torch.no_grad():
+        for start in range(0, n, batch):
+            size = min(batch, n - start)
+            # the step's batch size comes from x; nothing reads it here
+            env = model.compute(Env(torch.empty((size, 0), device=model.device)), nodes)
+            parts.append(env[f"tensor:{tensor}"])
+    model.train(True)
+    return torch.cat(parts)
+
+
+def to_unit(x: torch.Tensor, spec: Spec) -> torch.Tensor:
+    """Images in the spec's range -> [0, 1] for saving."""
+    if list(spec.data.get("range", [0, 1])) == [-1, 1]:
+        x = (x + 1) / 2
+    return x.clamp(0, 1)
+
+
+def sample_images(module, prior, n: int, device, conditions=()) -> torch.Tensor:
+    return module(prior.sample(n, device), *[c.sample(n, device) for c in conditions])
+
+
+def interpolation_images(module, prior, rows: int, steps: int, device, conditions=()) -> torch.Tensor:
+    """Each row decodes a straight line in latent space between two prior draws (a conditional
+    generator keeps one draw of its conditions along a row)."""
+    shape = prior.shape
+    ends = prior.sample(2 * rows, device).view(rows, 2, *shape)
+    t = torch.linspace(0, 1, steps, device=device).view(1, steps, *[1] * len(shape))
+    z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
+    fixed = [c.sample(rows, device).repeat_interleave(steps, dim=0) for c in conditions]
+    return module(z.reshape(rows * steps, *shape), *fixed)
