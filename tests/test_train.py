@@ -19,7 +19,7 @@ import genspec
 from genspec.data.datasets import load_data
 from genspec.errors import RunError
 from genspec.lang.validate import DATA_DEFAULTS
-from spec_helpers import cli_in_process as run_cli, tiny_gan_doc
+from spec_helpers import REPO, cli_in_process as run_cli, tiny_gan_doc
 
 ROOT = Path(__file__).resolve().parent.parent
 QUICKSTART = ROOT / "specs" / "quickstart.yaml"
@@ -588,3 +588,36 @@ def test_a_resume_replays_the_stream_of_each_process_that_saved_it(capsys):
     assert err.count("holds the random streams of 2 processes, not 3") == 1  # rank 0 says it, once
     _restore_rng({"rng": saved[0]["cpu"]}, World(0, 2, 0), seed=0, epoch=2)
     assert "holds the random streams of one process, not 2" in capsys.readouterr().err
+
+
+def test_on_a_terminal_a_bar_counts_the_steps_and_the_epoch_lines_go_above_it(tmp_path, monkeypatch):
+    """Progress on a terminal: the bar listens to every step (and only there: off a terminal no
+    hook listens to the steps at all), the epoch lines are written through it."""
+    import io
+
+    from genspec.compiler.distributed import SINGLE
+    from genspec.experiments.run import run
+    from genspec.train.hooks import Hooks, TrainingRun
+    from genspec.train.progress import EpochLines, ProgressBar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    spec = genspec.load(REPO / "specs" / "quickstart.yaml", ["train.epochs=2", "data.split={train: 96, test: 32}",
+                                                             "train.batch_size=32"])
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run(spec, out=tmp_path / "run", progress=True)
+    text = terminal.getvalue()
+    assert "quickstart epoch 1/2" in text and "quickstart epoch 2/2" in text
+    assert "6/6" in text  # 3 steps per epoch, 2 epochs
+    def hooks(progress):
+        return Hooks.attach(TrainingRun(spec, None, None, tmp_path, SINGLE, progress=progress))
+
+    assert any(isinstance(h, ProgressBar) for h in hooks(True).attached)
+    assert hooks(False).step_end == []
+    monkeypatch.setattr(sys, "stderr", io.StringIO())  # progress asked, but no terminal
+    quiet = hooks(True)
+    assert any(type(h) is EpochLines for h in quiet.attached) and quiet.step_end == []
+
