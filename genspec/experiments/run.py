@@ -26,8 +26,8 @@ from genspec.train.guard import folder_lock
 from genspec.train.hooks import Hooks, TrainingRun
 
 # Modules whose import registers a built-in hook (train/hooks.py has the registry).
-BUILTIN_HOOKS = ("genspec.train.checkpoint", "genspec.train.trace", "genspec.train.progress", "genspec.measure.balance",
-                 "genspec.measure.evaluate", "genspec.report.run_report")
+BUILTIN_HOOKS = ("genspec.train.constraints", "genspec.train.checkpoint", "genspec.train.trace", "genspec.train.progress",
+                 "genspec.measure.balance", "genspec.measure.evaluate", "genspec.report.run_report")
 
 
 def register_builtin_hooks() -> None:

@@ -62,6 +62,9 @@ def _penalties(node):
 
 def cannot_stack(spec: Spec) -> str | None:
     """Why this spec's replicas cannot train as one stacked model, or None."""
+    clipped = [name for name, o in spec.objectives.items() if o.clip]
+    if clipped:  # the stacked loop fires no training hooks, and clipping is one
+        return f"objective {clipped[0]!r} clips its weights after each step, which the stacked step does not do"
     expressions = [*spec.graph.values(), *spec.losses.values(), *(o.minimize for o in spec.objectives.values())]
     for critic in sorted({node.args[0].id for expression in expressions for node in _penalties(expression)}):
         # a frozen row's batch norm runs in eval mode (TableNet.train): it writes no statistics

@@ -65,6 +65,7 @@ class Objective:
     minimize: object  # expression AST
     optimizer: str
     optimizer_args: dict = field(default_factory=dict)
+    clip: float | None = None  # weight clipping after each optimiser step: parameters clamped to [-clip, clip]
 
 
 @dataclass

@@ -655,7 +655,7 @@ def _objectives(entries: dict, networks: dict, declared: set, latents: dict, par
             problems.add(path + ("minimize",), f"cannot parse {entry['minimize']!r}: {exc}")
             continue
         optimizer, args = _optimizer(path + ("optimizer",), entry["optimizer"], params, problems)
-        out[name] = Objective(name, list(nets), minimize, optimizer or "adam", args)
+        out[name] = Objective(name, list(nets), minimize, optimizer or "adam", args, entry.get("clip"))
     for name, latent in latents.items():
         if latent.trainable and name not in owner:
             problems.add(("latent", name, "prior"), f"the {latent.prior} prior of {name!r} has parameters but no objective trains it "

@@ -64,7 +64,8 @@ def optimiser_table(spec: Spec, markdown: bool = False) -> str:
     from genspec.lang.expr import to_text
 
     body = [[name, to_text(o.minimize), ", ".join(o.networks),
-             f"{o.optimizer}(" + ", ".join(f"{k}={v}" for k, v in o.optimizer_args.items()) + ")",
+             f"{o.optimizer}(" + ", ".join(f"{k}={v}" for k, v in o.optimizer_args.items()) + ")"
+             + (f", then clip to [-{o.clip:g}, {o.clip:g}]" if o.clip else ""),
              f"{objective_trainable(spec, o):,}"]
             for name, o in spec.objectives.items()]
     return _table("optimisers", header, body, markdown, numeric={4})

@@ -1,0 +1,54 @@
+"""Weight constraints: `clip` on an objective (WGAN's weight clipping) after each of its steps."""
+
+from __future__ import annotations
+
+import torch
+
+from genspec.experiments.stack import cannot_stack
+from spec_helpers import REPO, cli_in_process, problems_of
+
+import genspec
+
+WGAN_CLIP = REPO / "specs" / "zoo" / "wgan_clip.yaml"
+SHORT = ["--set", "train.epochs=2", "--set", "data.split={train: 320, test: 64}", "--no-progress"]
+
+
+def trained(tmp_path, *extra) -> dict:
+    rc, _, err = cli_in_process("run", WGAN_CLIP, "--out", tmp_path / "run", *SHORT, *extra)
+    assert rc == 0, err
+    return torch.load(tmp_path / "run" / "checkpoint.pt", weights_only=True)["model"]["networks"]
+
+
+def largest(state: dict, network: str) -> float:
+    return max(v.abs().max().item() for k, v in state.items() if k.startswith(f"{network}.") and v.is_floating_point())
+
+
+def test_after_a_wgan_clip_run_every_critic_weight_lies_within_the_clip(tmp_path):
+    state = trained(tmp_path)
+    assert largest(state, "dis") <= 0.01
+    assert largest(state, "gen") > 0.01  # the generator's objective does not clip
+
+
+def test_without_clip_the_critic_leaves_the_bound(tmp_path):
+    """The check above can fail: the same run without `clip` has critic weights far outside it."""
+    state = trained(tmp_path, "--set", "objectives.dis={minimize: d_loss, optimizer: rmsprop(lr)}")
+    assert largest(state, "dis") > 0.05
+
+
+def test_show_lists_the_clip_beside_the_optimiser():
+    rc, out, _ = cli_in_process("show", WGAN_CLIP)
+    assert rc == 0
+    assert "rmsprop(lr=5e-05), then clip to [-0.01, 0.01]" in out
+
+
+def test_a_clip_must_be_a_positive_number():
+    text = WGAN_CLIP.read_text().replace("clip: 0.01}", "clip: 0}")
+    problems = problems_of(text, "wgan.yaml")
+    assert any("objectives.dis.clip" in p and "wgan.yaml:" in p for p in problems), problems
+    text = WGAN_CLIP.read_text().replace("clip: 0.01}", "clip: small}")
+    assert any("objectives.dis.clip" in p for p in problems_of(text, "wgan.yaml"))
+
+
+def test_a_clipped_spec_is_not_stacked():
+    """The stacked step fires no hooks: a study trains such seeds one at a time, saying why."""
+    assert "clips its weights" in cannot_stack(genspec.load(WGAN_CLIP))
