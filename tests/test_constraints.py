@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from genspec.experiments.stack import cannot_stack
-from spec_helpers import REPO, cli_in_process, problems_of
+from spec_helpers import REPO, check, cli_in_process, problems_of
 
 import genspec
 
@@ -52,3 +53,45 @@ def test_a_clip_must_be_a_positive_number():
 def test_a_clipped_spec_is_not_stacked():
     """The stacked step fires no hooks: a study trains such seeds one at a time, saying why."""
     assert "clips its weights" in cannot_stack(genspec.load(WGAN_CLIP))
+
+
+# ---------------------------------------------------------------- spectral normalisation
+
+TINY_SNGAN = (REPO / "tests" / "fixtures" / "tiny_sngan.yaml").read_text()
+
+
+def test_every_discriminator_conv_and_fc_of_a_loaded_run_is_spectrally_normalised(tmp_path):
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    (tmp_path / "sngan.yaml").write_text(TINY_SNGAN)
+    rc, _, err = cli_in_process("run", tmp_path / "sngan.yaml", "--out", tmp_path / "run", "--no-progress")
+    assert rc == 0, err
+    run = genspec.load_run(tmp_path / "run")
+    weighted = lambda net: [m for m in net.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weighted(run.networks["dis"])) == 3
+    assert all(parametrize.is_parametrized(m, "weight") for m in weighted(run.networks["dis"]))
+    assert not any(parametrize.is_parametrized(m, "weight") for m in weighted(run.networks["gen"]))
+    for m in weighted(run.networks["dis"]):  # (no gradients needed below)
+        # torch's spectral_norm: the weight is the trained one over u^T W v, the power iteration's estimate
+        original = m.parametrizations.weight.original
+        sn = m.parametrizations.weight[0]
+        with torch.no_grad():
+            sigma = torch.dot(sn._u, original.flatten(1) @ sn._v)
+            assert torch.allclose(m.weight, original / sigma, atol=1e-6)
+            assert float(torch.linalg.matrix_norm(m.weight.flatten(1), 2)) == pytest.approx(1.0, abs=0.05)
+
+
+def test_sn_on_a_row_and_its_mistakes_are_located():
+    text = TINY_SNGAN.replace("    spectral_norm: true\n", "").replace('"fc 16, lrelu 0.1"', '"fc 16, lrelu 0.1, sn"')
+    spec = check(text)
+    assert [bool(info.row.get("sn")) for info in spec.networks["dis"].info.rows] == [False, False, True, False]
+    problems = problems_of(TINY_SNGAN.replace("flatten,", '"flatten, sn",'), "sngan.yaml")
+    assert any("networks.dis.layers[1]" in p and "'sn'" in p and "'flatten'" in p for p in problems), problems
+    problems = problems_of(TINY_SNGAN.replace("spectral_norm: true", "spectral_norm: yes please"), "sngan.yaml")
+    assert any("networks.dis.spectral_norm" in p for p in problems), problems
+
+
+def test_spectrally_normalised_specs_are_not_stacked(tmp_path):
+    (tmp_path / "sngan.yaml").write_text(TINY_SNGAN)
+    assert "spectrally normalised" in cannot_stack(genspec.load(tmp_path / "sngan.yaml"))

@@ -175,9 +175,9 @@ ERRORS = [
     ("flatten 2 3", "flatten takes no arguments, got '2 3'"),
     ("lrelu a", "lrelu: expected a negative slope, e.g. 'lrelu 0.2'"),
     ("fc 10, relu 2", "unexpected 'relu 2' after the layer; expected a norm (bn, ln, vbn), an activation (relu, lrelu, tanh, "
-                      "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen' or 'as NAME'"),
+                      "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen', 'sn' or 'as NAME'"),
     ("fc 10, bn as", "unexpected 'bn as' after the layer; expected a norm (bn, ln, vbn), an activation (relu, lrelu, tanh, "
-                     "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen' or 'as NAME'"),
+                     "sigmoid, elu, gelu, silu, softplus, softmax, log_softmax), 'dropout P', 'frozen', 'sn' or 'as NAME'"),
     ("fc 10, relu as 1x", "tap name '1x' must be a plain name"),
     ("fc 10,, relu", "empty part between commas"),
     ("fc 10, relu,", "empty part between commas"),
@@ -195,7 +195,7 @@ ERRORS = [
     ({"op": "nope"}, "a mapping row needs 'op', one of: " + ", ".join(LAYER_OPS)),
     ({}, "a mapping row needs 'op', one of: " + ", ".join(LAYER_OPS)),
     ({"op": "fc", "out": 8, "kernal": 3}, "unknown key 'kernal' in a layer row; known: op, out, kernel, stride, padding, "
-                                          "scale, mode, p, shape, slope, var, bias, norm, act, dropout, frozen, name, input"),
+                                          "scale, mode, p, shape, slope, var, bias, norm, act, dropout, frozen, sn, name, input"),
 ]
 
 

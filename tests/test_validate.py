@@ -152,7 +152,7 @@ def test_each_missing_required_key_is_named():
 SCHEMA_WRONG_BRANCH = [
     ("networks.enc.layers[0]={op: conv, out: 8, kernel: 3, bogus: 1}",
      "networks.enc.layers[0].bogus: unknown key 'bogus'; known keys: act, bias, dropout, frozen, input, kernel, mode, name, "
-     "norm, op, out, p, padding, scale, shape, slope, stride, var"),
+     "norm, op, out, p, padding, scale, shape, slope, sn, stride, var"),
     ("networks.enc.layers[0]={op: convolution, out: 8, kernel: 3}",
      "networks.enc.layers[0].op: 'convolution' is not one of \"conv\", \"deconv\", \"fc\", \"gaussian\", \"maxpool\", "
      "\"avgpool\", \"upsample\", \"dropout\", \"flatten\", \"reshape\", \"crop\", \"identity\", \"concat\", \"bn\", \"ln\", \"vbn\", "

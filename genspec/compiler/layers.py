@@ -364,9 +364,20 @@ def freeze(module: TableNet, net: Network) -> None:
                 p.requires_grad_(False)
 
 
+def spectral_normalise(module: TableNet, net: Network) -> None:
+    """Rows with `sn`: their weight becomes a spectral_norm parametrization (after `initialise`,
+    which writes the weight it then normalises)."""
+    for row_module, info in zip(module.rows, net.info.rows):
+        if info.row.get("sn"):
+            for m in row_module.modules():
+                if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+                    nn.utils.parametrizations.spectral_norm(m)
+
+
 def build_network(net: Network) -> TableNet:
     module = TableNet(net)
     initialise(module, net)
+    spectral_normalise(module, net)
     freeze(module, net)
     return module
 

@@ -62,6 +62,9 @@ def _penalties(node):
 
 def cannot_stack(spec: Spec) -> str | None:
     """Why this spec's replicas cannot train as one stacked model, or None."""
+    normalised = [name for name, net in spec.networks.items() if any(info.row.get("sn") for info in net.info.rows)]
+    if normalised:  # spectral_norm's power iteration updates its vectors in place, outside what vmap stacks
+        return f"network {normalised[0]!r} has spectrally normalised rows, which the stacked step does not support"
     clipped = [name for name, o in spec.objectives.items() if o.clip]
     if clipped:  # the stacked loop fires no training hooks, and clipping is one
         return f"objective {clipped[0]!r} clips its weights after each step, which the stacked step does not do"

@@ -26,10 +26,12 @@ LAYER_OPS = (
 # Keys of a canonical row mapping (what every compact row expands to).
 ROW_KEYS = (
     "op", "out", "kernel", "stride", "padding", "scale", "mode", "p", "shape", "slope", "var",
-    "bias", "norm", "act", "dropout", "frozen", "name", "input",
+    "bias", "norm", "act", "dropout", "frozen", "sn", "name", "input",
 )
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
+
+SPECTRAL_NORM_OPS = ("conv", "deconv", "fc")  # the rows whose weight `sn` (spectral_norm) normalises
 
 # Ops callable in graph / loss / objective expressions: argument kinds and result kind.
 #   tensor: a batch of values; dist: a Gaussian from a `gaussian` head; latent: a name in

@@ -18,7 +18,7 @@ import math
 import re
 
 from genspec.errors import suggest
-from genspec.lang.registry import ACTIVATIONS, LAYER_OPS, NORMS, ROW_KEYS, UPSAMPLE_MODES
+from genspec.lang.registry import ACTIVATIONS, LAYER_OPS, NORMS, ROW_KEYS, SPECTRAL_NORM_OPS, UPSAMPLE_MODES
 
 
 class RowError(ValueError):
@@ -79,8 +79,8 @@ def parse_row(row) -> dict:
     last = -1
     for part in parts[1:]:
         key, value = _parse_post(part.split())
-        if key == "frozen":
-            out["frozen"] = True
+        if key in ("frozen", "sn"):  # flags, in any place after the layer
+            out[key] = True
             continue
         if key in out:
             raise RowError(f"{part!r}: this row already has {_ARTICLE[key]}")
@@ -88,6 +88,9 @@ def parse_row(row) -> dict:
             raise RowError(f"{part!r} comes too late: write norm, then activation, then dropout (or split the row)")
         last = _POST_ORDER[key]
         out.update(value)
+    if out.get("sn") and out["op"] not in SPECTRAL_NORM_OPS:
+        raise RowError(f"'sn' (spectral normalisation of a weight) applies to {', '.join(SPECTRAL_NORM_OPS)} rows, "
+                       f"not {out['op']!r}")
     return out
 
 
@@ -222,10 +225,10 @@ def _parse_post(words: list[str]) -> tuple[str, dict]:
         return "act", {"act": head}
     if head == "dropout":
         return "dropout", {"dropout": _probability(head, args)}
-    if head == "frozen" and not args:
-        return "frozen", {}
+    if head in ("frozen", "sn") and not args:
+        return head, {}
     raise RowError(f"unexpected {' '.join(words)!r} after the layer; expected a norm ({', '.join(NORMS)}), "
-                   f"an activation ({', '.join(ACTIVATIONS)}), 'dropout P', 'frozen' or 'as NAME'")
+                   f"an activation ({', '.join(ACTIVATIONS)}), 'dropout P', 'frozen', 'sn' or 'as NAME'")
 
 
 def _one_int(op: str, args: list[str], usage: str) -> int:
@@ -265,9 +268,9 @@ def _boolean(text: str) -> bool:
 
 # The keys each op reads, beyond those every row may have (post-ops, a tap name, frozen).
 _OP_KEYS = {
-    "conv": {"out", "kernel", "stride", "padding", "bias"},
-    "deconv": {"out", "kernel", "stride", "padding", "bias"},
-    "fc": {"out", "bias"},
+    "conv": {"out", "kernel", "stride", "padding", "bias", "sn"},  # sn: spectral normalisation of the weight
+    "deconv": {"out", "kernel", "stride", "padding", "bias", "sn"},
+    "fc": {"out", "bias", "sn"},
     "gaussian": {"out", "var", "bias", "kernel", "stride", "padding"},  # with a kernel: a convolutional head
     "maxpool": {"kernel", "stride"},
     "avgpool": {"kernel", "stride"},
@@ -387,5 +390,7 @@ def format_row(row: dict) -> str:
         parts.append(f"dropout {_num(row['dropout'])}")
     if row.get("frozen"):
         parts.append("frozen")
+    if row.get("sn"):
+        parts.append("sn")
     text = ", ".join(parts)
     return text + (f"  as {row['name']}" if row.get("name") else "")

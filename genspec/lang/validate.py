@@ -17,7 +17,8 @@ from pathlib import Path
 from genspec.lang import expr as E
 from genspec.errors import Collector, SpecError, suggest
 from genspec.lang.loader import Document
-from genspec.lang.registry import DATASET_CLASSES, DATASET_SIZES, FILE_DATASETS, DATASET_SHAPES, INITS, OPTIMIZERS, PRIOR_KWARGS, PRIORS
+from genspec.lang.registry import (DATASET_CLASSES, DATASET_SIZES, FILE_DATASETS, DATASET_SHAPES, INITS, OPTIMIZERS,
+                                   PRIOR_KWARGS, PRIORS, SPECTRAL_NORM_OPS)
 from genspec.lang.rows import RowError, parse_row
 from genspec.lang.shapes import ShapeError, infer_network
 from genspec.lang.spec import Latent, Network, Objective, Phase, Spec, State
@@ -559,6 +560,8 @@ def _network(name, entry, data_shape, latents, params, problems, num_classes=Non
     if init == "normal" and not (isinstance(init_args[1], (int, float)) and init_args[1] > 0):
         problems.add(path + ("init",), f"normal(mean, std): std must be positive, got {init_args[1]}")
         init = None
+    if entry.get("spectral_norm"):  # the network's flag is the rows' flag, so `genspec show` lists it per row
+        rows = [{**r, "sn": True} if r["op"] in SPECTRAL_NORM_OPS else r for r in rows]
     if not ok or input_shape is None:
         return None
     if conditions is None:
