@@ -95,3 +95,44 @@ def test_sn_on_a_row_and_its_mistakes_are_located():
 def test_spectrally_normalised_specs_are_not_stacked(tmp_path):
     (tmp_path / "sngan.yaml").write_text(TINY_SNGAN)
     assert "spectrally normalised" in cannot_stack(genspec.load(tmp_path / "sngan.yaml"))
+
+
+def test_the_sngan_zoo_spec_trains_with_every_discriminator_weight_normalised(tmp_path):
+    from torch import nn
+    from torch.nn.utils import parametrize
+
+    rc, _, err = cli_in_process("run", REPO / "specs" / "zoo" / "sngan.yaml", "--out", tmp_path / "run", "--no-progress",
+                                "--set", "train.epochs=1", "--set", "data.split={train: 256, test: 64}")
+    assert rc == 0, err
+    run = genspec.load_run(tmp_path / "run")
+    weighted = [m for m in run.networks["dis"].modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+    assert len(weighted) == 3 and all(parametrize.is_parametrized(m, "weight") for m in weighted)
+
+
+def test_elementwise_ops_compute_what_they_say():
+    from genspec.compiler.ops import TENSOR_OPS as OPS
+
+    a = torch.tensor([-2.0, 0.0, 3.0, 100.0])
+    assert OPS["relu"](a).tolist() == [0.0, 0.0, 3.0, 100.0]
+    assert OPS["softplus"](a)[-1] == 100.0 and torch.allclose(OPS["softplus"](a[:3]), torch.log1p(torch.exp(a[:3])))
+    assert torch.allclose(OPS["log"](OPS["exp"](a[:3])), a[:3])
+    assert OPS["square"](a).tolist() == [4.0, 0.0, 9.0, 10000.0] and OPS["sqrt"](torch.tensor(9.0)) == 3.0
+    assert OPS["relu"](-1.5) == 0.0 and OPS["square"](3) == 9.0  # a param or a literal
+
+
+def test_a_hinge_loss_is_written_with_relu():
+    """SNGAN's discriminator loss through the compiled expression equals the hinge written by hand."""
+    from genspec.compiler.model import Env, Model
+
+    spec = genspec.load(REPO / "specs" / "zoo" / "sngan.yaml", ["train.device=cpu"])
+    torch.manual_seed(0)
+    model = Model(spec, torch.device("cpu"))
+    model.train(False)
+    x = torch.rand(8, 1, 8, 8) * 2 - 1
+    torch.manual_seed(1)
+    env = model.compute(Env(x, None), list(model.node_fns.items()))
+    torch.manual_seed(1)
+    fake = model.networks["gen"](torch.randn(8, 128))
+    d = model.networks["dis"]
+    expected = torch.clamp(1 - d(x), min=0).mean() + torch.clamp(1 + d(fake), min=0).mean()
+    assert torch.allclose(torch.as_tensor(env["loss:d_loss"]), expected, atol=1e-5)

@@ -81,10 +81,21 @@ TENSOR_OPS = {
     "mean": lambda a: a.mean() if torch.is_tensor(a) else a,
     "sum": lambda a: a.sum() if torch.is_tensor(a) else a,
     "abs": lambda a: a.abs() if torch.is_tensor(a) else abs(a),
+    "relu": lambda a: _elementwise(F.relu, a),
+    "softplus": lambda a: _elementwise(F.softplus, a),
+    "exp": lambda a: _elementwise(torch.exp, a),
+    "log": lambda a: _elementwise(torch.log, a),
+    "square": lambda a: _elementwise(torch.square, a),
+    "sqrt": lambda a: _elementwise(torch.sqrt, a),
     "detach": lambda a: a.detach() if hasattr(a, "detach") else a,
     "noisy": lambda p, amount: noisy(p, amount),
     "l2dist": lambda a, b: (a - b).flatten(1).norm(dim=1).mean(),
 }
+
+
+def _elementwise(fn, a):
+    """An elementwise op on a tensor, or on a plain number (a param, a literal) as a 0-d tensor."""
+    return fn(a) if torch.is_tensor(a) else fn(torch.as_tensor(float(a))).item()
 
 
 # ops computed from a sigmoid network's logits instead of its output (compile.Compiler._bce)

@@ -410,6 +410,8 @@ class _Infer:
             return ACTIVATION_BOUNDS.get(self.last_activation((net_name, row)), UNBOUNDED)
         if node.func in ("detach", "mean"):
             return self.bounds(node.args[0])
+        if node.func in ("relu", "softplus", "exp", "square", "sqrt"):  # non-negative whatever goes in
+            return (0.0, float("inf"))
         if node.func == "abs":
             inner = self.bounds(node.args[0])
             if inner is None:
