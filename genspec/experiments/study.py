@@ -12,7 +12,6 @@ import copy
 import csv
 import json
 import math
-import shutil
 import statistics
 import sys
 from dataclasses import dataclass
@@ -130,7 +129,7 @@ def _stacked_groups(todo: list, flag: bool | None, setting) -> list:
                 said.add(why)
             left += entries
             continue
-        from genspec.experiments.stack import cannot_stack, train_stacked
+        from genspec.experiments.stack import cannot_stack
 
         reason = cannot_stack(fresh[0][1].spec)
         if reason:
