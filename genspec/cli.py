@@ -186,7 +186,8 @@ def cmd_sample(args) -> int:
     from torchvision.utils import save_image
 
     from genspec.train.finished import load_run
-    from genspec.measure.sampling import generator_of, generator_parts, interpolation_images, sample_images, to_unit
+    from genspec.measure.sampling import (generator_of, generator_parts, interpolation_images, sample_images, to_unit,
+                                          with_label)
 
     if args.n < 1:
         raise RunError(f"--n must be a positive number of images, got {args.n}")
@@ -199,6 +200,11 @@ def cmd_sample(args) -> int:
                "`sample` does not load: the run's samples.png shows it" if named else "")
         raise RunError(f"{args.run_dir}: no network of this run maps latent draws alone to the data shape{why}")
     module, prior, conditions = generator_parts(run, source)
+    if args.label is not None:
+        try:
+            conditions = with_label(conditions, args.label, list(source[2]))
+        except ValueError as exc:
+            raise RunError(f"{args.run_dir}: {exc}") from None
     torch.manual_seed(args.seed)
     with torch.no_grad():
         if args.interpolate:
@@ -296,6 +302,7 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--out", help="PNG file to write (default RUN_DIR/samples_new.png)")
     sm.add_argument("--interpolate", action="store_true", help="an interpolation grid instead")
     sm.add_argument("--seed", type=int, default=0)
+    sm.add_argument("--label", type=int, help="a conditional generator's class to draw (e.g. 7: only sevens)")
     sm.set_defaults(func=cmd_sample)
     t = with_set(sub.add_parser("tune", help="Bayesian optimisation of spec params with Ax"))
     t.add_argument("spec")

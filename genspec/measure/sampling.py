@@ -69,3 +69,30 @@ def interpolation_images(module, prior, rows: int, steps: int, device, condition
     z = ends[:, :1] * (1 - t) + ends[:, 1:] * t  # (rows, steps, *latent)
     fixed = [c.sample(rows, device).repeat_interleave(steps, dim=0) for c in conditions]
     return module(z.reshape(rows * steps, *shape), *fixed)
+
+
+class FixedLabel:
+    """A categorical condition drawn as one chosen class every time: `genspec sample --label K`
+    makes a conditional generator draw only digit K."""
+
+    def __init__(self, classes: int, label: int):
+        self.shape, self.label = (classes,), label
+
+    def sample(self, n: int, device) -> torch.Tensor:
+        return torch.nn.functional.one_hot(torch.full((n,), self.label, device=device), self.shape[0]).float()
+
+
+def with_label(conditions: list, label: int, latents: list[str]) -> list:
+    """The generator's condition priors with its one categorical condition fixed to `label`.
+    Raises ValueError, saying why, where there is no such condition or the class is out of range."""
+    from genspec.compiler.priors import CategoricalPrior
+
+    categorical = [i for i, c in enumerate(conditions) if isinstance(c, CategoricalPrior)]
+    if len(categorical) != 1:
+        raise ValueError("--label needs a generator with one categorical condition (a conditional GAN's "
+                         f"labels); this one has {len(categorical)}")
+    i = categorical[0]
+    classes = conditions[i].shape[0]
+    if not 0 <= label < classes:
+        raise ValueError(f"--label {label}: the condition {latents[i]!r} has classes 0 to {classes - 1}")
+    return [FixedLabel(classes, label) if j == i else c for j, c in enumerate(conditions)]
