@@ -88,10 +88,11 @@ def test_freeze_modes_and_grids():
 
 
 def test_expression_ops_have_known_argument_kinds():
-    kinds = {"dist", "latent", "tensor", "target", "labels", "any", "network", "number"}
+    kinds = {"dist", "latent", "tensor", "target", "labels", "any", "network", "number", "count", "distribution", "value"}
     for name, op in R.EXPRESSION_OPS.items():
         assert set(op["args"]) <= kinds, name
-        assert op["result"] in {"tensor", "scalar", "same"}, name
+        assert op["result"] in {"tensor", "scalar", "same", "per_example", "broadcast", "dist", "labels"}, name
+        assert 0 <= op.get("optional", 0) < len(op["args"]), name
 
 
 def test_there_are_specs():

@@ -102,7 +102,7 @@ SCHEMA = [
     ("data.range=[0, 2]", "--set data.range=[0, 2]: data.range: [0, 2] is not one of [0, 1], [-1, 1]"),
     ("latent.z.shape=eight", "--set latent.z.shape=eight: latent.z.shape: expected integer or list, got string 'eight'"),
     ("latent.z={}", "--set latent.z={}: latent.z: missing required key 'shape'"),
-    ("latent.z.prior=gamma", "--set latent.z.prior=gamma: latent.z.prior: 'gamma' is not allowed here (normal, uniform(low, high), realnvp(flows=K, hidden=H) (a trainable flow prior), or categorical (one-hot draws of shape [classes]).)"),
+    ("latent.z.prior=gamma", "--set latent.z.prior=gamma: latent.z.prior: 'gamma' is not allowed here (normal, uniform(low, high), realnvp(flows=K, hidden=H) (a trainable flow prior), categorical (one-hot draws of shape [classes]), or codebook(K) (K learnable code vectors of the shape's first dimension, for quantize: VQ-VAE).)"),
     ("networks.enc.layers=[]", "--set networks.enc.layers=[]: networks.enc.layers: minItems is 1"),
     ("networks.enc.layers[0]=5", "--set networks.enc.layers[0]=5: networks.enc.layers[0]: expected mapping or string, got integer 5"),
     ("networks.enc.init=orthogonal", "--set networks.enc.init=orthogonal: networks.enc.init: 'orthogonal' is not allowed here "

@@ -27,11 +27,37 @@ class Gaussian:
     mean: torch.Tensor
     logvar: torch.Tensor
 
-    def rsample(self) -> torch.Tensor:
-        return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean, dtype=full_precision(self.mean))
+    def rsample(self, k: int | None = None) -> torch.Tensor:
+        """One draw per example, or with k: k draws per example on a new leading axis (k, batch, ...)."""
+        if k is None:
+            return self.mean + torch.exp(0.5 * self.logvar) * torch.randn_like(self.mean, dtype=full_precision(self.mean))
+        noise = torch.randn((k, *self.mean.shape), device=self.mean.device, dtype=full_precision(self.mean))
+        return self.mean + torch.exp(0.5 * self.logvar) * noise
+
+    def log_prob(self, value: torch.Tensor, event_dims: int) -> torch.Tensor:
+        """log N(value; mean, exp(logvar)), summed over the last `event_dims` dimensions (one
+        number per example; a value with a sample axis broadcasts against the batch)."""
+        log_density = -0.5 * ((value - self.mean) ** 2 / self.logvar.exp() + self.logvar + _LOG_2PI)
+        return sum_last(log_density, event_dims)
 
     def detach(self) -> "Gaussian":
         return Gaussian(self.mean.detach(), self.logvar.detach())
+
+    def unfold(self, k: int) -> "Gaussian":
+        return Gaussian(unfold_samples(self.mean, k), unfold_samples(self.logvar, k))
+
+
+_LOG_2PI = math.log(2 * math.pi)
+
+
+def sum_last(t: torch.Tensor, dims: int) -> torch.Tensor:
+    """Sum over the last `dims` dimensions: each example's (or each draw's) values to one number."""
+    return t.flatten(t.dim() - dims).sum(-1) if dims else t
+
+
+def unfold_samples(t: torch.Tensor, k: int) -> torch.Tensor:
+    """(k * batch, ...) back to (k, batch, ...): a network ran k draws per example as examples."""
+    return t.reshape(k, t.shape[0] // k, *t.shape[1:])
 
 
 class GaussianHead(nn.Module):

@@ -18,10 +18,11 @@ from torch.nn import functional as F
 
 from genspec.lang import expr as E
 from genspec.errors import RunError
-from genspec.graph.dependencies import plan, step_extras
+from genspec.graph.dependencies import plan, step_extras, value_of
 from genspec.compiler.cuda_graphs import StepGraphs
-from genspec.compiler.layers import LOGITS, REFERENCE_BATCH, Gaussian, build_network
-from genspec.compiler.ops import FROM_LOGITS, TENSOR_OPS, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
+from genspec.compiler.layers import LOGITS, REFERENCE_BATCH, Gaussian, build_network, unfold_samples
+from genspec.compiler.ops import (FROM_LOGITS, TENSOR_OPS, Bernoulli, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal,
+                                  per_example)
 from genspec.compiler.priors import build_prior
 from genspec.lang.spec import Spec
 
@@ -56,6 +57,15 @@ class Compiler:
 
     def node_fn(self, kind: str, node):
         return self._compile(node, kind)
+
+    _SECTIONS = {"tensor": "graph", "loss": "losses", "objective": "objectives", "update": "state"}
+
+    def _dims(self, node, kind: str) -> int:
+        """How many dimensions each example's value of `node` has (what a per-example sum covers)."""
+        value = value_of(self.spec, node, self._SECTIONS[kind])
+        if value is None:
+            raise RunError(f"cannot work out the shape of {E.to_text(node)} (validate the spec first)")
+        return len(value.shape)
 
     def _compile(self, node, kind: str):
         if isinstance(node, E.Num):
@@ -98,8 +108,9 @@ class Compiler:
         if net_name in self.spec.networks:
             return self._network_call(net_name, tap or None, [self._compile(a, kind) for a in node.args])
         if node.func == "onehot":
-            labels, classes = self._compile(node.args[0], kind), self.spec.num_classes
-            return lambda env: F.one_hot(labels(env), classes).float()
+            return self._onehot(node.args[0], kind)
+        if node.func in self._OWN:
+            return getattr(self, self._OWN[node.func])(node, kind)
         if node.func == "sample":
             prior = self.priors[node.args[0].id]
             return lambda env: prior.sample(env.batch, env.device)
@@ -126,8 +137,63 @@ class Compiler:
         if len(args) == 1:
             a0 = args[0]
             return lambda env: fn(a0(env))
-        a0, a1 = args
-        return lambda env: fn(a0(env), a1(env))
+        if len(args) == 2:
+            a0, a1 = args
+            return lambda env: fn(a0(env), a1(env))
+        return lambda env: fn(*(a(env) for a in args))
+
+    # ops compiled by a method of their own: they need shapes or modules known when compiling
+    _OWN = {"rsample": "_rsample", "sum_per_example": "_per_example", "mean_per_example": "_per_example",
+            "log_prob": "_log_prob", "bernoulli": "_bernoulli", "quantize": "_quantize"}
+
+    def _onehot(self, arg, kind: str):
+        if isinstance(arg, E.Num) or (isinstance(arg, E.Name) and arg.id in self.spec.params):
+            label = int(E.constant(arg, self.spec.params))  # one fixed class for the whole batch
+            classes = self.spec.num_classes
+            return lambda env: F.one_hot(torch.full((env.batch,), label, device=env.device), classes).float()
+        value = value_of(self.spec, arg, self._SECTIONS[kind])
+        classes = value.shape[0] if value is not None and value.shape else self.spec.num_classes
+        labels = self._compile(arg, kind)
+        return lambda env: F.one_hot(labels(env), classes).float()
+
+    def _rsample(self, node: E.Call, kind: str):
+        q = self._compile(node.args[0], kind)
+        if len(node.args) == 1:
+            return lambda env: q(env).rsample()
+        k = int(E.constant(node.args[1], self.spec.params))
+        return lambda env: q(env).rsample(k)
+
+    def _per_example(self, node: E.Call, kind: str):
+        t, dims = self._compile(node.args[0], kind), self._dims(node.args[0], kind)
+        reduce = "sum" if node.func == "sum_per_example" else "mean"
+        return lambda env: per_example(reduce, t(env), dims)
+
+    def _log_prob(self, node: E.Call, kind: str):
+        dist, value_node = node.args
+        value = self._compile(value_node, kind)
+        if isinstance(dist, E.Name) and dist.id in self.spec.latents:
+            prior, shape = self.priors[dist.id], self.spec.latents[dist.id].shape
+
+            def prior_log_prob(env):
+                z = value(env)
+                lead = z.shape[: z.dim() - len(shape)]  # (batch,) or (k, batch)
+                return prior.log_prob(z.reshape(-1, *shape)).reshape(lead)
+            return prior_log_prob
+        d, dims = self._compile(dist, kind), self._dims(dist, kind)
+        return lambda env: d(env).log_prob(value(env), dims)
+
+    def _bernoulli(self, node: E.Call, kind: str):
+        p = self._compile(node.args[0], kind)
+
+        def make(env):
+            probs = p(env)
+            # a sigmoid network's output itself: its logits give the same distribution, stably
+            return Bernoulli(probs, env.logits.get(id(probs)))
+        return make
+
+    def _quantize(self, node: E.Call, kind: str):
+        z, codebook = self._compile(node.args[0], kind), self.priors[node.args[1].id]
+        return lambda env: codebook.quantize(z(env))
 
     @staticmethod
     def _bce(prediction, target):
@@ -143,6 +209,8 @@ class Compiler:
 
     def _network_call(self, name: str, tap: str | None, args: list):
         module = self.networks[name]
+        net = self.spec.networks[name]
+        input_dims = [len(net.input)] + [len(shape) for shape, _ in net.conditions.values()]
 
         def call(env):
             inputs = [arg(env) for arg in args]
@@ -151,13 +219,31 @@ class Compiler:
                 # One pass gives the final output and every tap: `dis(x)` and `dis.features(x)`
                 # share it. The inputs are kept with the outputs so their ids stay unique in the step.
                 forward = env.callers.get(name) or module.forward_taps  # its DDP wrapper, when the phase updates it
-                outputs = forward(*inputs)
+                flat, k = fold_samples(inputs, input_dims)
+                outputs = forward(*flat)
+                if k:
+                    outputs = {t: v.unfold(k) if isinstance(v, Gaussian) else unfold_samples(v, k) for t, v in outputs.items()}
                 env.net_cache[key] = (outputs, inputs)
                 if LOGITS in outputs:
                     env.logits[id(outputs[None])] = outputs[LOGITS]
             return env.net_cache[key][0][tap]
 
         return call
+
+
+def fold_samples(inputs: list, dims: list[int]) -> tuple[list, int]:
+    """A network's inputs with the sample axis of rsample(q, k) folded into the batch: k draws of
+    each example run as k examples (an input without the axis is repeated for each draw). Returns
+    the inputs and k (0 when no input has the axis)."""
+    k = next((t.shape[0] for t, d in zip(inputs, dims) if t.dim() == d + 2), 0)
+    if not k:
+        return inputs, 0
+    folded = []
+    for t, d in zip(inputs, dims):
+        if t.dim() == d + 1:
+            t = t.expand(k, *t.shape)
+        folded.append(t.reshape(-1, *t.shape[2:]))
+    return folded, k
 
 
 @dataclass

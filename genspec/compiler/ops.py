@@ -7,7 +7,7 @@ import math
 import torch
 from torch.nn import functional as F
 
-from genspec.compiler.layers import Gaussian, full_precision
+from genspec.compiler.layers import Gaussian, full_precision, sum_last
 
 
 def kl_normal(q: Gaussian) -> torch.Tensor:
@@ -70,6 +70,54 @@ def bce_from_logits(logits, target):
         return F.binary_cross_entropy_with_logits(logits.to(dtype), _bce_target(logits, target, dtype))
 
 
+class Bernoulli:
+    """Independent Bernoulli variables, from probabilities or (stabler) logits: log_prob(x) is
+    -bce summed over each example's values, the Bernoulli likelihood of binary-ish data."""
+
+    def __init__(self, probs: torch.Tensor | None = None, logits: torch.Tensor | None = None):
+        self.probs, self.logits = probs, logits
+
+    def log_prob(self, value: torch.Tensor, event_dims: int) -> torch.Tensor:
+        if self.logits is not None:
+            logits = self.logits.to(full_precision(self.logits))
+            value = value.to(logits.dtype).expand_as(logits) if value.dim() < logits.dim() else value.to(logits.dtype)
+            log_likelihood = -F.binary_cross_entropy_with_logits(logits, value, reduction="none")
+        else:
+            p = self.probs.to(full_precision(self.probs))
+            # torch's bce clamps log at -100; so does this, so a saturated p gives a finite loss
+            log_likelihood = value * p.log().clamp_min(-100) + (1 - value) * (1 - p).log().clamp_min(-100)
+        return sum_last(log_likelihood, event_dims)
+
+
+class Categorical:
+    """A categorical distribution over classes from log-probabilities (the last dimension)."""
+
+    def __init__(self, logp: torch.Tensor):
+        self.logp = logp
+
+    def log_prob(self, labels: torch.Tensor, event_dims: int = 1) -> torch.Tensor:
+        logp = self.logp
+        if labels.dim() < logp.dim() - 1:  # labels of the batch against k draws per example
+            labels = labels.expand(logp.shape[:-1])
+        return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def per_example(reduce, t: torch.Tensor, event_dims: int) -> torch.Tensor:
+    """sum_per_example / mean_per_example: one number per example (and per draw)."""
+    if not event_dims:
+        return t
+    return getattr(t.flatten(t.dim() - event_dims), reduce)(-1)
+
+
+def _pairwise(fn, a, b):
+    """min / max of tensors or numbers: a number meets a tensor on its device and in its dtype."""
+    if not torch.is_tensor(a) and not torch.is_tensor(b):
+        return fn(torch.as_tensor(float(a)), torch.as_tensor(float(b))).item()
+    like = a if torch.is_tensor(a) else b
+    a, b = (t if torch.is_tensor(t) else torch.as_tensor(float(t), dtype=like.dtype, device=like.device) for t in (a, b))
+    return fn(a, b)
+
+
 TENSOR_OPS = {
     "rsample": lambda q: q.rsample(),
     "mean_of": lambda q: q.mean,
@@ -90,6 +138,14 @@ TENSOR_OPS = {
     "detach": lambda a: a.detach() if hasattr(a, "detach") else a,
     "noisy": lambda p, amount: noisy(p, amount),
     "l2dist": lambda a, b: (a - b).flatten(1).norm(dim=1).mean(),
+    "bce_logits": lambda l, target: bce_from_logits(l, target),
+    "min": lambda a, b: _pairwise(torch.minimum, a, b),
+    "max": lambda a, b: _pairwise(torch.maximum, a, b),
+    "clamp": lambda a, low, high: a.clamp(low, high) if torch.is_tensor(a) else min(max(a, low), high),
+    "logsumexp": lambda t: torch.logsumexp(t, dim=0),
+    "bernoulli_logits": lambda l: Bernoulli(logits=l),
+    "categorical": lambda logp: Categorical(logp),
+    "argmax": lambda t: t.argmax(-1),
 }
 
 

@@ -1,4 +1,5 @@
-"""Latent priors as modules: standard normal, uniform, and a RealNVP flow (trainable).
+"""Latent priors as modules: standard normal, uniform, categorical, a RealNVP flow and a VQ-VAE
+codebook (both trainable).
 
 Every prior gives `sample(n)` and `log_prob(z)` (summed over the latent's dimensions). A flow
 maps a latent z to base noise u = f(z) through affine couplings; its density is
@@ -122,7 +123,42 @@ class CategoricalPrior(nn.Module):
         return (z * self.weights.log()).sum(1)
 
 
+class CodebookPrior(nn.Module):
+    """A VQ-VAE codebook (van den Oord et al. 2017): K learnable code vectors of the latent's first
+    dimension. A latent of shape [D, H, W] holds a code per position. `quantize(z)` puts each code
+    vector of z at its nearest codebook entry (Euclidean), as a function of the codebook only: no
+    gradient reaches z through it (a spec writes the straight-through estimator itself,
+    `z + (quantize(z, e) - z).detach()`). `sample` draws each position's code uniformly, the
+    VQ-VAE's prior during training. Entries start uniform in [-1/K, 1/K], as in the authors' code."""
+
+    def __init__(self, shape: tuple, codes: int):
+        super().__init__()
+        self.shape = tuple(shape)
+        self.codes = nn.Parameter(torch.empty(codes, self.shape[0]).uniform_(-1.0 / codes, 1.0 / codes))
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """The index of each code vector's nearest entry: shape (batch, *positions)."""
+        flat = z.detach().movedim(1, -1).reshape(-1, self.shape[0]).to(self.codes.dtype)
+        distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ self.codes.detach().t() + self.codes.detach().pow(2).sum(1)
+        return distances.argmin(1).view(z.shape[0], *z.shape[2:])
+
+    def lookup(self, index: torch.Tensor) -> torch.Tensor:
+        return self.codes[index].movedim(-1, 1)
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        return self.lookup(self.nearest(z)).to(z.dtype)
+
+    def sample(self, n: int, device) -> torch.Tensor:
+        index = torch.randint(len(self.codes), (n, *self.shape[1:]), device=device)
+        return self.lookup(index)
+
+    def log_prob(self, z: torch.Tensor) -> torch.Tensor:
+        raise ValueError("a codebook's codes have no density (validation refuses log_prob of a codebook latent)")
+
+
 def build_prior(latent: Latent) -> nn.Module:
+    if latent.prior == "codebook":
+        return CodebookPrior(latent.shape, int(latent.prior_args[0]))
     if latent.prior == "categorical":
         return CategoricalPrior(latent.shape)
     if latent.prior == "uniform":

@@ -27,8 +27,10 @@ class Value:
     """What an expression yields: its kind, shape, and the network row that produced it."""
 
     kind: str  # tensor | dist | scalar | number | labels
-    shape: tuple = ()
+    shape: tuple = ()  # per example (labels: the number of classes, when known)
     producer: tuple | None = None  # (network name, row index)
+    samples: int = 0  # k of rsample(q, k): the tensor has a leading axis of k draws before the batch
+    family: str = "gaussian"  # of a dist: gaussian | bernoulli | categorical
 
 
 class _Unknown(Exception):
@@ -136,7 +138,7 @@ def _dependencies(node, spec: Spec, kind: str, path: tuple, problems: Collector,
                 if i < len(kinds) and kinds[i] == "network" and isinstance(arg, E.Name) and arg.id in spec.networks:
                     deps.append(f"net:{arg.id}")  # an op that runs a network itself (gp)
                     continue
-                is_latent = i < len(kinds) and kinds[i] == "latent"
+                is_latent = i < len(kinds) and kinds[i] in ("latent", "distribution")
                 deps += _dependencies(arg, spec, kind, path, problems, latent_arg=is_latent)
             return [d for d in deps if d]
         else:
@@ -301,13 +303,27 @@ class _Infer:
             self.fail(f"a named label is a target for bce(p, label), not a value for {node.op!r}")
         if "dist" in kinds or "labels" in kinds:
             self.fail(f"cannot apply {node.op!r} to a {'distribution' if 'dist' in kinds else 'label'}; use rsample(...) or mean_of(...)")
+        return self.combined(node.op, a, b)
+
+    def combined(self, what: str, a: Value, b: Value) -> Value:
+        """The value of an elementwise combination of two values (+ - * /, min, max)."""
+        kinds = {a.kind, b.kind}
         if kinds == {"number"}:
             return Value("number")
         if "tensor" in kinds:
             if a.kind == b.kind == "tensor" and a.shape != b.shape:
-                self.fail(f"{node.op!r} of tensors of shapes {fmt(a.shape)} and {fmt(b.shape)}")
-            return a if a.kind == "tensor" else b
+                self.fail(f"{what!r} of tensors of shapes {fmt(a.shape)} and {fmt(b.shape)}")
+            samples = self.common_samples(what, a, b)
+            out = a if a.kind == "tensor" else b
+            return Value(out.kind, out.shape, out.producer, samples)
         return Value("scalar")
+
+    def common_samples(self, what: str, *values: Value) -> int:
+        """The sample axis a combination keeps: a tensor without one broadcasts over it."""
+        counts = {v.samples for v in values if v.samples}
+        if len(counts) > 1:
+            self.fail(f"{what}: tensors with {' and '.join(map(str, sorted(counts)))} samples per example")
+        return counts.pop() if counts else 0
 
     def call(self, node: E.Call) -> Value:
         net_name, _, tap = node.func.partition(".")
@@ -315,21 +331,29 @@ class _Infer:
             return self.network_call(node, net_name, tap)
         op = EXPRESSION_OPS[node.func]
         kinds = op["args"]
-        if len(node.args) != len(kinds) or node.kwargs:
-            self.fail(f"{node.func} takes {len(kinds)} argument(s) ({', '.join(kinds)}), got {len(node.args) + len(node.kwargs)}")
+        least = len(kinds) - op.get("optional", 0)
+        if not least <= len(node.args) <= len(kinds) or node.kwargs:
+            count = str(len(kinds)) if least == len(kinds) else f"{least} or {len(kinds)}"
+            self.fail(f"{node.func} takes {count} argument(s) ({', '.join(kinds)}), got {len(node.args) + len(node.kwargs)}")
         values = [self.argument(arg, kind, node.func, i) for i, (arg, kind) in enumerate(zip(node.args, kinds))]
-        if node.func in ("sqerr", "mse", "l1") or (node.func == "bce" and values[1].kind == "tensor"):
+        if node.func in self.SAMPLE_AWARE:
+            return getattr(self, node.func)(node, values)
+        if any(v.samples for v in values) and node.func not in ("mean", "sum", "detach", "abs", *ELEMENTWISE):
+            self.fail(f"{node.func} reduces over the batch, and this argument has a sample axis (rsample(q, k)); "
+                      "reduce that axis first, e.g. logsumexp(...) or mean(...)")
+        if node.func in ("sqerr", "mse", "l1") or (node.func in ("bce", "bce_logits") and values[1].kind == "tensor"):
             self.same_shape(node.func, values[0], values[1])
         if node.func == "l2dist":
             self.same_shape(node.func, values[0], values[1])
         if node.func == "bce":
             self.bce_ranges(node, values[0])
+        if node.func == "bce_logits":  # any logit is fine; the target still has to be a probability
+            if sigmoid_output_call(self.spec, node.args[0]) is not None:
+                self.fail(f"bce_logits: takes logits, and network {values[0].producer[0]} ends in a sigmoid; "
+                          "use bce(...) on it (computed from its logits anyway), or end the network without the sigmoid")
+            self.bce_ranges(node, values[0], prediction=False)
         if node.func == "noisy":
             self.noisy_amount(node.args[1])
-        if node.func == "onehot":
-            if self.spec.num_classes is None:
-                self.fail("onehot(y): the dataset has no known number of classes")
-            return Value("tensor", (self.spec.num_classes,))
         if node.func == "gp":
             conditions = list(self.spec.networks[node.args[0].id].conditions)
             if conditions:  # the penalty calls its critic on the interpolated images alone
@@ -349,17 +373,136 @@ class _Infer:
             self.kl_fits(values[0], node.args[1].id)
         return Value("scalar")
 
-    def bce_ranges(self, node: E.Call, p: Value) -> None:
+    # ops whose value is worked out by a method of their own (they read or make sample axes and dists)
+    SAMPLE_AWARE = ("rsample", "mean_of", "onehot", "min", "max", "sum_per_example", "mean_per_example", "logsumexp",
+                    "log_prob", "bernoulli", "bernoulli_logits", "categorical", "argmax", "quantize")
+
+    def gaussian(self, func: str, q: Value) -> None:
+        if q.family != "gaussian":
+            self.fail(f"{func}: needs a Gaussian (a gaussian head's output), got a {q.family} distribution")
+
+    def rsample(self, node: E.Call, values: list) -> Value:
+        q = values[0]
+        self.gaussian("rsample", q)
+        if len(node.args) == 1:
+            return Value("tensor", q.shape, None, q.samples)
+        if q.samples:
+            self.fail("rsample(q, k): q already has a sample axis")
+        return Value("tensor", q.shape, None, self.count("rsample", node.args[1]))
+
+    def count(self, func: str, node) -> int:
+        try:
+            value = E.constant(node, self.spec.params)
+        except E.ExprError:
+            self.fail(f"{func}: the number of samples must be a number or a param")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value) or value < 1:
+            self.fail(f"{func}: the number of samples must be a whole number >= 1, got {value}")
+        return int(value)
+
+    def mean_of(self, node: E.Call, values: list) -> Value:
+        self.gaussian("mean_of", values[0])
+        return Value("tensor", values[0].shape, None, values[0].samples)
+
+    def onehot(self, node: E.Call, values: list) -> Value:
+        labels = values[0]
+        classes = labels.shape[0] if labels.shape else self.spec.num_classes
+        if labels.kind == "number":
+            if classes is None:
+                self.fail("onehot(K): the dataset has no known number of classes")
+            try:
+                label = E.constant(node.args[0], self.spec.params)
+            except E.ExprError:
+                label = None
+            if not isinstance(label, float) or label != int(label) or not 0 <= label < classes:
+                self.fail(f"onehot(K): K must be a class, a whole number in [0, {classes - 1}], got {label}")
+        elif classes is None:
+            self.fail("onehot(y): the dataset has no known number of classes")
+        return Value("tensor", (classes,), None, labels.samples)
+
+    def min(self, node: E.Call, values: list) -> Value:
+        return self.combined(node.func, *values)
+
+    max = min
+
+    def sum_per_example(self, node: E.Call, values: list) -> Value:
+        return Value("tensor", (), None, values[0].samples)
+
+    mean_per_example = sum_per_example
+
+    def logsumexp(self, node: E.Call, values: list) -> Value:
+        t = values[0]
+        if not t.samples:
+            self.fail("logsumexp reduces the sample axis of rsample(q, k), and this argument has none")
+        return Value("tensor", t.shape)
+
+    def log_prob(self, node: E.Call, values: list) -> Value:
+        dist, value = values
+        if dist.kind == "latent":
+            prior = self.spec.latents[node.args[0].id].prior
+            if prior == "codebook":
+                self.fail(f"log_prob: latent {node.args[0].id!r} is a codebook, whose codes have no density")
+            family = "categorical" if prior == "categorical" else "gaussian"
+        else:
+            family = dist.family
+        if family == "categorical" and dist.kind == "dist":
+            if value.kind != "labels":
+                self.fail(f"log_prob: a categorical distribution gives the probability of class labels (y, argmax(...)), got a {value.kind}")
+            if value.shape and value.shape != dist.shape:
+                self.fail(f"log_prob: labels of {value.shape[0]} classes under a categorical of {dist.shape[0]}")
+        else:
+            if value.kind != "tensor":
+                self.fail(f"log_prob: the value must be a tensor, got {value.kind}")
+            if value.shape != dist.shape:
+                self.same_shape("log_prob", dist, value)
+        return Value("tensor", (), None, self.common_samples("log_prob", dist, value))
+
+    def bernoulli(self, node: E.Call, values: list) -> Value:
+        p = values[0]
+        bounds = self.bounds(node.args[0])
+        if bounds is not None and not 0 <= bounds[0] <= bounds[1] <= 1:
+            self.fail(f"bernoulli: takes probabilities in [0, 1], and its argument lies in {_shown(bounds)}; "
+                      "for logits use bernoulli_logits(...)")
+        return Value("dist", p.shape, p.producer, p.samples, "bernoulli")
+
+    def bernoulli_logits(self, node: E.Call, values: list) -> Value:
+        return Value("dist", values[0].shape, values[0].producer, values[0].samples, "bernoulli")
+
+    def categorical(self, node: E.Call, values: list) -> Value:
+        logp = values[0]
+        if len(logp.shape) != 1:
+            self.fail(f"categorical: takes one vector of log-probabilities per example, got shape {fmt(logp.shape)}")
+        if self.last_activation(logp.producer) == "softmax":
+            self.fail(f"categorical: takes log-probabilities, and network {logp.producer[0]} ends in softmax; end it in log_softmax")
+        return Value("dist", logp.shape, logp.producer, logp.samples, "categorical")
+
+    def argmax(self, node: E.Call, values: list) -> Value:
+        t = values[0]
+        if len(t.shape) != 1:
+            self.fail(f"argmax: takes one vector per example (scores of each class), got shape {fmt(t.shape)}")
+        return Value("labels", t.shape, None, t.samples)
+
+    def quantize(self, node: E.Call, values: list) -> Value:
+        z, codes = values
+        latent = self.spec.latents[node.args[1].id]
+        if latent.prior != "codebook":
+            self.fail(f"quantize: latent {latent.name!r} has a {latent.prior} prior; give it prior: codebook(K)")
+        if z.samples:
+            self.fail("quantize: the argument has a sample axis (rsample(q, k)); quantize codes of single draws")
+        if z.shape != latent.shape:
+            self.fail(f"quantize: codes of shape {fmt(z.shape)} for codebook latent {latent.name!r} of shape {fmt(latent.shape)}")
+        return Value("tensor", z.shape, None)
+
+    def bce_ranges(self, node: E.Call, p: Value, prediction: bool = True) -> None:
         """bce takes probabilities and targets in [0, 1]; torch checks the first only at the first
         step (on a GPU, as a device assert that ends the process), the second never."""
-        target = node.args[1]
+        target, func = node.args[1], node.func
         low, high = self.spec.data.get("range", [0, 1])
         if isinstance(target, E.Name) and target.id == "x" and (low < 0 or high > 1):
-            self.fail(f"bce: the target x lies in data.range [{low:g}, {high:g}], and bce needs targets in [0, 1]; "
+            self.fail(f"{func}: the target x lies in data.range [{low:g}, {high:g}], and {func} needs targets in [0, 1]; "
                       "set data.range: [0, 1] or use sqerr / mse")
         if isinstance(target, E.Num) and not 0 <= target.value <= 1:
-            self.fail(f"bce: the target {target.value:g} is outside [0, 1]")
-        bounds = self.bounds(node.args[0])
+            self.fail(f"{func}: the target {target.value:g} is outside [0, 1]")
+        bounds = self.bounds(node.args[0]) if prediction else None
         if bounds is not None and not 0 <= bounds[0] <= bounds[1] <= 1:
             ending = self.last_activation(p.producer)
             if p.producer and bounds == ACTIVATION_BOUNDS.get(ending, UNBOUNDED):  # the network's output itself
@@ -368,7 +511,7 @@ class _Infer:
             self.fail(f"bce: argument 1 takes values in {_shown(bounds)}, and bce needs probabilities in [0, 1]")
         bounds = self.bounds(target)
         if bounds is not None and not 0 <= bounds[0] <= bounds[1] <= 1:
-            self.fail(f"bce: the target takes values in {_shown(bounds)}, and bce needs targets in [0, 1]")
+            self.fail(f"{func}: the target takes values in {_shown(bounds)}, and {func} needs targets in [0, 1]")
 
     def bounds(self, node) -> tuple[float, float] | None:
         """The interval an expression's values lie in, as far as the spec decides it (None: not known).
@@ -408,8 +551,20 @@ class _Infer:
             if row is None or info.rows[row].row["op"] == "gaussian":
                 return None
             return ACTIVATION_BOUNDS.get(self.last_activation((net_name, row)), UNBOUNDED)
-        if node.func in ("detach", "mean"):
+        if node.func in ("detach", "mean", "mean_per_example"):
             return self.bounds(node.args[0])
+        if node.func in ("min", "max"):
+            a, b = self.bounds(node.args[0]), self.bounds(node.args[1])
+            if a is None or b is None:
+                return None
+            pick = min if node.func == "min" else max
+            return (pick(a[0], b[0]), pick(a[1], b[1]))
+        if node.func == "clamp":
+            inner, low, high = (self.bounds(a) for a in node.args)
+            if low is None or high is None or low[0] != low[1] or high[0] != high[1]:
+                return None
+            inner = inner or UNBOUNDED
+            return (min(max(inner[0], low[0]), high[0]), max(min(inner[1], high[0]), low[0]))
         if node.func in ("relu", "softplus", "exp", "square", "sqrt"):  # non-negative whatever goes in
             return (0.0, float("inf"))
         if node.func == "abs":
@@ -465,9 +620,13 @@ class _Infer:
                 known = ", ".join(self.spec.latents) or "none declared"
                 self.fail(f"{func}: argument {i + 1} must name a latent (latents: {known})")
             return Value("latent", self.spec.latents[arg.id].shape)
+        if kind == "distribution" and isinstance(arg, E.Name) and arg.id in self.spec.latents:
+            return Value("latent", self.spec.latents[arg.id].shape)
         value = self.value(arg)
-        allowed = {"dist": ("dist",), "tensor": ("tensor",), "target": ("tensor", "number", "label"), "labels": ("labels",),
-                   "any": ("tensor", "scalar", "number"), "number": ("number",)}[kind]
+        allowed = {"dist": ("dist",), "tensor": ("tensor",), "target": ("tensor", "number", "label"),
+                   "labels": ("labels", "number") if func == "onehot" else ("labels",),
+                   "any": ("tensor", "scalar", "number"), "number": ("number",), "count": ("number",),
+                   "distribution": ("dist",), "value": ("tensor", "labels")}[kind]
         if value.kind not in allowed:
             hint = "; draw from it with rsample(...)" if value.kind == "dist" else ""
             self.fail(f"{func}: argument {i + 1} must be a {' or '.join(allowed)}, got a {value.kind}{hint}")
@@ -479,16 +638,20 @@ class _Infer:
         if len(node.args) != len(expected) or node.kwargs:
             takes = "one input" if len(expected) == 1 else f"{len(expected)} inputs ({', '.join(n for n, _ in expected)})"
             self.fail(f"network {net_name} takes {takes}, got {len(node.args) + len(node.kwargs)}")
-        for arg_node, (what, shape) in zip(node.args, expected):
-            self.network_argument(net_name, what, shape, self.value(arg_node))
+        arguments = [self.value(arg_node) for arg_node in node.args]
+        for value, (what, shape) in zip(arguments, expected):
+            self.network_argument(net_name, what, shape, value)
+        # a network maps each of k draws per example as one more example (compiler flattens the axis)
+        samples = self.common_samples(f"network {net_name}", *arguments)
         info = net.info
         if tap:
             if tap not in info.taps:
                 self.fail(f"network {net_name} has no tap {tap!r}" + (f"; its taps: {', '.join(info.taps)}" if info.taps else
                                                                        "; name a row with 'as NAME'"))
             row = info.taps[tap]
-            return Value("dist" if info.rows[row].row["op"] == "gaussian" else "tensor", info.rows[row].out_shape, (net_name, row))
-        return Value(info.kind, info.output, (net_name, len(info.rows) - 1))
+            return Value("dist" if info.rows[row].row["op"] == "gaussian" else "tensor", info.rows[row].out_shape, (net_name, row),
+                         samples)
+        return Value(info.kind, info.output, (net_name, len(info.rows) - 1), samples)
 
     def network_argument(self, net_name: str, what: str, shape: tuple, arg: Value) -> None:
         label = f"{net_name}'s {what}" if what != "input" else f"{net_name}'s input"
@@ -513,6 +676,7 @@ class _Infer:
         self.fail(f"{func} of tensors of shapes {fmt(a.shape)} and {fmt(b.shape)}")
 
     def kl_fits(self, q: Value, latent: str) -> None:
+        self.gaussian("kl", q)
         shape = self.spec.latents[latent].shape
         if q.shape != shape:
             self.fail(f"kl: the posterior has shape {fmt(q.shape)} but latent {latent!r} has {fmt(shape)}")
@@ -521,6 +685,7 @@ class _Infer:
 
 
 UNBOUNDED = (-math.inf, math.inf)
+ELEMENTWISE = ("relu", "softplus", "exp", "log", "square", "sqrt", "clamp")  # they broadcast over a sample axis
 # Where an activation puts its values (the rest, and no activation, can give any real number).
 ACTIVATION_BOUNDS = {"sigmoid": (0.0, 1.0), "softmax": (0.0, 1.0), "tanh": (-1.0, 1.0), "relu": (0.0, math.inf),
                      "softplus": (0.0, math.inf)}
@@ -545,6 +710,16 @@ def _interval(op: str, a: tuple | None, b: tuple | None) -> tuple[float, float] 
 
 def _shown(bounds: tuple[float, float]) -> str:
     return f"[{bounds[0]:g}, {bounds[1]:g}]"
+
+
+def value_of(spec: Spec, node, section: str) -> Value | None:
+    """What a (validated) expression in `section` yields: the compiler asks for the shapes that
+    per-example reductions and densities sum over. None if it cannot be worked out."""
+    infer = _Infer(spec, spec.graph_nx, Collector(lambda path: None), (section, ""))
+    try:
+        return infer.value(node)
+    except _Unknown:
+        return None
 
 
 def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
@@ -620,6 +795,8 @@ def to_text(g: nx.DiGraph) -> str:
         reads = sorted(u for u, _, rel in g.in_edges(node_id, data="rel") if rel == "data")
         value = attrs.get("value")
         typ = f"  [{value.kind}" + (f" {fmt(value.shape)}]" if value.kind in ("tensor", "dist") else "]") if value and value.kind != "number" else ""
+        if value is not None and value.samples:
+            typ += f" x {value.samples} samples"
         detail = f" = {attrs['text']}" if "text" in attrs else ""
         updates = [v for _, v, rel in g.out_edges(node_id, data="rel") if rel == "updates"]
         logits = attrs.get("bce_from_logits")
@@ -661,6 +838,8 @@ def to_json(g: nx.DiGraph) -> dict:
         value = attrs.get("value")
         if value is not None:
             entry["value"] = {"kind": value.kind, "shape": list(value.shape)}
+            if value.samples:
+                entry["value"]["samples"] = value.samples
         nodes.append(entry)
     edges = [{"from": u, "to": v, "rel": rel} for u, v, rel in g.edges(data="rel")]
     return {"nodes": nodes, "edges": edges}

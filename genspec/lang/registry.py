@@ -34,10 +34,14 @@ UPSAMPLE_MODES = ("nearest", "bilinear")
 SPECTRAL_NORM_OPS = ("conv", "deconv", "fc")  # the rows whose weight `sn` (spectral_norm) normalises
 
 # Ops callable in graph / loss / objective expressions: argument kinds and result kind.
-#   tensor: a batch of values; dist: a Gaussian from a `gaussian` head; latent: a name in
-#   `latent`; scalar: a 0-d loss value; number: a literal or a param; any: tensor or scalar.
+#   tensor: a batch of values; dist: a distribution (a `gaussian` head's, bernoulli(p), ...); latent: a name in
+#   `latent`; scalar: a 0-d loss value; number: a literal or a param; any: tensor or scalar; count: a
+#   whole number (a literal or a param); distribution: a dist or a latent's name; value: a tensor or
+#   labels. `optional`: how many of the last arguments may be left out. Results: per_example is a
+#   tensor of one number per example; broadcast is the tensor of the two (or a number).
 EXPRESSION_OPS: dict[str, dict] = {
-    "rsample": {"args": ("dist",), "result": "tensor", "doc": "reparameterised draw from a Gaussian head"},
+    "rsample": {"args": ("dist", "count"), "optional": 1, "result": "tensor",
+                "doc": "reparameterised draw from a Gaussian head; rsample(q, k): k draws per example, on a leading sample axis"},
     "sample": {"args": ("latent",), "result": "tensor", "doc": "a batch of draws from a latent's prior"},
     "mean_of": {"args": ("dist",), "result": "tensor", "doc": "the mean of a Gaussian head"},
     "kl": {"args": ("dist", "latent"), "result": "scalar", "doc": "KL(q || prior), summed over latent dims, mean over the batch: analytic for a normal prior, a one-draw Monte Carlo estimate for a flow"},
@@ -58,10 +62,28 @@ EXPRESSION_OPS: dict[str, dict] = {
     "detach": {"args": ("any",), "result": "same", "doc": "stop gradients (also written x.detach())"},
     "gp": {"args": ("network", "tensor", "tensor"), "result": "scalar",
            "doc": "gradient penalty of a critic: mean (||grad critic(x_hat)|| - 1)^2 at random interpolates of real and fake (WGAN-GP)"},
-    "onehot": {"args": ("labels",), "result": "tensor", "doc": "class labels y as one-hot vectors (a network's condition input)"},
+    "onehot": {"args": ("labels",), "result": "tensor",
+               "doc": "class labels (the data's y, argmax(...)) as one-hot vectors (a network's condition input); onehot(7): class 7 for every example"},
     "noisy": {"args": ("tensor", "number"), "result": "same",
               "doc": "noise injection on probabilities: (1 - a) p + a u, u ~ U[0, 1] drawn per element at every step"},
     "l2dist": {"args": ("tensor", "tensor"), "result": "scalar", "doc": "Euclidean distance ||a - b|| per example, mean over the batch"},
+    "bce_logits": {"args": ("tensor", "target"), "result": "scalar",
+                   "doc": "binary cross-entropy of logits (a network ending without a sigmoid) against a target, mean; stable for any logit"},
+    "min": {"args": ("any", "any"), "result": "broadcast", "doc": "the smaller of a and b, elementwise"},
+    "max": {"args": ("any", "any"), "result": "broadcast", "doc": "the larger of a and b, elementwise"},
+    "clamp": {"args": ("any", "number", "number"), "result": "same", "doc": "a clamped to [low, high], elementwise"},
+    "sum_per_example": {"args": ("tensor",), "result": "per_example", "doc": "sum over each example's values: one number per example"},
+    "mean_per_example": {"args": ("tensor",), "result": "per_example", "doc": "mean over each example's values: one number per example"},
+    "logsumexp": {"args": ("tensor",), "result": "tensor",
+                  "doc": "log of the sum of exp over the sample axis of rsample(q, k) (stable): removes that axis"},
+    "log_prob": {"args": ("distribution", "value"), "result": "per_example",
+                 "doc": "log-density of a value, summed over its dimensions, per example: under a Gaussian head, a latent's prior, bernoulli(p), bernoulli_logits(l) or categorical(logp)"},
+    "bernoulli": {"args": ("tensor",), "result": "dist", "doc": "independent Bernoulli distributions with probabilities p (for log_prob); from the logits when p is a sigmoid network's output"},
+    "bernoulli_logits": {"args": ("tensor",), "result": "dist", "doc": "independent Bernoulli distributions with logits l (for log_prob)"},
+    "categorical": {"args": ("tensor",), "result": "dist", "doc": "a categorical distribution from log-probabilities (a log_softmax output), for log_prob(categorical(logp), y)"},
+    "argmax": {"args": ("tensor",), "result": "labels", "doc": "the index of each example's largest value: class labels, for onehot or log_prob"},
+    "quantize": {"args": ("tensor", "latent"), "result": "tensor",
+                 "doc": "each code vector (the first dimension) replaced by its nearest entry of a codebook latent (VQ-VAE); gradients reach the codebook, not the input"},
 }
 
 # Optimisers: name -> keyword arguments they accept (the first positional is lr).
@@ -87,6 +109,7 @@ PRIORS: dict[str, tuple] = {
     "uniform": ("low", "high"),
     "realnvp": (),
     "categorical": (),  # one-hot draws; class weights start uniform (train.balance may shift them)
+    "codebook": ("codes",),  # codebook(64): 64 learnable code vectors of the latent's first dimension (VQ-VAE)
 }
 # Keyword parameters of priors, with their defaults: realnvp(flows=6, hidden=64).
 PRIOR_KWARGS: dict[str, dict] = {"realnvp": {"flows": 2, "hidden": 64}}

@@ -206,7 +206,10 @@ def fmt(shape) -> str:
 
 
 def prior_parameters(latent) -> int:
-    """Trainable parameters of a latent's prior (a RealNVP flow: two 3-layer nets per flow)."""
+    """Trainable parameters of a latent's prior (a RealNVP flow: two 3-layer nets per flow; a
+    codebook: its code vectors)."""
+    if latent.prior == "codebook":
+        return int(latent.prior_args[0]) * latent.shape[0] if latent.prior_args and latent.shape else 0
     if latent.prior != "realnvp":
         return 0
     dim, hidden = math.prod(latent.shape), latent.prior_kwargs.get("hidden", 64)

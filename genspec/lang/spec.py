@@ -13,14 +13,14 @@ from genspec.lang.shapes import NetworkInfo
 class Latent:
     name: str
     shape: tuple
-    prior: str  # "normal", "uniform" or "realnvp"
+    prior: str  # a name in registry.PRIORS
     prior_args: tuple = ()
     prior_kwargs: dict = field(default_factory=dict)
 
     @property
     def trainable(self) -> bool:
-        """A flow prior has parameters, trained by the objective that lists the latent."""
-        return self.prior == "realnvp"
+        """A flow prior and a codebook have parameters, trained by the objective that lists the latent."""
+        return self.prior in ("realnvp", "codebook")
 
 
 def call_text(name: str, args) -> str:

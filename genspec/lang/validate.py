@@ -496,6 +496,10 @@ def _latent(name: str, entry: dict, params: dict, problems: Collector) -> Latent
         problems.add(path, "uniform(low, high) needs low < high")
     if prior == "categorical" and (len(shape) != 1 or shape[0] < 2):
         problems.add(path, f"a categorical prior draws one-hot vectors: its shape is the number of classes, e.g. [10], not {list(shape)}")
+    if prior == "codebook" and len(args) == 1 and (args[0] != int(args[0]) or args[0] < 2):
+        problems.add(path, f"codebook: the number of codes must be a whole number >= 2, got {args[0]:g}")
+    if prior == "codebook" and not shape:
+        problems.add(path, "a codebook latent needs a shape: its first dimension is the code size, e.g. [16] or [16, 2, 2]")
     if prior == "realnvp":
         for key, value in kwargs.items():
             if value != int(value) or value < 1:

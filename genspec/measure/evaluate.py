@@ -72,7 +72,7 @@ def reconstruction_of(spec: Spec, generator: str | None) -> str | None:
     for name in spec.graph:
         node = f"tensor:{name}"
         value = g.nodes[node].get("value")
-        if value is None or value.kind != "tensor" or tuple(value.shape) != tuple(spec.data_shape):
+        if value is None or value.kind != "tensor" or value.samples or tuple(value.shape) != tuple(spec.data_shape):
             continue
         expr = spec.graph[name]
         if "input:x" in data_ancestors(g, node) and isinstance(expr, E.Call) and expr.func in spec.networks:
