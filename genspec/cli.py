@@ -186,8 +186,8 @@ def cmd_sample(args) -> int:
     from torchvision.utils import save_image
 
     from genspec.train.finished import load_run
-    from genspec.measure.sampling import (generator_of, generator_parts, interpolation_images, sample_images, to_unit,
-                                          with_label)
+    from genspec.graph.grids import generator_of
+    from genspec.measure.sampling import generator_parts, interpolation_images, sample_images, to_unit, with_label
 
     if args.n < 1:
         raise RunError(f"--n must be a positive number of images, got {args.n}")

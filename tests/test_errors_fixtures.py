@@ -67,8 +67,9 @@ EXPECTED = {
         "wrong_argument_kind.yaml:34:3: graph.prior_draw: rsample: argument 1 must be a dist, got a tensor",
     ],
     "two_optimisers": [
-        "two_optimisers.yaml:40:3: objectives.dec: parameters of network 'dec' routed to two optimisers "
-        "(objectives 'vae' and 'dec')",
+        "two_optimisers.yaml:40:3: objectives.dec: objectives 'vae' and 'dec' both train network 'dec', and without "
+        "train.phases one phase updates every objective: one step would add their gradients and step it with both "
+        "optimisers; give each a phase of its own, e.g. phases: [{update: [vae]}, {update: [dec], batch: same}]",
     ],
     "untrained_network": [
         "untrained_network.yaml:22:3: networks.dec: network 'dec' has 17152 trainable parameters but no objective "

@@ -295,12 +295,22 @@ def test_missing_mnist_is_a_clean_run_error(tmp_path):
 
 
 def test_everything_a_run_misses_before_training_is_said_at_once(tmp_path):
-    spec = mnist_classifier_without_data(tmp_path, evaluate={"grids": ["samples"]})  # a classifier draws no samples
+    no_classifier = str(tmp_path / "no_classifier")  # FID's feature extractor: a run folder with no finished run
+    spec = mnist_classifier_without_data(tmp_path, evaluate={"fid": {"samples": 10}, "extractor": {"classifier": no_classifier}})
     rc, _, err = run_cli("run", spec, "--out", tmp_path / "run", "--no-progress", "--set", "train.device=cpu")
     lines = err.splitlines()
     assert rc == 1 and "Traceback" not in err and len(lines) == 2, err
-    assert lines[0].startswith("genspec: evaluate.grids: no network maps a latent to the data shape")
+    assert lines[0] == (f"genspec: evaluate.extractor: {no_classifier} holds no finished classifier run (no checkpoint.pt); "
+                        "train one first, e.g. genspec run specs/mnist_classifier.yaml")
     assert lines[1].startswith("genspec: mnist not found under ")
+
+
+def test_a_grid_with_nothing_to_show_is_a_spec_error_before_the_data_is_looked_for(tmp_path):
+    spec = mnist_classifier_without_data(tmp_path, evaluate={"grids": ["samples"]})  # a classifier draws no samples
+    rc, _, err = run_cli("run", spec, "--out", tmp_path / "run", "--no-progress", "--set", "train.device=cpu")
+    assert rc == 2 and "Traceback" not in err and "mnist not found" not in err
+    assert "evaluate.grids[0]: no network turns a latent's draws into an image of the data's shape 1x28x28" in err
+    assert not (tmp_path / "run").exists()
 
 
 def test_sample_command_draws_from_a_finished_run(tiny_run, tmp_path):

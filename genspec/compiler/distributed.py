@@ -12,8 +12,9 @@ overlaps the all-reduce of each bucket with the rest of the backward pass. A gen
 one forward pass and then one `backward(inputs=own params)` per objective; that suits per-network
 wrappers because
 
-- every trainable parameter belongs to exactly one objective (validate checks it), so in a step a
-  network's parameters get their gradients in exactly one backward pass, its objective's: the
+- every trainable parameter belongs to exactly one objective of a phase (validate checks it; an
+  adversarial autoencoder's encoder has objectives in two phases, and one wrapper serves both), so
+  in a step a network's parameters get their gradients in exactly one backward pass, its objective's: the
   other passes are restricted by `inputs=` and never run its AccumulateGrad nodes, so its
   reducer's hooks fire once per parameter and step. Several forwards before that one backward
   (VAE-GAN's dis(x), dis(x_rec), dis(x_p)) are fine: DDP only asks for one backward per

@@ -327,7 +327,10 @@ class Model:
 
     def _wrap_networks(self) -> None:
         """One DistributedDataParallel wrapper per network an objective trains (see distributed.py);
-        a network with nothing trainable is not wrapped. Every rank builds them in the same order."""
+        a network with nothing trainable is not wrapped. A network that objectives of different
+        phases train (an adversarial autoencoder's encoder) keeps one wrapper, which each of them
+        reduces through: two would each hook its parameters and average every gradient twice.
+        Every rank builds them in the same order."""
         from genspec.compiler.distributed import wrap
 
         for name, obj in self.spec.objectives.items():
@@ -338,7 +341,8 @@ class Model:
                     continue
                 trainable = [(n, p) for n, p in self.networks[net].named_parameters() if p.requires_grad]
                 if trainable:
-                    self.wrappers[net] = wrap(self.networks[net], self.device)
+                    if net not in self.wrappers:
+                        self.wrappers[net] = wrap(self.networks[net], self.device)
                     run.wrapped.append((net, trainable))
 
     def _phase_plan(self, objective_names: list[str]) -> PhasePlan:

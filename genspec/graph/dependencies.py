@@ -17,6 +17,7 @@ import networkx as nx
 
 from genspec.lang import expr as E
 from genspec.errors import Collector, suggest
+from genspec.graph.grids import grid_problems
 from genspec.lang.registry import ACTIVATIONS, EXPRESSION_OPS
 from genspec.lang.shapes import fmt
 from genspec.lang.spec import Spec
@@ -86,6 +87,7 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
         if not problems.problems:  # with broken expressions, missing edges would only echo them
             _check_objectives_reach_networks(g, spec, problems)
             _check_steps_compute(g, spec, problems)
+            grid_problems(spec, g, problems)  # a grid with nothing to show fails here, not after training
     if own:
         problems.raise_if_any()
     return g

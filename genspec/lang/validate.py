@@ -277,6 +277,7 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     objectives = _objectives(raw["objectives"], networks, set(raw["networks"]), latents, params, problems)
     train = {**TRAIN_DEFAULTS, **raw.get("train", {})}
     phases = _phases(train, objectives, problems)
+    _check_phases_train_each_network_once(raw["objectives"], objectives, latents, train, phases, problems)
     evaluate = {**EVALUATE_DEFAULTS, **raw.get("evaluate", {})}
     if "balance" in train:
         train["balance"] = {**BALANCE_DEFAULTS, **train["balance"]}
@@ -630,8 +631,12 @@ def _expressions(section: str, entries: dict, problems: Collector) -> dict:
 
 
 def _objectives(entries: dict, networks: dict, declared: set, latents: dict, params: dict, problems: Collector) -> dict:
+    """The objectives, each network (or trainable prior) it lists checked to exist and to have
+    something to train. A network may be listed by several objectives (an adversarial
+    autoencoder's encoder: reconstruction and regularisation, each with its own optimiser);
+    that no phase updates two of them at once is `_check_phases_train_each_network_once`."""
     out = {}
-    owner: dict[str, str] = {}
+    trained: set[str] = set()
     for name, entry in entries.items():
         path = ("objectives", name)
         nets = entry.get("networks", [name])
@@ -640,17 +645,13 @@ def _objectives(entries: dict, networks: dict, declared: set, latents: dict, par
             if net in latents:
                 if not latents[net].trainable:
                     problems.add(where, f"latent {net!r} has a {latents[net].prior} prior, with nothing to train")
-                elif net in owner:
-                    problems.add(where, f"parameters of the prior of {net!r} routed to two optimisers (objectives {owner[net]!r} and {name!r})")
-                owner[net] = name
+                trained.add(net)
                 continue
             if net not in networks:
                 if net not in declared:  # a declared network with a bad table has been reported already
                     problems.add(where, f"no network named {net!r} to train" + suggest(net, declared))
                 continue
-            if net in owner:
-                problems.add(where, f"parameters of network {net!r} routed to two optimisers (objectives {owner[net]!r} and {name!r})")
-            owner[net] = name  # an entirely frozen network may be listed: it simply has nothing to train
+            trained.add(net)  # an entirely frozen network may be listed: it simply has nothing to train
         trainable = [n for n in nets if (n in networks and networks[n].info.trainable) or (n in latents and latents[n].trainable)]
         if not trainable and all(n in networks or n in latents for n in nets):
             problems.add(path + (("networks",) if "networks" in entry else ()),
@@ -664,11 +665,11 @@ def _objectives(entries: dict, networks: dict, declared: set, latents: dict, par
         optimizer, args = _optimizer(path + ("optimizer",), entry["optimizer"], params, problems)
         out[name] = Objective(name, list(nets), minimize, optimizer or "adam", args, entry.get("clip"))
     for name, latent in latents.items():
-        if latent.trainable and name not in owner:
+        if latent.trainable and name not in trained:
             problems.add(("latent", name, "prior"), f"the {latent.prior} prior of {name!r} has parameters but no objective trains it "
                          f"(list {name!r} in the networks of the objective that should)")
     for net, info in networks.items():
-        if net not in owner and info.info.trainable > 0:
+        if net not in trained and info.info.trainable > 0:
             problems.add(("networks", net), f"network {net!r} has {info.info.trainable} trainable parameters but no objective trains it "
                          "(add an objective, or `freeze: true`)")
     return out
@@ -752,6 +753,33 @@ def _check_every_objective_is_trained(train: dict, objectives: dict, phases: lis
             problems.add(("train", "phases"), f"objective {name!r} is updated only in epochs "
                          + ", ".join(f"{p.epochs[0]}-{p.epochs[1]}" for p in named)
                          + f", after the last epoch (train.epochs is {train['epochs']}): it would never train")
+
+
+def _check_phases_train_each_network_once(entries: dict, objectives: dict, latents: dict, train: dict,
+                                          phases: list[Phase], problems: Collector) -> None:
+    """Two objectives of one phase must not train the same network (or flow prior): the step
+    would add both gradients into its parameters and step them with both optimisers. In
+    different phases they may (an adversarial autoencoder's encoder), each phase stepping only
+    its own objectives' optimisers. Without train.phases the one phase updates every objective."""
+    for i, phase in enumerate(phases):
+        first: dict[str, str] = {}  # network -> the first objective of this phase that trains it
+        for name in phase.update:
+            for k, net in enumerate(objectives[name].networks):
+                if net not in first:
+                    first[net] = name
+                    continue
+                what = f"the prior of {net!r}" if net in latents else f"network {net!r}"
+                if "phases" in train:
+                    where = ("train", "phases", i, "update", train["phases"][i]["update"].index(name))
+                    problems.add(where, f"phase {i + 1} updates objectives {first[net]!r} and {name!r}, which both train "
+                                        f"{what}: one step would add their gradients and step it with both optimisers; "
+                                        f"give {name!r} a phase of its own (e.g. {{update: [{name}], batch: same}})")
+                else:
+                    where = ("objectives", name) + (("networks", k) if "networks" in entries.get(name, {}) else ())
+                    problems.add(where, f"objectives {first[net]!r} and {name!r} both train {what}, and without "
+                                        "train.phases one phase updates every objective: one step would add their "
+                                        "gradients and step it with both optimisers; give each a phase of its own, e.g. "
+                                        f"phases: [{{update: [{first[net]}]}}, {{update: [{name}], batch: same}}]")
 
 
 def _check_names_do_not_clash(raw: dict, problems: Collector) -> None:

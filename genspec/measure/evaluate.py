@@ -19,12 +19,12 @@ from genspec.compiler import distributed as dist
 from genspec.compiler.model import Env, Model
 from genspec.data.datasets import Split, Splits, batches
 from genspec.errors import RunError
-from genspec.graph.dependencies import compute_order, data_ancestors
-from genspec.lang import expr as E
+from genspec.graph import grids
+from genspec.graph.dependencies import compute_order
+from genspec.graph.grids import generator_of
 from genspec.lang.spec import Spec
 from genspec.measure import fidelity, labels, provenance
-from genspec.measure.sampling import (generator_of, generator_parts, interpolation_images,
-                                      sample_images, to_unit)
+from genspec.measure.sampling import generator_parts, interpolation_images, sample_images, to_unit
 from genspec.train.hooks import EVALUATION, Hook, register_hook
 from genspec.train.trace import collapse_flags
 
@@ -64,43 +64,14 @@ def evaluate_losses(spec: Spec, model: Model, split: Split) -> dict:
 # ---------------------------------------------------------------- grids
 
 
-def reconstruction_of(spec: Spec, generator: str | None) -> str | None:
-    """A graph tensor of the data's shape computed from the input x by the generator, or else by
-    another network (BEGAN's discriminator decoder, dec(enc(x)))."""
-    g = spec.graph_nx
-    candidates = []
-    for name in spec.graph:
-        node = f"tensor:{name}"
-        value = g.nodes[node].get("value")
-        if value is None or value.kind != "tensor" or value.samples or tuple(value.shape) != tuple(spec.data_shape):
-            continue
-        expr = spec.graph[name]
-        if "input:x" in data_ancestors(g, node) and isinstance(expr, E.Call) and expr.func in spec.networks:
-            candidates.append((expr.func != generator, name))
-    return min(candidates)[1] if candidates else None
-
-
 def grid_sources(spec: Spec) -> dict:
-    """What each requested grid shows. Raises RunError when a grid has no source."""
-    grids = spec.evaluate.get("grids", [])
-    explicit = grids if isinstance(grids, dict) else {}
-    wanted = list(grids) if not isinstance(grids, dict) else list(grids.keys())
-    generator = generator_of(spec)
-    out = {}
-    for kind in wanted:
-        if kind in explicit:
-            out[kind] = ("tensor", explicit[kind])
-        elif kind in ("samples", "interpolations"):
-            if generator is None:
-                raise RunError(f"evaluate.grids: no network maps a latent to the data shape, so there are no {kind}; "
-                               "name the tensor: grids: {samples: TENSOR}")
-            out[kind] = ("generator",) + generator
-        elif kind == "reconstructions":
-            source = reconstruction_of(spec, generator[0] if generator else None)
-            if source is None:
-                raise RunError("evaluate.grids: no graph tensor reconstructs x; name it: grids: {reconstructions: TENSOR}")
-            out[kind] = ("tensor", source)
-    return out
+    """What each requested grid shows, as genspec/graph/grids.py decides it; validation refuses a
+    grid with no source, so only a spec that skipped the graph check meets the RunError."""
+    sources = grids.grid_sources(spec, spec.graph_nx)
+    missing = [kind for kind, source in sources.items() if source is None]
+    if missing:
+        raise RunError(f"evaluate.grids: {grids.missing_source(spec, spec.graph_nx, missing[0])}")
+    return sources
 
 
 def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, str]:

@@ -333,7 +333,8 @@ def inception_score_by_splits(run, splits: list[int], samples: int | None = None
     from torch_fidelity.registry import FEATURE_EXTRACTORS_REGISTRY
 
     from genspec.compiler.model import choose_device
-    from genspec.measure.sampling import generator_of, generator_parts, sample_images
+    from genspec.graph.grids import generator_of
+    from genspec.measure.sampling import generator_parts, sample_images
 
     evaluate = run.spec.evaluate
     source = generator_of(run.spec)

@@ -70,7 +70,8 @@ def sample_labels(spec: Spec, model, per_label: int = SAMPLES_PER_LABEL) -> dict
     """The classifier's classes of generated samples: per asked label for a conditional generator
     (`counts[k][c]`: samples asked to be k that were classified c), else one histogram. Also the
     per-pixel spread across samples. None when the spec has no generator of data-shaped images."""
-    from genspec.measure.sampling import generator_of, generator_parts
+    from genspec.graph.grids import generator_of
+    from genspec.measure.sampling import generator_parts
 
     source = generator_of(spec)
     if source is None:

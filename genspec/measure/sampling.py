@@ -1,7 +1,8 @@
-"""Images from a model's generator: which network and latents make an image of the data's
-shape, draws from it (with its conditions), interpolations, any graph tensor from latent draws
-alone, and images scaled to [0, 1] for saving. Shared by the evaluation, the feature-based
-metrics, the label histogram, balancing and `genspec sample`."""
+"""Images from a model's generator: draws from it (with its conditions), interpolations, any
+graph tensor from latent draws alone, and images scaled to [0, 1] for saving. Which network and
+latents make an image of the data's shape is decided torch-free (genspec/graph/grids.py,
+generator_of). Shared by the evaluation, the feature-based metrics, the label histogram,
+balancing and `genspec sample`."""
 
 from __future__ import annotations
 
@@ -10,21 +11,6 @@ import torch
 from genspec.compiler.model import Env, Model
 from genspec.graph.dependencies import compute_order
 from genspec.lang.spec import Spec
-
-
-def generator_of(spec: Spec) -> tuple | None:
-    """(network, latent, condition latents) that turn latent draws into an image of the data's
-    shape. A conditional generator's conditions must be latents (a CGAN's categorical labels)."""
-    for net_name, net in spec.networks.items():
-        if tuple(net.info.output) != tuple(spec.data_shape) or net.info.kind != "tensor":
-            continue
-        conditions = tuple(source for _, source in net.conditions.values())
-        if not all(source in spec.latents for source in conditions):
-            continue
-        for latent_name, latent in spec.latents.items():
-            if tuple(latent.shape) == tuple(net.input) and latent_name not in conditions:
-                return net_name, latent_name, conditions
-    return None
 
 
 def generator_parts(model_or_run, source: tuple) -> tuple:
