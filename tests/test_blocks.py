@@ -321,3 +321,12 @@ def test_the_resnet_gan_zoo_spec_trains_and_generates_digit_sized_images(tmp_pat
     assert tuple(images.shape) == (5, 1, 8, 8) and images.abs().max() <= 1
     assert isinstance(gen.rows[1], Block) and isinstance(run.networks["dis"].rows[2], Block)
     assert run.networks["dis"].rows[2].shortcut is None  # the size-keeping block adds its input as it is
+
+
+def test_a_tap_on_a_block_row_reads_the_block_s_output():
+    spec, module = _net(spec_with(('"block res ch=8", ', '"block res ch=8  as mid", ')))
+    assert spec.networks["net"].info.taps == {"mid": 1}
+    module.eval()
+    x = torch.randn(2, 1, 8, 8)
+    with torch.no_grad():
+        assert torch.allclose(module.forward_taps(x)["mid"], module.rows[1](module.rows[0](x)))

@@ -351,6 +351,8 @@ def _check_mapping(row: dict) -> dict:
         raise RowError(f"{stray[0]!r} does not apply to {row['op']} rows; they take {', '.join(sorted(takes - {'op'}))}")
     out = dict(row)
     if out["op"] == "block":
+        if not (isinstance(out["block"], str) and _NAME.match(out["block"])):
+            raise RowError(f"block: expected the name of a block of the blocks section, got {out['block']!r}")
         out["args"] = _check_block_arguments(out.get("args", {}))
     if out["op"] == "dropout" and not 0 <= out["p"] < 1:
         raise RowError(f"dropout: p must be in [0, 1), got {out['p']}")
