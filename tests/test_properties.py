@@ -237,8 +237,13 @@ main_rows = st.one_of(
     st.builds(lambda dims: "reshape " + " ".join(dims), st.lists(small, min_size=1, max_size=4)),
     st.builds(lambda s: f"lrelu {s}", slope),
     st.sampled_from(["label", "c", "cond_1"]).map(lambda name: f"concat {name}"),  # concat names a condition input
+    st.sampled_from(["h", "feats", "skip_1"]).map(lambda name: f"add {name}"),  # add names an earlier row's tap
+    st.builds(lambda name, args: " ".join([f"block {name}", *args]), st.sampled_from(["res", "up", "Down_2"]),
+              st.lists(st.sampled_from(["ch=64", "stride=2", "p=0.5", "w=2.0", "act=lrelu", "slope=-0.2", "k=1e-07"]),
+                       max_size=3, unique_by=lambda a: a.split("=")[0])),
     st.sampled_from([op for op in LAYER_OPS if op not in ("conv", "deconv", "fc", "gaussian", "maxpool", "avgpool",
-                                                           "upsample", "dropout", "crop", "reshape", "concat")]),
+                                                           "upsample", "dropout", "crop", "reshape", "concat", "add",
+                                                           "block")]),
 )
 frozen = st.sampled_from(["", "frozen"])
 compact_rows = st.one_of(

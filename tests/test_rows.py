@@ -195,7 +195,7 @@ ERRORS = [
     ({"op": "nope"}, "a mapping row needs 'op', one of: " + ", ".join(LAYER_OPS)),
     ({}, "a mapping row needs 'op', one of: " + ", ".join(LAYER_OPS)),
     ({"op": "fc", "out": 8, "kernal": 3}, "unknown key 'kernal' in a layer row; known: op, out, kernel, stride, padding, "
-                                          "scale, mode, p, shape, slope, var, bias, norm, act, dropout, frozen, sn, name, input"),
+                                          "scale, mode, p, shape, slope, var, bias, norm, act, dropout, frozen, sn, name, input, block, args"),
 ]
 
 

@@ -122,3 +122,9 @@ def test_grid_kinds_are_the_registry_grids():
     grids = SCHEMA["properties"]["evaluate"]["properties"]["grids"]["oneOf"]
     assert grids[0]["items"]["enum"] == list(R.GRIDS)
     assert sorted(grids[1]["properties"]) == sorted(R.GRIDS)
+
+
+def test_block_skips_are_the_registry_block_skips():
+    blocks = SCHEMA["properties"]["blocks"]["additionalProperties"]
+    assert blocks["properties"]["skip"]["enum"] == list(R.BLOCK_SKIPS)
+    assert blocks["properties"]["layers"]["items"] == blocks["properties"]["shortcut"]["items"] == {"$ref": "#/$defs/row"}

@@ -151,11 +151,11 @@ def test_each_missing_required_key_is_named():
 # alternative of its own kind, at the key or item that is wrong
 SCHEMA_WRONG_BRANCH = [
     ("networks.enc.layers[0]={op: conv, out: 8, kernel: 3, bogus: 1}",
-     "networks.enc.layers[0].bogus: unknown key 'bogus'; known keys: act, bias, dropout, frozen, input, kernel, mode, name, "
+     "networks.enc.layers[0].bogus: unknown key 'bogus'; known keys: act, args, bias, block, dropout, frozen, input, kernel, mode, name, "
      "norm, op, out, p, padding, scale, shape, slope, sn, stride, var"),
     ("networks.enc.layers[0]={op: convolution, out: 8, kernel: 3}",
      "networks.enc.layers[0].op: 'convolution' is not one of \"conv\", \"deconv\", \"fc\", \"gaussian\", \"maxpool\", "
-     "\"avgpool\", \"upsample\", \"dropout\", \"flatten\", \"reshape\", \"crop\", \"identity\", \"concat\", \"bn\", \"ln\", \"vbn\", "
+     "\"avgpool\", \"upsample\", \"dropout\", \"flatten\", \"reshape\", \"crop\", \"identity\", \"concat\", \"add\", \"block\", \"bn\", \"ln\", \"vbn\", "
      "\"relu\", \"lrelu\", \"tanh\", \"sigmoid\", \"elu\", \"gelu\", \"silu\", \"softplus\", \"softmax\", \"log_softmax\""),
     ("networks.enc.layers[0]={op: dropout, p: -1}", "networks.enc.layers[0].p: -1 is out of range (minimum 0)"),
     ("networks.enc.input=[1, 0]", "networks.enc.input[1]: 0 is out of range (minimum 1)"),

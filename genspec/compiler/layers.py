@@ -1,4 +1,5 @@
-"""Layer tables to nn.Modules: one `TableNet` per network, one small block per row."""
+"""Layer tables to nn.Modules: one `TableNet` per network, one small module per row (a `Block`
+for a block row, its rows its children)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from genspec.lang.shapes import conv_padding, deconv_padding
+from genspec.lang.shapes import RowInfo, conv_padding, deconv_padding
 from genspec.lang.spec import Network
 
 
@@ -115,13 +116,83 @@ class Crop(nn.Module):
 
 
 class Concat(nn.Module):
-    """Joins a condition input to the running tensor: end to end for flat tensors, as constant
-    feature maps (broadcast over height and width) or channels for images."""
+    """Joins a condition input (or an earlier row's output) to the running tensor: end to end for
+    flat tensors, as constant feature maps (broadcast over height and width) or channels for images."""
+
+    def __init__(self, post: list[nn.Module] = ()):
+        super().__init__()
+        self.post = nn.Sequential(*post)
 
     def forward(self, x: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         if x.dim() == 4 and condition.dim() == 2:
             condition = condition[:, :, None, None].expand(-1, -1, x.shape[2], x.shape[3])
-        return torch.cat([x, condition.to(x.dtype)], dim=1)
+        return self.post(torch.cat([x, condition.to(x.dtype)], dim=1))
+
+
+class Add(nn.Module):
+    """A skip connection: the running tensor plus the output of an earlier row (`add NAME`)."""
+
+    def __init__(self, post: list[nn.Module] = ()):
+        super().__init__()
+        self.post = nn.Sequential(*post)
+
+    def forward(self, x: torch.Tensor, earlier: torch.Tensor) -> torch.Tensor:
+        return self.post(x + earlier)
+
+
+class Rows(nn.ModuleList):
+    """A table's (or a block's) row modules, run in order: an `add` row, or a `concat` of a tap,
+    reads the output of the earlier row it names; a `concat` of a condition reads that input."""
+
+    def __init__(self, infos: list[RowInfo], conditions: list[str] = ()):
+        super().__init__(build_info(r) for r in infos)
+        self.sources = {r.index: r.source for r in infos if r.source is not None}
+        self.condition_at = {r.index: list(conditions).index(r.row["input"]) for r in infos
+                             if r.row["op"] == "concat" and r.source is None}
+        self.kept = set(self.sources.values())  # the rows whose outputs a later row reads
+
+    def step(self, i: int, x, kept: dict, conditions=()):
+        """Row i on x; `kept` holds the outputs later rows read (this row's is added if so)."""
+        row = self[i]
+        if i in self.condition_at:
+            x = row(x, conditions[self.condition_at[i]])
+        elif i in self.sources:
+            x = row(x, kept[self.sources[i]])
+        else:
+            x = row(x)
+        if i in self.kept:
+            kept[i] = x
+        return x
+
+    def forward(self, x):
+        kept: dict = {}
+        for i in range(len(self)):
+            x = self.step(i, x, kept)
+        return x
+
+
+class Block(nn.Module):
+    """A block row: its rows (`body`) in order; `skip: add` adds the block's input, or its
+    `shortcut` of it where the shapes differ, and `skip: concat` joins the input and the rows'
+    output along the channels; the row's own norm and activation then close it."""
+
+    def __init__(self, info: RowInfo):
+        super().__init__()
+        self.name, self.skip = info.row["block"], info.row.get("skip")
+        self.body = Rows(info.layers)
+        self.shortcut = Rows(info.shortcut) if info.shortcut else None
+        self.post = nn.Sequential(*_post(info.row, info.out_shape))
+
+    def forward(self, x):
+        h = self.body(x)
+        if self.skip == "add":
+            h = h + (x if self.shortcut is None else self.shortcut(x))
+        elif self.skip == "concat":
+            h = torch.cat([x, h], dim=1)
+        return self.post(h)
+
+    def extra_repr(self) -> str:
+        return self.name + (f", skip {self.skip}" if self.skip else "")
 
 
 class Dense(nn.Module):
@@ -254,11 +325,20 @@ def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
     elif op == "identity":
         main = nn.Identity()
     elif op == "concat":
-        return Concat()
+        return Concat(_post(row, out_shape))
+    elif op == "add":
+        return Add(_post(row, out_shape))
     else:
         main = _activation(op, row.get("slope", 0.01))
     post = _post(row, out_shape)
     return nn.Sequential(main, *post) if post else main
+
+
+def build_info(info: RowInfo) -> nn.Module:
+    """The module of a row whose shapes have been inferred: a Block for a block row, else build_row's."""
+    if info.row["op"] == "block":
+        return Block(info)
+    return build_row(info.row, info.in_shape, info.out_shape)
 
 
 def _conv(row: dict, in_shape: tuple, channels: int, bias: bool) -> nn.Module:
@@ -281,7 +361,7 @@ def _strip_final_sigmoid(rows: nn.ModuleList) -> None:
     if isinstance(last, FloatSigmoid):
         rows[-1] = nn.Identity()
         return
-    container = last.post if isinstance(last, Dense) else last
+    container = last.post if isinstance(last, (Dense, Block, Add, Concat)) else last
     if not (isinstance(container, nn.Sequential) and len(container) and isinstance(container[-1], FloatSigmoid)):
         raise AssertionError(f"a row that ends in a sigmoid was built without one: {last}")
     del container[-1]
@@ -301,7 +381,7 @@ class TableNet(nn.Module):
 
     def __init__(self, net: Network):
         super().__init__()
-        self.rows = nn.ModuleList(build_row(r.row, r.in_shape, r.out_shape) for r in net.info.rows)
+        self.rows = Rows(net.info.rows, list(net.conditions))
         self.ends_in_sigmoid = net.info.ends_in_sigmoid
         if self.ends_in_sigmoid:
             _strip_final_sigmoid(self.rows)
@@ -309,8 +389,6 @@ class TableNet(nn.Module):
         self._tap_at = {i: name for name, i in self.taps.items()}
         self._frozen_rows = [i for i, r in enumerate(net.info.rows) if r.frozen]
         self._virtual_norms = [m for m in self.rows.modules() if isinstance(m, VirtualBatchNorm)]
-        conditions = list(net.conditions)
-        self._concat_at = {i: conditions.index(r.row["input"]) for i, r in enumerate(net.info.rows) if r.row["op"] == "concat"}
         self.has_reference = bool(self._virtual_norms)
         if self.has_reference:
             # The reference batch: N(0, I) placeholders, replaced by Model.set_references with draws of
@@ -347,10 +425,10 @@ class TableNet(nn.Module):
             x, conditions = inputs[0], inputs[1:]
             for norm in self._virtual_norms:
                 norm.reference_size = skip
-        out = {}
+        out, kept = {}, {}
         last = len(self.rows) - 1
-        for i, row in enumerate(self.rows):
-            x = row(x, conditions[self._concat_at[i]]) if i in self._concat_at else row(x)
+        for i in range(len(self.rows)):
+            x = self.rows.step(i, x, kept, conditions)
             if i == last and self.ends_in_sigmoid:
                 out[LOGITS] = _drop(x, skip)
                 x = torch.sigmoid(x.to(full_precision(x)))  # in float32 at least, as FloatSigmoid
@@ -393,11 +471,21 @@ def freeze(module: TableNet, net: Network) -> None:
 def spectral_normalise(module: TableNet, net: Network) -> None:
     """Rows with `sn`: their weight becomes a spectral_norm parametrization (after `initialise`,
     which writes the weight it then normalises)."""
-    for row_module, info in zip(module.rows, net.info.rows):
+    for row_module, info in _leaf_rows(module.rows, net.info.rows):
         if info.row.get("sn"):
             for m in row_module.modules():
                 if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
                     nn.utils.parametrizations.spectral_norm(m)
+
+
+def _leaf_rows(modules, infos: list[RowInfo]):
+    """(module, info) of every row that is not a block, the rows inside blocks included."""
+    for module, info in zip(modules, infos):
+        if info.row["op"] == "block":
+            yield from _leaf_rows(module.body, info.layers)
+            yield from _leaf_rows(module.shortcut or [], info.shortcut)
+        else:
+            yield module, info
 
 
 def build_network(net: Network) -> TableNet:

@@ -506,7 +506,7 @@ CAPTURABLE_OPTIMIZERS = ("adam", "adamw", "rmsprop")
 
 def convolves(net) -> bool:
     """Whether a network has convolution rows, which channels-last memory speeds up."""
-    return any(r.row["op"] in ("conv", "deconv") for r in net.info.rows)
+    return any(r.row["op"] in ("conv", "deconv") for r in net.info.walk())
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def _penalties(node):
 
 def cannot_stack(spec: Spec) -> str | None:
     """Why this spec's replicas cannot train as one stacked model, or None."""
-    normalised = [name for name, net in spec.networks.items() if any(info.row.get("sn") for info in net.info.rows)]
+    normalised = [name for name, net in spec.networks.items() if any(info.row.get("sn") for info in net.info.walk())]
     if normalised:  # spectral_norm's power iteration updates its vectors in place, outside what vmap stacks
         return f"network {normalised[0]!r} has spectrally normalised rows, which the stacked step does not support"
     clipped = [name for name, o in spec.objectives.items() if o.clip]
@@ -72,7 +72,7 @@ def cannot_stack(spec: Spec) -> str | None:
     for critic in sorted({node.args[0].id for expression in expressions for node in _penalties(expression)}):
         # a frozen row's batch norm runs in eval mode (TableNet.train): it writes no statistics
         if any("bn" in (info.row.get("op"), info.row.get("norm")) and not info.frozen
-               for info in spec.networks[critic].info.rows):
+               for info in spec.networks[critic].info.walk()):
             return (f"the gradient penalty's critic {critic!r} has batch norm, whose running statistics "
                     "cannot be updated inside the penalty's vjp")
     return None

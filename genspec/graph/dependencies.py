@@ -600,6 +600,8 @@ class _Infer:
         while row > 0 and rows[row].row["op"] in self._RANGE_KEEPING:
             row -= 1
         entry = rows[row].row
+        while entry["op"] == "block" and not entry.get("act") and not entry.get("skip"):
+            entry = entry["layers"][-1]  # a block without a skip ends as its last row does
         if entry.get("act"):
             return entry["act"]
         return entry["op"] if entry["op"] in ACTIVATIONS else "no activation"

@@ -11,6 +11,7 @@ FORMAT_VERSION = 1
 TOP_LEVEL_KEYS = (
     "genspec", "name", "source", "extends", "params", "data", "latent", "networks",
     "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study", "labels", "state",
+    "blocks",
 )
 
 # Activations that may stand as a row of their own or close a row (`conv ..., relu`).
@@ -20,14 +21,17 @@ NORMS = ("bn", "ln", "vbn")  # vbn: virtual batch norm against a reference batch
 # Layer ops that may open a row. Activations and norms may also stand alone.
 LAYER_OPS = (
     "conv", "deconv", "fc", "gaussian", "maxpool", "avgpool", "upsample", "dropout",
-    "flatten", "reshape", "crop", "identity", "concat",
+    "flatten", "reshape", "crop", "identity", "concat", "add", "block",
 ) + NORMS + ACTIVATIONS
 
 # Keys of a canonical row mapping (what every compact row expands to).
 ROW_KEYS = (
     "op", "out", "kernel", "stride", "padding", "scale", "mode", "p", "shape", "slope", "var",
-    "bias", "norm", "act", "dropout", "frozen", "sn", "name", "input",
+    "bias", "norm", "act", "dropout", "frozen", "sn", "name", "input", "block", "args",
 )
+
+# How a block's output joins its input (blocks.NAME.skip): add (a residual block), concat (channels).
+BLOCK_SKIPS = ("add", "concat")
 
 UPSAMPLE_MODES = ("nearest", "bilinear")
 

@@ -7,6 +7,9 @@
     gaussian 16 var=1e-6             -> {op: gaussian, out: 16, var: 1.0e-06}
     conv 256 5x5 /2, relu  as feats  -> {..., name: feats}
     concat label                     -> {op: concat, input: label}   (joins a condition input here)
+    concat feats                     -> {op: concat, input: feats}   (or the output of the earlier row `as feats`)
+    add h                            -> {op: add, input: h}          (adds the output of the earlier row `as h`)
+    block res ch=64 stride=2         -> {op: block, block: res, args: {ch: 64, stride: 2}}   (blocks.py expands it)
 
 A row may also be written as the canonical mapping itself. Every problem raises RowError
 with a message that says what was expected.
@@ -33,6 +36,8 @@ _SCALE = re.compile(r"^x(\d{1,9})$")
 _OPTION = re.compile(r"^([a-z_]+)=(\S+)$")
 _NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _TAP = re.compile(r"\s+as\s+(\S+)\s*$")
+_ARGUMENT = re.compile(r"^([A-Za-z_][A-Za-z0-9_]*)=(\S+)$")  # a block param's value: block res ch=64
+_WORD = re.compile(r"^[A-Za-z0-9_.+-]+$")  # a param value that is not a number: act=lrelu
 
 _ARTICLE = {"norm": "a norm", "act": "an activation", "dropout": "a dropout"}
 
@@ -88,9 +93,9 @@ def parse_row(row) -> dict:
             raise RowError(f"{part!r} comes too late: write norm, then activation, then dropout (or split the row)")
         last = _POST_ORDER[key]
         out.update(value)
-    if out.get("sn") and out["op"] not in SPECTRAL_NORM_OPS:
-        raise RowError(f"'sn' (spectral normalisation of a weight) applies to {', '.join(SPECTRAL_NORM_OPS)} rows, "
-                       f"not {out['op']!r}")
+    if out.get("sn") and out["op"] not in (*SPECTRAL_NORM_OPS, "block"):
+        raise RowError(f"'sn' (spectral normalisation of a weight) applies to {', '.join(SPECTRAL_NORM_OPS)} rows "
+                       f"and to blocks (their rows of those kinds), not {out['op']!r}")
     return out
 
 
@@ -127,8 +132,15 @@ def _parse_main(words: list[str]) -> dict:
         return {"op": op, "slope": _slope(args)}
     if op == "concat":
         if len(args) != 1 or not _NAME.match(args[0]):
-            raise RowError("concat takes the name of one of the network's condition inputs, e.g. 'concat label'")
+            raise RowError("concat takes the name of one of the network's condition inputs or of an earlier row's tap, "
+                           "e.g. 'concat label'")
         return {"op": op, "input": args[0]}
+    if op == "add":
+        if len(args) != 1 or not _NAME.match(args[0]):
+            raise RowError("add takes the tap name of an earlier row (one written '... as NAME'), e.g. 'add h'")
+        return {"op": op, "input": args[0]}
+    if op == "block":
+        return _parse_block(args)
     if args:
         raise RowError(f"{op} takes no arguments, got {' '.join(args)!r}")
     return {"op": op}
@@ -202,6 +214,34 @@ def _parse_conv_gaussian(args: list[str]) -> dict:
             raise RowError(f"var must be a positive number, got {value!r}")
         row["var"] = float(value)
     return row
+
+
+def _parse_block(args: list[str]) -> dict:
+    """`block res ch=64 stride=2`: a named block of the blocks section and its params' values."""
+    usage = "expected 'block NAME' and its params as NAME=VALUE, e.g. 'block res ch=64'"
+    if not args or not _NAME.match(args[0]):
+        raise RowError(usage)
+    values: dict = {}
+    for word in args[1:]:
+        match = _ARGUMENT.match(word)
+        if not match:
+            raise RowError(f"unexpected {word!r}: {usage}")
+        key, text = match.groups()
+        if key in values:
+            raise RowError(f"block {args[0]}: {key} is given twice")
+        values[key] = block_argument(text)
+    return {"op": "block", "block": args[0], "args": values}
+
+
+def block_argument(text: str):
+    """A block param's value as written in a row: a whole number, a number, or a word (relu)."""
+    if _INT.match(text):
+        return int(text)
+    if _FLOAT.match(text):
+        return _finite(text)
+    if _WORD.match(text):
+        return text
+    raise RowError(f"{text!r} is not a param value: write a number or a plain word such as relu")
 
 
 def _parse_upsample(args: list[str]) -> dict:
@@ -279,6 +319,8 @@ _OP_KEYS = {
     "crop": {"p"},
     "reshape": {"shape"},
     "concat": {"input"},
+    "add": {"input"},
+    "block": {"block", "args", "sn"},  # sn: every conv, deconv and fc row of the block
 }
 _EVERY_ROW_KEYS = {"op", "norm", "act", "dropout", "frozen", "name"}
 
@@ -299,7 +341,7 @@ def _check_mapping(row: dict) -> dict:
         raise RowError(f"a mapping row needs 'op', one of: {', '.join(LAYER_OPS)}")
     required = {"conv": ("out", "kernel"), "deconv": ("out", "kernel"), "fc": ("out",), "gaussian": ("out",),
                 "maxpool": ("kernel",), "avgpool": ("kernel",), "upsample": ("scale",), "dropout": ("p",), "crop": ("p",),
-                "reshape": ("shape",), "concat": ("input",)}.get(row["op"], ())
+                "reshape": ("shape",), "concat": ("input",), "add": ("input",), "block": ("block",)}.get(row["op"], ())
     missing = [k for k in required if k not in row]
     if missing:
         raise RowError(f"{row['op']} needs {', '.join(missing)}")
@@ -308,6 +350,10 @@ def _check_mapping(row: dict) -> dict:
     if stray:  # e.g. a stride on an fc row would otherwise be ignored without a word
         raise RowError(f"{stray[0]!r} does not apply to {row['op']} rows; they take {', '.join(sorted(takes - {'op'}))}")
     out = dict(row)
+    if out["op"] == "block":
+        if not (isinstance(out["block"], str) and _NAME.match(out["block"])):
+            raise RowError(f"block: expected the name of a block of the blocks section, got {out['block']!r}")
+        out["args"] = _check_block_arguments(out.get("args", {}))
     if out["op"] == "dropout" and not 0 <= out["p"] < 1:
         raise RowError(f"dropout: p must be in [0, 1), got {out['p']}")
     if out["op"] == "crop" and (not isinstance(out["p"], int) or isinstance(out["p"], bool) or out["p"] < 1):
@@ -323,6 +369,21 @@ def _check_mapping(row: dict) -> dict:
     if out["op"] == "lrelu" or out.get("act") == "lrelu":
         out.setdefault("slope", 0.01)
     return out
+
+
+def _check_block_arguments(values) -> dict:
+    if not isinstance(values, dict):
+        raise RowError("args of a block row is a mapping of its params' values, e.g. {ch: 64}")
+    for key, value in values.items():
+        if not (isinstance(key, str) and _NAME.match(key)):
+            raise RowError(f"block param {key!r} must be a plain name")
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            raise RowError(f"block param {key}: expected a number or a plain word, got {value!r}")
+        if isinstance(value, str):
+            block_argument(value)
+        elif isinstance(value, float) and not math.isfinite(value):
+            raise RowError(f"block param {key}: {value!r} is not a finite number")
+    return dict(values)
 
 
 ROW_DEFAULTS = {"bias": True, "frozen": False}
@@ -377,8 +438,12 @@ def format_row(row: dict) -> str:
         words += [str(d) for d in row["shape"]]
     elif op == "lrelu":
         words.append(_num(row["slope"]))
-    elif op == "concat":
+    elif op in ("concat", "add"):
         words.append(row["input"])
+    elif op == "block":
+        words.append(row["block"])
+        # a float keeps its point (2.0, not 2), so that it parses back as the float it is
+        words += [f"{k}={v if isinstance(v, (str, int)) else repr(float(v))}" for k, v in row.get("args", {}).items()]
     if row.get("bias") is False:
         words.append("bias=false")
     parts = [" ".join(words)]

@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from genspec.lang.rows import format_row
+
 
 class ShapeError(ValueError):
     def __init__(self, index: int, message: str):
@@ -24,6 +26,15 @@ class RowInfo:
     out_shape: tuple
     params: int
     frozen: bool
+    source: int | None = None  # add, or concat of a tap: the index of the earlier row whose output it reads
+    layers: list["RowInfo"] = field(default_factory=list)  # a block's rows
+    shortcut: list["RowInfo"] = field(default_factory=list)  # a block's shortcut rows, where its shapes need them
+
+    def walk(self):
+        """This row, then every row inside it (a block's rows and shortcut, nested blocks too)."""
+        yield self
+        for inner in self.layers + self.shortcut:
+            yield from inner.walk()
 
 
 @dataclass
@@ -41,6 +52,11 @@ class NetworkInfo:
         a cross-entropy of it is then computed from those logits, which never saturate."""
         last = self.rows[-1].row if self.rows else {}
         return last.get("op") == "sigmoid" or (last.get("act") == "sigmoid" and not last.get("dropout"))
+
+    def walk(self):
+        """Every row, a block's own rows after the block's row."""
+        for r in self.rows:
+            yield from r.walk()
 
     @property
     def trainable(self) -> int:
@@ -92,20 +108,41 @@ def infer_network(input_shape: tuple, rows: list[dict], freeze=False, conditions
     `conditions` maps the names of extra inputs (a CGAN's one-hot label) to their shapes; a
     `concat NAME` row joins one to the running tensor."""
     conditions = conditions or {}
-    shape = tuple(input_shape)
+    infos, taps, shape, kind = _infer_rows(rows, tuple(input_shape), conditions, freeze is True)
+    if freeze == "all_but_last":
+        with_params = [r for r in infos if r.params]
+        for r in with_params[:-1]:
+            r.frozen = True
+    for r in infos:  # a frozen block freezes every row inside it
+        for inner in r.walk():
+            inner.frozen = inner.frozen or r.frozen
+    return NetworkInfo(tuple(input_shape), infos, shape, kind, taps, dict(conditions))
+
+
+def _infer_rows(rows: list[dict], shape: tuple, conditions: dict | None, frozen: bool) -> tuple[list[RowInfo], dict, tuple, str]:
+    """A table's (or a block's) rows from an input shape: (row infos, taps, output shape, kind)."""
     infos: list[RowInfo] = []
     taps: dict[str, int] = {}
+    named = {r["name"]: i for i, r in enumerate(rows) if r.get("name")}
     kind = "tensor"
     for i, row in enumerate(rows):
         if kind == "dist":
             raise ShapeError(i, "rows after a gaussian head: the head must be the last row")
-        if row["op"] == "concat":
-            out, params = concat_shape(i, shape, row["input"], conditions), 0
+        source, layers, shortcut = None, [], []
+        if row["op"] in ("add", "concat"):
+            source = _skip_source(i, row, taps, named, conditions)
+        if row["op"] == "add":
+            out, params = _add_shape(i, shape, row["input"], infos[source].out_shape), 0
+        elif row["op"] == "concat":
+            extra = conditions[row["input"]] if source is None else infos[source].out_shape
+            out, params = concat_shape(i, shape, row["input"], extra, "condition" if source is None else "tap"), 0
+        elif row["op"] == "block":
+            out, params, layers, shortcut = _block_shape(i, row, shape)
         else:
             out, params = _row_shape(i, row, shape)
         if row.get("norm"):
             params += _norm_params(row["norm"], out, i)
-        infos.append(RowInfo(i, row, shape, out, params, bool(row.get("frozen")) or freeze is True))
+        infos.append(RowInfo(i, row, shape, out, params, bool(row.get("frozen")) or frozen, source, layers, shortcut))
         if row["op"] == "gaussian":
             kind = "dist"
         if row.get("name"):
@@ -113,28 +150,85 @@ def infer_network(input_shape: tuple, rows: list[dict], freeze=False, conditions
                 raise ShapeError(i, f"tap name {row['name']!r} used twice")
             taps[row["name"]] = i
         shape = out
-    if freeze == "all_but_last":
-        with_params = [r for r in infos if r.params]
-        for r in with_params[:-1]:
-            r.frozen = True
-    return NetworkInfo(tuple(input_shape), infos, shape, kind, taps, dict(conditions))
+    return infos, taps, shape, kind
 
 
-def concat_shape(i: int, shape: tuple, name: str, conditions: dict) -> tuple:
-    """A flat condition joins a flat tensor end to end, or an image as constant feature maps
-    (one channel per value, as conditional GANs feed labels to a convolutional discriminator);
-    an image condition of the same height and width joins along the channels."""
-    if name not in conditions:
-        known = ", ".join(conditions) if conditions else "none declared (add `condition: {NAME: SHAPE}`)"
-        raise ShapeError(i, f"concat {name}: not a condition input of this network; its conditions: {known}")
-    extra = tuple(conditions[name])
+def _skip_source(i: int, row: dict, taps: dict, named: dict, conditions: dict | None) -> int | None:
+    """The earlier row an add (or a concat of a tap) reads; None for a concat of a condition input."""
+    name, op = row["input"], row["op"]
+    if op == "concat" and conditions and name in conditions:
+        if name in taps:
+            raise ShapeError(i, f"concat {name}: both a condition input and the tap of row {taps[name]}; rename one")
+        return None
+    if name in taps:
+        return taps[name]
+    if named.get(name) == i:
+        raise ShapeError(i, f"{op} {name}: {name!r} is this row's own tap; a skip reads the output of an earlier row")
+    if name in named:
+        raise ShapeError(i, f"{op} {name}: row {named[name]} (as {name}) comes after this one; "
+                            f"a skip reads the output of an earlier row")
+    earlier = f"; taps of earlier rows: {', '.join(taps)}" if taps else ""
+    if op == "add":
+        raise ShapeError(i, f"add {name}: no earlier row is tapped {name!r} (write '... as {name}' on the row whose "
+                            f"output it adds){earlier}")
+    if conditions is None:  # inside a block: its own rows' taps only
+        raise ShapeError(i, f"concat {name}: no earlier row of the block is tapped {name!r}{earlier}")
+    known = ", ".join(conditions) if conditions else "none declared (add `condition: {NAME: SHAPE}`)"
+    raise ShapeError(i, f"concat {name}: not a condition input of this network; its conditions: {known}"
+                        + (f"; nor the tap of an earlier row ({', '.join(taps)})" if taps else ""))
+
+
+def _add_shape(i: int, shape: tuple, name: str, earlier: tuple) -> tuple:
+    if tuple(earlier) != tuple(shape):
+        raise ShapeError(i, f"add {name}: cannot add the {fmt(earlier)} output of row {name!r} to a {fmt(shape)} tensor; "
+                            "an add needs the two shapes equal")
+    return shape
+
+
+def _block_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int, list, list]:
+    """A block row: (output shape, parameters, its rows' infos, its shortcut's infos)."""
+    name = f"block {row['block']}"
+    layers, out = _inside(i, row, "layers", shape)
+    shortcut: list[RowInfo] = []
+    if row.get("skip") == "add" and out != shape:
+        if not row.get("shortcut"):
+            raise ShapeError(i, f"{name}: its rows turn the {fmt(shape)} input into {fmt(out)}, so `skip: add` cannot add "
+                                f"the input itself; give the block a shortcut, rows that bring its input to {fmt(out)} "
+                                "(e.g. shortcut: [conv {ch} 1x1])")
+        shortcut, short_out = _inside(i, row, "shortcut", shape)
+        if short_out != out:
+            raise ShapeError(i, f"{name}: its shortcut turns the {fmt(shape)} input into {fmt(short_out)} but its rows give "
+                                f"{fmt(out)}; `skip: add` needs the two equal")
+    elif row.get("skip") == "concat":
+        if not (len(shape) == len(out) == 1 or (len(shape) == len(out) == 3 and shape[1:] == out[1:])):
+            raise ShapeError(i, f"{name}: `skip: concat` joins the {fmt(shape)} input and the rows' {fmt(out)} output "
+                                "along the channels, which needs both flat or both of the same height and width")
+        out = (shape[0] + out[0], *out[1:])
+    return out, sum(r.params for r in layers + shortcut), layers, shortcut
+
+
+def _inside(i: int, row: dict, key: str, shape: tuple) -> tuple[list[RowInfo], tuple]:
+    """Shape inference of a block's rows (or shortcut), its errors located at the block's row."""
+    try:
+        infos, _, out, _ = _infer_rows(row[key], shape, None, False)  # no condition inputs inside a block
+    except ShapeError as exc:
+        inner = row[key][exc.index]
+        raise ShapeError(i, f"in block {row['block']}, {key}[{exc.index}] '{format_row(inner)}': {exc}") from None
+    return infos, out
+
+
+def concat_shape(i: int, shape: tuple, name: str, extra: tuple, what: str = "condition") -> tuple:
+    """A flat condition (or tap) joins a flat tensor end to end, or an image as constant feature
+    maps (one channel per value, as conditional GANs feed labels to a convolutional discriminator);
+    an image of the same height and width joins along the channels."""
+    extra = tuple(extra)
     if len(shape) == 1 and len(extra) == 1:
         return (shape[0] + extra[0],)
     if len(shape) == 3 and len(extra) == 1:
         return (shape[0] + extra[0], shape[1], shape[2])
     if len(shape) == 3 and len(extra) == 3 and extra[1:] == shape[1:]:
         return (shape[0] + extra[0], shape[1], shape[2])
-    raise ShapeError(i, f"concat {name}: cannot join a {fmt(extra)} condition to a {fmt(shape)} tensor")
+    raise ShapeError(i, f"concat {name}: cannot join a {fmt(extra)} {what} to a {fmt(shape)} tensor")
 
 def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
     op = row["op"]

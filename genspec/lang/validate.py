@@ -17,8 +17,9 @@ from pathlib import Path
 from genspec.lang import expr as E
 from genspec.errors import Collector, SpecError, suggest
 from genspec.lang.loader import Document
+from genspec.lang.blocks import UnsoundBlock, expand, read_blocks, spectrally_normalised
 from genspec.lang.registry import (DATASET_CLASSES, DATASET_SIZES, FILE_DATASETS, DATASET_SHAPES, INITS, OPTIMIZERS,
-                                   PRIOR_KWARGS, PRIORS, SPECTRAL_NORM_OPS)
+                                   PRIOR_KWARGS, PRIORS)
 from genspec.lang.rows import RowError, parse_row
 from genspec.lang.shapes import ShapeError, infer_network
 from genspec.lang.spec import Latent, Network, Objective, Phase, Spec, State
@@ -267,9 +268,10 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
     data = {**DATA_DEFAULTS, **raw["data"]}
     data_shape, num_classes = _data_shape(data, problems)
     latents = {name: _latent(name, entry, params, problems) for name, entry in raw.get("latent", {}).items()}
+    blocks = read_blocks(raw.get("blocks"), problems)
     networks = {}
     for name, entry in raw["networks"].items():
-        net = _network(name, entry, data_shape, latents, params, problems, num_classes)
+        net = _network(name, entry, data_shape, latents, params, problems, num_classes, blocks)
         if net is not None:
             networks[name] = net
     graph = _expressions("graph", raw.get("graph", {}), problems)
@@ -357,7 +359,7 @@ def step_memory(raw: dict, train: dict, networks: dict) -> dict:
     per_network = {}
     for name, net in networks.items():
         params = net.info.trainable + net.info.frozen
-        values = sum(math.prod(row.out_shape) for row in net.info.rows if row.out_shape)
+        values = sum(math.prod(row.out_shape) for row in net.info.walk() if row.out_shape)
         calls = max(1, len(re.findall(rf"\b{re.escape(name)}\s*[(.]", text)))
         per_network[name] = {"params": params, "weights": 16 * params, "activations": 2 * 4 * values * batch * calls}
     return per_network
@@ -391,7 +393,7 @@ def _check_batch_norm_has_two(train: dict, networks: dict, problems: Collector) 
 
 def batch_norm_network(networks: dict) -> str | None:
     """The first network with a batch-norm row, if any."""
-    return next((name for name, net in networks.items() if any(r.row.get("norm") == "bn" for r in net.info.rows)),
+    return next((name for name, net in networks.items() if any("bn" in (r.row.get("norm"), r.row["op"]) for r in net.info.walk())),
                 None)
 
 
@@ -550,14 +552,17 @@ def _call_of(path: tuple, text: str, table: dict, params: dict, problems: Collec
     return name, args, {**allowed, **kwargs}
 
 
-def _network(name, entry, data_shape, latents, params, problems, num_classes=None) -> Network | None:
+def _network(name, entry, data_shape, latents, params, problems, num_classes=None, blocks=None) -> Network | None:
     path = ("networks", name)
     input_shape = _input_shape(entry["input"], data_shape, latents, path, problems)
     conditions = _conditions(entry.get("condition", {}), latents, num_classes, path, problems)
     rows, ok = [], True
     for i, row in enumerate(entry["layers"]):
         try:
-            rows.append(parse_row(row))
+            parsed = parse_row(row)
+            rows.append(expand(parsed, blocks or {}) if parsed["op"] == "block" else parsed)
+        except UnsoundBlock:  # its definition's problems are reported where it is defined
+            ok = False
         except RowError as exc:
             problems.add(path + ("layers", i), str(exc))
             ok = False
@@ -566,7 +571,7 @@ def _network(name, entry, data_shape, latents, params, problems, num_classes=Non
         problems.add(path + ("init",), f"normal(mean, std): std must be positive, got {init_args[1]}")
         init = None
     if entry.get("spectral_norm"):  # the network's flag is the rows' flag, so `genspec show` lists it per row
-        rows = [{**r, "sn": True} if r["op"] in SPECTRAL_NORM_OPS else r for r in rows]
+        rows = [spectrally_normalised(r) for r in rows]
     if not ok or input_shape is None:
         return None
     if conditions is None:

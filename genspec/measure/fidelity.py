@@ -142,8 +142,9 @@ def classifier_extractor(run_dir: str, network: str | None = None):
             x = adapt_images(x, input_shape, value_range)
             outputs = {}
             h = x
-            for i, row in enumerate(self.net.rows):
-                h = row(h)
+            kept: dict = {}  # the outputs that skip rows read
+            for i in range(len(self.net.rows)):
+                h = self.net.rows.step(i, h, kept)
                 if i == feature_row:
                     outputs["features"] = h.flatten(1).float()
             # the classifier ends in log-softmax (or logits): both give softmax(logits) as torch-fidelity's IS needs

@@ -132,10 +132,17 @@ def _changed_row(na, nb, i: int, j: int) -> dict:
     cells = sorted(k for k in set(ra) | set(rb) if ra.get(k) != rb.get(k) and k != "frozen")
     if na.info.rows[i].frozen != nb.info.rows[j].frozen and "frozen" not in cells:
         cells.append("frozen")
-    values = {c: [ra.get(c), rb.get(c)] for c in cells}
+    values = {c: [_cell(ra.get(c)), _cell(rb.get(c))] for c in cells}
     if "frozen" in values:  # a network-level freeze is not in the row: read the row's effective state
         values["frozen"] = [na.info.rows[i].frozen, nb.info.rows[j].frozen]
     return {"op": "changed", "a": format_row(ra), "b": format_row(rb), "index_a": i, "index_b": j, "cells": values}
+
+
+def _cell(value):
+    """A cell's value as the diff shows it: a block's rows (layers, shortcut) as compact rows."""
+    if isinstance(value, list) and value and all(isinstance(r, dict) and "op" in r for r in value):
+        return [format_row(r) for r in value]
+    return value
 
 
 def _row_key(info) -> str:

@@ -18,10 +18,30 @@ from genspec.train.trace import plot_trace
 
 
 def network_rows(spec: Spec, name: str) -> list[dict]:
-    net = spec.networks[name]
-    return [{"index": r.index, "row": format_row(r.row), "canonical": r.row, "output": list(r.out_shape),
+    return [_row_entry(r) for r in spec.networks[name].info.rows]
+
+
+def _row_entry(r) -> dict:
+    """A row as show --json gives it; a block row also lists its own rows (and its shortcut's)."""
+    entry = {"index": r.index, "row": format_row(r.row), "canonical": r.row, "output": list(r.out_shape),
              "params": r.params, "trainable": 0 if r.frozen else r.params, "frozen": r.params if r.frozen else 0}
-            for r in net.info.rows]
+    if r.row["op"] == "block":
+        entry.update(skip=r.row.get("skip"), layers=[_row_entry(inner) for inner in r.layers],
+                     shortcut=[_row_entry(inner) for inner in r.shortcut])
+    return entry
+
+
+def _table_body(rows: list[dict], number: str = "", indent: str = "", tag: str = "") -> list[list[str]]:
+    """Table lines of rows; a block's rows follow it, numbered 2.0, 2.1, ... (its shortcut's 2.s0, ...) and indented."""
+    body = []
+    for r in rows:
+        label = f"{number}{r['index']}"
+        text = indent + tag + r["row"] + (f"  (skip {r['skip']})" if r.get("skip") else "")
+        body.append([label, text, fmt(r["output"]), f"{r['trainable']:,}", f"{r['frozen']:,}"])
+        if "layers" in r:
+            body += _table_body(r["layers"], label + ".", indent + "  ")
+            body += _table_body(r["shortcut"], label + ".s", indent + "  ", "shortcut: ")
+    return body
 
 
 def show_json(spec: Spec) -> dict:
@@ -45,7 +65,7 @@ def layer_tables(spec: Spec, markdown: bool = False) -> str:
     for name, net in spec.networks.items():
         rows = network_rows(spec, name)
         header = ["#", "layer", "output", "trainable", "frozen"]
-        body = [[str(r["index"]), r["row"], fmt(r["output"]), f"{r['trainable']:,}", f"{r['frozen']:,}"] for r in rows]
+        body = _table_body(rows)
         body.append(["", "total", fmt(net.info.output), f"{net.info.trainable:,}", f"{net.info.frozen:,}"])
         title = f"{name}  (input {fmt(net.input)}, init {net.init_text})"
         blocks.append(_table(title, header, body, markdown, numeric={0, 3, 4}, total=True))
