@@ -13,6 +13,7 @@ import math
 import torch
 from torch import nn
 
+from genspec.lang import plugins
 from genspec.lang.spec import Latent
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -123,6 +124,8 @@ class CategoricalPrior(nn.Module):
 
 
 def build_prior(latent: Latent) -> nn.Module:
+    if latent.prior in plugins.PRIORS:
+        return plugins.PRIORS[latent.prior].build(latent)
     if latent.prior == "categorical":
         return CategoricalPrior(latent.shape)
     if latent.prior == "uniform":
