@@ -48,7 +48,9 @@ def isolated():
         try:
             yield
         finally:
-            HOOKS.clear()
+            for name in [n for n in HOOKS if n not in hooks]:
+                if not HOOKS[name].cls.__module__.startswith("genspec."):  # genspec's own, imported late, stay
+                    del HOOKS[name]
             HOOKS.update(hooks)
 
 

@@ -358,7 +358,8 @@ def _keys_of(row: dict) -> set:
 def _check_mapping(row: dict) -> dict:
     """Light checks of a mapping row; the JSON Schema checks types, shapes.py the sizes."""
     layer = plugins.LAYERS.get(row.get("op")) if isinstance(row.get("op"), str) else None
-    unknown = [k for k in row if k not in ROW_KEYS and not (layer and k in layer.options)]
+    options = {k for plugin in plugins.LAYERS.values() for k in plugin.options}  # those of other ops: "does not apply"
+    unknown = [k for k in row if k not in ROW_KEYS and k not in options]
     if unknown:
         raise RowError(f"unknown key {unknown[0]!r} in a layer row; known: {', '.join(ROW_KEYS)}")
     if row.get("op") not in LAYER_OPS and layer is None:
