@@ -61,7 +61,7 @@ class PluginLayer:
     shape: Callable  # (row, in_shape) -> out_shape; raises ValueError for an input it does not fit
     build: Callable  # (row, in_shape, out_shape) -> nn.Module
     options: dict  # option -> default value, or a type (int, float, bool, str) for an option without one
-    params: Callable | None  # (row, in_shape, out_shape) -> trainable parameters; None: none
+    params: Callable | None  # (row, in_shape, out_shape) -> how many parameters it has; None: none
     doc: str
     module: str
 
@@ -155,7 +155,7 @@ def register_layer(name: str, *, shape: Callable, build: Callable, options: dict
     build(row, in_shape, out_shape)     -> the nn.Module (shapes without the batch dimension)
     options                             {option: default}, or {option: int|float|bool|str} for one
                                         the row must give
-    params(row, in_shape, out_shape)    -> its trainable parameters (torch-free: `genspec show`
+    params(row, in_shape, out_shape)    -> how many parameters it has (torch-free: `genspec show`
                                         counts them); the compiler checks the built module agrees
     """
     module = _caller_module()
