@@ -13,6 +13,16 @@ def fidelity_cache(tmp_path_factory):
         yield folder
 
 
+@pytest.fixture(autouse=True)
+def plugin_registrations():
+    """What a test's plugins register (a spec's `plugins:`, a hook) is undone after it, so that no
+    plugin's names leak into the next test's vocabulary."""
+    from genspec.plugins import isolated
+
+    with isolated():
+        yield
+
+
 # Property tests draw the same examples on every run (the suite is deterministic), and keep no
 # example database in the checkout.
 from hypothesis import settings as _hypothesis_settings  # noqa: E402

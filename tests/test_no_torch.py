@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -51,3 +52,21 @@ def test_graph_png_does_not_import_torch(tmp_path):
                             text=True, timeout=60)
     assert result.stdout.splitlines()[-2:] == ["RC 0", "HEAVY []"], result.stdout + result.stderr
     assert out.read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_spec_without_plugins_stays_torch_free_with_a_plugin_installed(tmp_path):
+    """Installed plugins (`genspec.plugins` entry points) load only for a spec that names them: a
+    spec without `plugins:` validates without importing them, nor the torch they import."""
+    (tmp_path / "heavy_plugin.py").write_text("import torch\n")
+    info = tmp_path / "heavy_plugin-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: heavy-plugin\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[genspec.plugins]\nheavy = heavy_plugin\n")
+    probe = PROBE.format(argv=["validate", "specs/quickstart.yaml"]) + (
+        "print('PLUGIN', 'heavy_plugin' in sys.modules)\n"
+        "from importlib.metadata import entry_points\n"
+        "print('INSTALLED', [e.name for e in entry_points(group='genspec.plugins')])\n")  # it is there to be loaded
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, "-c", probe], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert result.stdout.splitlines()[-4:] == ["RC 0", "HEAVY []", "PLUGIN False", "INSTALLED ['heavy']"], \
+        result.stdout + result.stderr

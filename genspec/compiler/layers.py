@@ -10,6 +10,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from genspec.errors import RunError
+from genspec.lang import plugins
 from genspec.lang.shapes import RowInfo, conv_padding, deconv_padding
 from genspec.lang.spec import Network
 
@@ -328,6 +330,8 @@ def build_row(row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
         return Concat(_post(row, out_shape))
     elif op == "add":
         return Add(_post(row, out_shape))
+    elif op in plugins.LAYERS:
+        main = _plugin_row(plugins.LAYERS[op], row, in_shape, out_shape)
     else:
         main = _activation(op, row.get("slope", 0.01))
     post = _post(row, out_shape)
@@ -339,6 +343,19 @@ def build_info(info: RowInfo) -> nn.Module:
     if info.row["op"] == "block":
         return Block(info)
     return build_row(info.row, info.in_shape, info.out_shape)
+
+
+def _plugin_row(layer, row: dict, in_shape: tuple, out_shape: tuple) -> nn.Module:
+    """A plugin layer's module, held to what validation counted: `genspec show`, the frozen and
+    trainable checks and the memory estimate read the plugin's params(), never the module."""
+    module = layer.build(row, tuple(in_shape), tuple(out_shape))
+    if not isinstance(module, nn.Module):
+        raise RunError(f"plugin layer {layer.name!r} ({layer.module}): build gave {type(module).__name__}, not an nn.Module")
+    built, counted = sum(p.numel() for p in module.parameters()), layer.count(row, tuple(in_shape), tuple(out_shape))
+    if built != counted:
+        raise RunError(f"plugin layer {layer.name!r} ({layer.module}): the module it builds has {built:,} parameters, "
+                       f"but its params() counts {counted:,}")
+    return module
 
 
 def _conv(row: dict, in_shape: tuple, channels: int, bias: bool) -> nn.Module:

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from genspec.lang import expr as E
+from genspec.lang import plugins
 from genspec.errors import RunError
 from genspec.graph.dependencies import plan, step_extras, value_of
 from genspec.compiler.cuda_graphs import StepGraphs
@@ -132,7 +133,7 @@ class Compiler:
             return lambda env: gradient_penalty(critic, real(env), fake(env), env.functional)
         if node.func == "bce":
             return self._bce(*[self._compile(a, kind) for a in node.args])
-        fn = TENSOR_OPS[node.func]
+        fn = TENSOR_OPS[node.func] if node.func in TENSOR_OPS else plugins.OPS[node.func].fn
         args = [self._compile(a, kind) for a in node.args]
         if len(args) == 1:
             a0 = args[0]

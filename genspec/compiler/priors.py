@@ -14,6 +14,7 @@ import math
 import torch
 from torch import nn
 
+from genspec.lang import plugins
 from genspec.lang.spec import Latent
 
 _LOG_2PI = math.log(2 * math.pi)
@@ -159,6 +160,8 @@ class CodebookPrior(nn.Module):
 def build_prior(latent: Latent) -> nn.Module:
     if latent.prior == "codebook":
         return CodebookPrior(latent.shape, int(latent.prior_args[0]))
+    if latent.prior in plugins.PRIORS:
+        return plugins.PRIORS[latent.prior].build(latent)
     if latent.prior == "categorical":
         return CategoricalPrior(latent.shape)
     if latent.prior == "uniform":

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import networkx as nx
 
 from genspec.lang import expr as E
+from genspec.lang import plugins
 from genspec.errors import Collector, suggest
 from genspec.graph.grids import grid_problems
 from genspec.lang.registry import ACTIVATIONS, EXPRESSION_OPS
@@ -347,6 +348,10 @@ class _Infer:
             self.same_shape(node.func, values[0], values[1])
         if node.func == "l2dist":
             self.same_shape(node.func, values[0], values[1])
+        if node.func in plugins.OPS and plugins.OPS[node.func].same_shape:
+            tensors = [v for v in values if v.kind == "tensor"]
+            for other in tensors[1:]:
+                self.same_shape(node.func, tensors[0], other)
         if node.func == "bce":
             self.bce_ranges(node, values[0])
         if node.func == "bce_logits":  # any logit is fine; the target still has to be a probability
@@ -684,8 +689,9 @@ class _Infer:
         shape = self.spec.latents[latent].shape
         if q.shape != shape:
             self.fail(f"kl: the posterior has shape {fmt(q.shape)} but latent {latent!r} has {fmt(shape)}")
-        if self.spec.latents[latent].prior not in ("normal", "realnvp"):
-            self.fail(f"kl: needs a normal or realnvp prior; latent {latent!r} is {self.spec.latents[latent].prior}")
+        prior = self.spec.latents[latent].prior
+        if prior not in ("normal", "realnvp") and prior not in plugins.PRIORS:  # a plugin's: Monte Carlo, by its log_prob
+            self.fail(f"kl: needs a normal or realnvp prior; latent {latent!r} is {prior}")
 
 
 UNBOUNDED = (-math.inf, math.inf)

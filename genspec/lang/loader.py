@@ -244,3 +244,16 @@ def _scalar(node: yaml.ScalarNode, path: tuple, file: str):
         # timestamps, binary and the like have no meaning in a spec: keep the text
         return str(node.value)
     return value
+
+
+def project_root(spec_file: str) -> Path | None:
+    """The project a spec belongs to: the nearest folder at or above the spec's own that holds a
+    specs/ folder or a pyproject.toml (a run folder's spec.resolved.yaml finds the project the
+    run was made in). None for a spec that is not a file."""
+    path = Path(spec_file)
+    if not path.is_file():
+        return None
+    for folder in path.resolve().parents:
+        if (folder / "specs").is_dir() or (folder / "pyproject.toml").is_file():
+            return folder
+    return path.resolve().parent

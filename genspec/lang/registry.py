@@ -1,7 +1,8 @@
 """The closed vocabulary of the spec language, as plain data (importable without torch).
 
 The JSON Schema's enums are tested against these tables, so the two never drift, and a
-spec can only name what is listed here: it can never import or run arbitrary code.
+spec can only name what is listed here, or what a plugin it names in `plugins:` registers
+(genspec/lang/plugins.py): plugins are the only way Python code enters a spec.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 FORMAT_VERSION = 1
 
 TOP_LEVEL_KEYS = (
-    "genspec", "name", "source", "extends", "params", "data", "latent", "networks",
+    "genspec", "name", "source", "extends", "plugins", "params", "data", "latent", "networks",
     "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study", "labels", "state",
     "blocks",
 )

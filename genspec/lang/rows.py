@@ -21,6 +21,7 @@ import math
 import re
 
 from genspec.errors import suggest
+from genspec.lang import plugins
 from genspec.lang.registry import ACTIVATIONS, LAYER_OPS, NORMS, ROW_KEYS, SPECTRAL_NORM_OPS, UPSAMPLE_MODES
 
 
@@ -101,8 +102,11 @@ def parse_row(row) -> dict:
 
 def _parse_main(words: list[str]) -> dict:
     op, args = words[0], words[1:]
-    if op not in LAYER_OPS:
-        raise RowError(f"unknown layer {op!r}" + (suggest(op, LAYER_OPS) or f"; known: {', '.join(LAYER_OPS)}"))
+    if op not in LAYER_OPS and op not in plugins.LAYERS:
+        known = plugins.layer_ops()
+        raise RowError(f"unknown layer {op!r}" + (suggest(op, known) or f"; known: {', '.join(known)}"))
+    if op in plugins.LAYERS:
+        return _parse_plugin(plugins.LAYERS[op], args)
     if op in ("conv", "deconv"):
         return _parse_conv(op, args)
     if op == "gaussian" and len(args) >= 2 and _DIMS.match(args[1]) and _INT.match(args[0]):
@@ -144,6 +148,65 @@ def _parse_main(words: list[str]) -> dict:
     if args:
         raise RowError(f"{op} takes no arguments, got {' '.join(args)!r}")
     return {"op": op}
+
+
+_PLUGIN_OPTION = re.compile(r"^([a-z_][a-z0-9_]*)=(\S+)$")
+
+
+def _parse_plugin(layer, words: list[str]) -> dict:
+    """A plugin's row: its options as values in the order it declares them, or as KEY=VALUE."""
+    names, row, position = list(layer.options), {"op": layer.name}, 0
+    for word in words:
+        match = _PLUGIN_OPTION.match(word)
+        if match:
+            key, text = match.groups()
+            if key not in layer.options:
+                raise RowError(f"{layer.name} has no option {key!r}; {_plugin_usage(layer)}")
+        elif position < len(names):
+            key, text = names[position], word
+            position += 1
+        else:
+            raise RowError(f"unexpected {word!r}: {_plugin_usage(layer)}")
+        if key in row:
+            raise RowError(f"{layer.name}: option {key} given twice")
+        row[key] = _option_value(layer, key, text)
+    return _complete_plugin_row(layer, row)
+
+
+def _plugin_usage(layer) -> str:
+    if not layer.options:
+        return f"{layer.name} takes no options"
+    shown = [f"{k}={_option_text(v)}" if not isinstance(v, type) else f"{k} ({v.__name__}, required)"
+             for k, v in layer.options.items()]
+    return f"{layer.name} takes, in this order or as KEY=VALUE: {', '.join(shown)}"
+
+
+def _option_value(layer, key: str, text: str):
+    kind = layer.option_type(key)
+    if kind is bool:
+        return _boolean(text)
+    if kind is int:
+        if not re.match(r"^-?\d{1,9}$", text):
+            raise RowError(f"{layer.name}: {key} is a whole number, got {text!r}")
+        return int(text)
+    if kind is float:
+        if not _FLOAT.match(text):
+            raise RowError(f"{layer.name}: {key} is a number, got {text!r}")
+        return _finite(text)
+    return text
+
+
+def _complete_plugin_row(layer, row: dict) -> dict:
+    missing = [k for k in layer.required() if k not in row]
+    if missing:
+        raise RowError(f"{layer.name} needs {', '.join(missing)}: {_plugin_usage(layer)}")
+    return {**layer.defaults(), **row}
+
+
+def _option_text(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return _num(value) if isinstance(value, float) else str(value)
 
 
 def _parse_conv(op: str, args: list[str]) -> dict:
@@ -327,6 +390,8 @@ _EVERY_ROW_KEYS = {"op", "norm", "act", "dropout", "frozen", "name"}
 
 def _keys_of(row: dict) -> set:
     keys = _EVERY_ROW_KEYS | _OP_KEYS.get(row["op"], set())
+    if row["op"] in plugins.LAYERS:
+        keys |= set(plugins.LAYERS[row["op"]].options)
     if row["op"] == "lrelu" or row.get("act") == "lrelu":
         keys.add("slope")
     return keys
@@ -334,11 +399,13 @@ def _keys_of(row: dict) -> set:
 
 def _check_mapping(row: dict) -> dict:
     """Light checks of a mapping row; the JSON Schema checks types, shapes.py the sizes."""
-    unknown = [k for k in row if k not in ROW_KEYS]
+    layer = plugins.LAYERS.get(row.get("op")) if isinstance(row.get("op"), str) else None
+    options = {k for plugin in plugins.LAYERS.values() for k in plugin.options}  # those of other ops: "does not apply"
+    unknown = [k for k in row if k not in ROW_KEYS and k not in options]
     if unknown:
         raise RowError(f"unknown key {unknown[0]!r} in a layer row; known: {', '.join(ROW_KEYS)}")
-    if row.get("op") not in LAYER_OPS:
-        raise RowError(f"a mapping row needs 'op', one of: {', '.join(LAYER_OPS)}")
+    if row.get("op") not in LAYER_OPS and layer is None:
+        raise RowError(f"a mapping row needs 'op', one of: {', '.join(plugins.layer_ops())}")
     required = {"conv": ("out", "kernel"), "deconv": ("out", "kernel"), "fc": ("out",), "gaussian": ("out",),
                 "maxpool": ("kernel",), "avgpool": ("kernel",), "upsample": ("scale",), "dropout": ("p",), "crop": ("p",),
                 "reshape": ("shape",), "concat": ("input",), "add": ("input",), "block": ("block",)}.get(row["op"], ())
@@ -349,7 +416,7 @@ def _check_mapping(row: dict) -> dict:
     stray = [k for k in row if k not in takes]
     if stray:  # e.g. a stride on an fc row would otherwise be ignored without a word
         raise RowError(f"{stray[0]!r} does not apply to {row['op']} rows; they take {', '.join(sorted(takes - {'op'}))}")
-    out = dict(row)
+    out = _complete_plugin_row(layer, dict(row)) if layer else dict(row)
     if out["op"] == "block":
         if not (isinstance(out["block"], str) and _NAME.match(out["block"])):
             raise RowError(f"block: expected the name of a block of the blocks section, got {out['block']!r}")
@@ -444,6 +511,10 @@ def format_row(row: dict) -> str:
         words.append(row["block"])
         # a float keeps its point (2.0, not 2), so that it parses back as the float it is
         words += [f"{k}={v if isinstance(v, (str, int)) else repr(float(v))}" for k, v in row.get("args", {}).items()]
+    elif op in plugins.LAYERS:  # the options that differ from their defaults
+        layer = plugins.LAYERS[op]
+        words += [f"{k}={_option_text(row[k])}" for k, default in layer.options.items()
+                  if k in row and (isinstance(default, type) or row[k] != default)]
     if row.get("bias") is False:
         words.append("bias=false")
     parts = [" ".join(words)]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from genspec.lang import plugins
 from genspec.lang.rows import format_row
 
 
@@ -232,6 +233,8 @@ def concat_shape(i: int, shape: tuple, name: str, extra: tuple, what: str = "con
 
 def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
     op = row["op"]
+    if op in plugins.LAYERS:
+        return _plugin_row_shape(i, plugins.LAYERS[op], row, shape)
     bias = row.get("bias", True)
     if op in ("conv", "deconv", "maxpool", "avgpool", "upsample", "crop") and len(shape) != 3:
         raise ShapeError(i, f"{op} needs a CxHxW input, got {fmt(shape)}")
@@ -287,6 +290,22 @@ def _row_shape(i: int, row: dict, shape: tuple) -> tuple[tuple, int]:
     return shape, 0  # activations, dropout, identity
 
 
+def _plugin_row_shape(i: int, layer, row: dict, shape: tuple) -> tuple[tuple, int]:
+    """A plugin layer's output shape and parameters, from its own functions; the ValueError it
+    raises for an input it does not fit is this row's problem."""
+    try:
+        out = layer.shape(row, tuple(shape))
+        out = tuple(out) if isinstance(out, (tuple, list)) else out
+        if not (isinstance(out, tuple) and out and all(isinstance(d, int) and not isinstance(d, bool) and d >= 1 for d in out)):
+            raise ShapeError(i, f"{row['op']} (plugin {layer.module}): its shape function gave {out!r}, "
+                                "not a tuple of positive sizes")
+        return out, layer.count(row, tuple(shape), out)
+    except ValueError as exc:
+        if isinstance(exc, ShapeError):
+            raise
+        raise ShapeError(i, f"{row['op']}: {exc}") from None
+
+
 def _norm_params(norm: str, shape: tuple, i: int) -> int:
     if norm in ("bn", "vbn"):
         if len(shape) not in (1, 3):
@@ -301,9 +320,12 @@ def fmt(shape) -> str:
 
 def prior_parameters(latent) -> int:
     """Trainable parameters of a latent's prior (a RealNVP flow: two 3-layer nets per flow; a
-    codebook: its code vectors)."""
+    codebook: its code vectors; a plugin's: what it counts)."""
     if latent.prior == "codebook":
         return int(latent.prior_args[0]) * latent.shape[0] if latent.prior_args and latent.shape else 0
+    if latent.prior in plugins.PRIORS:
+        count = plugins.PRIORS[latent.prior].parameters
+        return int(count(latent)) if count else 0
     if latent.prior != "realnvp":
         return 0
     dim, hidden = math.prod(latent.shape), latent.prior_kwargs.get("hidden", 64)

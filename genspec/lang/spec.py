@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from genspec.lang import plugins
 from genspec.lang.loader import Document
 from genspec.lang.shapes import NetworkInfo
 
@@ -13,14 +14,14 @@ from genspec.lang.shapes import NetworkInfo
 class Latent:
     name: str
     shape: tuple
-    prior: str  # a name in registry.PRIORS
+    prior: str  # a name in registry.PRIORS (built-in or a plugin's)
     prior_args: tuple = ()
     prior_kwargs: dict = field(default_factory=dict)
 
     @property
     def trainable(self) -> bool:
-        """A flow prior and a codebook have parameters, trained by the objective that lists the latent."""
-        return self.prior in ("realnvp", "codebook")
+        """A flow prior, a codebook (or a plugin's trainable prior) has parameters, trained by the objective that lists the latent."""
+        return self.prior in ("realnvp", "codebook") or (self.prior in plugins.PRIORS and plugins.PRIORS[self.prior].trainable)
 
 
 def call_text(name: str, args) -> str:
@@ -98,6 +99,7 @@ class Spec:
     labels: dict = field(default_factory=dict)  # name -> {value, swap, other}
     states: dict = field(default_factory=dict)  # name -> State
     graph_nx: object = None  # the networkx dependency graph, set by pipeline.load_spec
+    plugins: tuple = ()  # the modules of the plugins the spec names, loaded by validate
 
     @property
     def file(self) -> str:

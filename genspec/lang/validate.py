@@ -16,7 +16,8 @@ from pathlib import Path
 
 from genspec.lang import expr as E
 from genspec.errors import Collector, SpecError, suggest
-from genspec.lang.loader import Document
+from genspec.lang import plugins
+from genspec.lang.loader import Document, project_root
 from genspec.lang.blocks import UnsoundBlock, expand, read_blocks, spectrally_normalised
 from genspec.lang.registry import (DATASET_CLASSES, DATASET_SIZES, FILE_DATASETS, DATASET_SHAPES, INITS, OPTIMIZERS,
                                    PRIOR_KWARGS, PRIORS)
@@ -43,17 +44,20 @@ def schema() -> dict:
 def validate(doc: Document) -> Spec:
     """Schema, then cross-field checks. Returns the Spec or raises SpecError with every problem."""
     problems = Collector(doc.where)
+    loaded = plugins.load(doc, problems)  # first: the names they register widen the schema
+    problems.raise_if_any()
     schema_problems(doc, problems)
     problems.raise_if_any()
     spec = build_spec(doc, problems)
     problems.raise_if_any()
+    spec.plugins = loaded
     return spec
 
 
 # ---------------------------------------------------------------- JSON Schema
 
 def schema_problems(doc: Document, problems: Collector) -> None:
-    validator = _validator_class()(schema())
+    validator = _validator_class()(plugins.extend_schema(schema()))
     if not isinstance(doc.data, dict):
         problems.add((), "a spec is a mapping of sections (genspec, name, data, networks, ...)")
         return
@@ -310,19 +314,6 @@ def build_spec(doc: Document, problems: Collector) -> Spec:
                 objectives, train, phases, evaluate, labels, states)
 
 
-def project_root(spec_file: str) -> Path | None:
-    """The project a spec belongs to: the nearest folder at or above the spec's own that holds a
-    specs/ folder or a pyproject.toml (a run folder's spec.resolved.yaml finds the project the
-    run was made in). None for a spec that is not a file."""
-    path = Path(spec_file)
-    if not path.is_file():
-        return None
-    for folder in path.resolve().parents:
-        if (folder / "specs").is_dir() or (folder / "pyproject.toml").is_file():
-            return folder
-    return path.resolve().parent
-
-
 def run_path(path: str, spec_file: str) -> str:
     """A run folder a spec names (a classifier extractor): as written when it exists from here or
     is absolute, else in the spec's project when it is there, so that `genspec run` started in
@@ -509,7 +500,12 @@ def _latent(name: str, entry: dict, params: dict, problems: Collector) -> Latent
                 problems.add(path, f"realnvp: {key} must be a whole number >= 1, got {value:g}")
         if len(shape) and _size(shape) < 2:
             problems.add(path, "a realnvp prior needs a latent of at least 2 dimensions")
-    return Latent(name, shape, prior or "normal", tuple(args), {k: int(v) for k, v in kwargs.items()})
+        kwargs = {k: int(v) for k, v in kwargs.items()}
+    if prior in plugins.PRIORS and plugins.PRIORS[prior].check is not None:
+        refused = plugins.PRIORS[prior].check(tuple(args), dict(kwargs))
+        if refused:
+            problems.add(path, f"{prior}: {refused}")
+    return Latent(name, shape, prior or "normal", tuple(args), dict(kwargs))
 
 
 def _size(shape) -> int:
