@@ -89,6 +89,18 @@ def plain_state(module: nn.Module) -> dict:
     return state
 
 
+def layer_type(module: nn.Module) -> type:
+    """The module's class; for a weight under a parametrization (spectral norm), the layer's own
+    class, which torch subclasses as Parametrized<Layer>."""
+    from torch.nn.utils import parametrize
+
+    kind = type(module)
+    if parametrize.is_parametrized(module) and kind.__bases__[0] in (nn.Linear, nn.Conv2d, nn.ConvTranspose2d) \
+            and set(module.parametrizations) == {"weight"}:
+        return kind.__bases__[0]
+    return kind
+
+
 class NetworkWriter:
     """Writes one network as an nn.Module class: `__init__` lines, `forward` lines and its weights."""
 
@@ -131,7 +143,7 @@ class NetworkWriter:
     # ------------------------------------------------------------------ module types
 
     def write(self, m: nn.Module, in_shape: tuple) -> None:
-        kind = type(m)
+        kind = layer_type(m)
         if kind is nn.Sequential:
             for child in m:
                 self.write(child, in_shape)
@@ -196,13 +208,13 @@ class NetworkWriter:
             args.append(f"output_padding={pair(m.output_padding)}")
         if m.bias is None:
             args.append("bias=False")
-        return f"nn.{type(m).__name__}({', '.join(args)})"
+        return f"nn.{layer_type(m).__name__}({', '.join(args)})"
 
     @staticmethod
     def sn_note(m: nn.Module) -> str:
         from torch.nn.utils import parametrize
 
-        return "spectrally normalised in training: its weight here is the normalised one" if parametrize.is_parametrized(m) else ""
+        return "spectral norm: the weight as normalised in eval mode" if parametrize.is_parametrized(m) else ""
 
     def concat(self, row_info) -> None:
         condition = self.conditions[list(self.net.conditions).index(row_info.row["input"])]
@@ -224,7 +236,7 @@ class NetworkWriter:
             reshape = f".reshape(-1, {dims(m.out_shape)})" if len(m.out_shape) > 1 else ""
         else:  # a conv (after a padding, for an even kernel's 'same')
             for part in (m.conv if type(m.conv) is nn.Sequential else [m.conv]):
-                if type(part) is nn.Conv2d:
+                if layer_type(part) is nn.Conv2d:
                     self.step(f"self.{self.layer('gaussian', self.conv(part), part, self.sn_note(part))}({{h}})")
                 else:
                     self.write(part, row_info.in_shape)

@@ -21,14 +21,14 @@ from genspec.train.folder import atomic_write, metrics_text
 
 def run_tensors(run: FinishedRun) -> dict:
     """The run's tensors under their export keys: `network.param` and `prior.<latent>.param`."""
+    if PRIOR_PREFIX.rstrip(".") in run.networks:
+        raise RunError(f"cannot export: a network named {PRIOR_PREFIX.rstrip('.')!r} would share its keys with the "
+                       "latent priors' state; rename the network")
     tensors = {}
     parts = [(f"{name}.", module) for name, module in run.networks.items()]
     parts += [(f"{PRIOR_PREFIX}{name}.", prior) for name, prior in run.priors.items()]
     for prefix, module in parts:
         for key, tensor in module.state_dict().items():
-            if prefix + key in tensors:  # a network named `prior` beside a latent's state of the same name
-                raise RunError(f"cannot export: the key {prefix + key} names both a network's tensor and a latent "
-                               "prior's; rename the network")
             # safetensors stores each tensor's own storage: copies, contiguous, on the CPU
             tensors[prefix + key] = tensor.detach().to("cpu").contiguous().clone()
     return tensors
