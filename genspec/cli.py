@@ -213,10 +213,34 @@ def cmd_sample(args) -> int:
             images, nrow = interpolation_images(module, prior, rows, steps, "cpu", conditions), steps
         else:
             images, nrow = sample_images(module, prior, args.n, "cpu", conditions), math.ceil(math.sqrt(args.n))
-    out = args.out or str(Path(args.run_dir) / ("interpolations_new.png" if args.interpolate else "samples_new.png"))
+    folder = Path(args.run_dir) if Path(args.run_dir).is_dir() else Path(args.run_dir).parent  # an exported run's file
+    out = args.out or str(folder / ("interpolations_new.png" if args.interpolate else "samples_new.png"))
     with writing("the samples", out):
         save_image(to_unit(images, run.spec), out, nrow=nrow, padding=2, pad_value=0.5)
     print(f"wrote {len(images)} images from {source[0]}({source[1]}) to {out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from genspec import __version__
+    from genspec.train.finished import load_run
+
+    if args.format == "python" and not args.out:
+        raise RunError("--format python writes a folder: give it with --out DIR")
+    run = load_run(args.run_dir)
+    if args.format == "python":
+        from genspec.report.eject import eject
+
+        written = eject(run, Path(args.out), __version__)
+        what = "networks, weights and sampler" if any(p.name == "sample.py" for p in written) else \
+            "networks and weights (no sample.py: no network maps latent draws alone to the data shape)"
+        print(f"wrote the {what} of {run.spec.name} to {args.out}")
+        return 0
+    from genspec.report.export import default_export_path, export_safetensors
+
+    out = export_safetensors(run, Path(args.out) if args.out else default_export_path(args.run_dir, run.spec.name),
+                             __version__)
+    print(f"wrote {run.spec.name} (epoch {run.epoch}: {', '.join(run.networks)}) to {out}")
     return 0
 
 
@@ -296,7 +320,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--format", choices=("text", "md", "json"), default="text")
     d.set_defaults(func=cmd_diff)
     sm = sub.add_parser("sample", help="draw fresh samples from a finished run, without retraining")
-    sm.add_argument("run_dir")
+    sm.add_argument("run_dir", help="a run folder, or a run exported as FILE.safetensors")
     sm.add_argument("--n", type=int, default=64,
                     help="images to draw; with --interpolate, rounded up to whole rows of evaluate.interpolation_steps")
     sm.add_argument("--out", help="PNG file to write (default RUN_DIR/samples_new.png)")
@@ -304,6 +328,13 @@ def parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0)
     sm.add_argument("--label", type=int, help="a conditional generator's class to draw (e.g. 7: only sevens)")
     sm.set_defaults(func=cmd_sample)
+    ex = sub.add_parser("export", help="a finished run as one safetensors file, or ejected as plain PyTorch source")
+    ex.add_argument("run_dir", help="a run folder (or an exported FILE.safetensors)")
+    ex.add_argument("--format", choices=("safetensors", "python"), default="safetensors",
+                    help="safetensors: every network's weights and buffers, the spec in the metadata (load_run and "
+                         "sample read it); python: a standalone package of nn.Module classes, weights and sample.py")
+    ex.add_argument("--out", help="safetensors: the file (default RUN_DIR/NAME.safetensors); python: the folder (required)")
+    ex.set_defaults(func=cmd_export)
     t = with_set(sub.add_parser("tune", help="Bayesian optimisation of spec params with Ax"))
     t.add_argument("spec")
     t.add_argument("--param", action="append", default=[], help="a param to tune (repeatable)")
