@@ -23,7 +23,8 @@ from PIL import Image
 
 import genspec
 from genspec.errors import RunError
-from genspec.measure.sampling import generator_of, generator_parts, sample_images
+from genspec.graph.grids import generator_of
+from genspec.measure.sampling import generator_parts, sample_images
 from spec_helpers import TINY_CONDITIONAL_GAN, cli_in_process as main
 
 REPO = Path(__file__).resolve().parent.parent

@@ -25,7 +25,7 @@ from torch import nn
 from genspec.compiler import layers as L
 from genspec.errors import RunError
 from genspec.lang.rows import format_row
-from genspec.measure.sampling import generator_of
+from genspec.graph.grids import generator_of
 from genspec.train.finished import PRIOR_PREFIX, FinishedRun
 from genspec.train.folder import atomic_write, atomic_write_text
 
