@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pytest
 
-from genspec.experiments.cluster import (JOBS_FOLDER, LOCAL_TIMEOUT_MIN, Resources, RunOrder, SUBMITIT_CLUSTER,
-                                         TrialOrder, executor_from, submitit_parameters)
+from genspec.experiments.cluster import (JOBS_FOLDER, LOCAL_TIMEOUT_MIN, Resources, SUBMITIT_CLUSTER, executor_from,
+                                         submitit_parameters)
 from genspec.lang.registry import CLUSTER_KEYS
 from spec_helpers import cli_in_process as main, problems_of, tiny_digits_vae
 
@@ -184,7 +184,7 @@ def stop_after_epoch_1(spec, folder: Path) -> None:
 
 
 def test_a_requeued_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
-    from genspec.experiments.jobs import TrainRun
+    from genspec.experiments.jobs import RunOrder, TrainRun
     from genspec.experiments.run import run
     from spec_helpers import check
 
@@ -216,8 +216,8 @@ def test_a_requeued_run_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
 
 
 def test_a_requeued_trial_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
-    from genspec.experiments.jobs import TrainTrial
-    from genspec.experiments.tune import settings_from
+    from genspec.experiments.jobs import TrainTrial, TrialOrder
+    from genspec.experiments.tune import _trial_in_job, settings_from
     from genspec.graph.pipeline import load_spec
 
     text = tiny_digits_vae("preempted", "params: {beta: 1.0}\n").replace("nelbo: rec + kl", "nelbo: rec + beta * kl")
@@ -226,10 +226,11 @@ def test_a_requeued_trial_goes_on_from_its_checkpoint(tmp_path, monkeypatch):
     settings = settings_from(str(spec_path), ["beta"], [(0.5, 4)], 2, 2, "rec", None, None, [])
     out = tmp_path / "tune"
     stop_after_epoch_1(load_spec(spec_path, ["params.beta=2.0"]), out / "trial_000")
-    order = TrialOrder(str(spec_path), settings, 0, {"beta": 2.0}, str(out))
+    order = TrialOrder(_trial_in_job, str(spec_path), settings, 0, {"beta": 2.0}, str(out))
     job = TrainTrial()
     delayed = job.checkpoint(order)
-    assert delayed.function is job and delayed.args[0] == TrialOrder(*list(order.__dict__.values())[:-1], resume=True)
+    assert delayed.function is job
+    assert delayed.args[0] == TrialOrder(_trial_in_job, str(spec_path), settings, 0, {"beta": 2.0}, str(out), resume=True)
     started = spy_on_restore(monkeypatch)
     row = delayed.result()
     assert started == [2] and row["status"] == "completed" and row["trial"] == 0

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import os
 import sys
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from genspec.errors import RunError, plural
@@ -135,7 +135,7 @@ class Slurm:
         """Each entry (label, StudyRun, options) of a study's to-do list as one job; the runs that
         ask for the same resources go as one job array. Waits for every job, then raises a
         RunError naming those that failed (the finished runs stay, and a rerun skips them)."""
-        from genspec.experiments.jobs import TrainRun
+        from genspec.experiments.jobs import RunOrder, TrainRun
 
         if not todo:
             return
@@ -176,25 +176,22 @@ class Slurm:
 
     # ------------------------------------------------------------ tuning
 
-    def submit_trial(self, order: "TrialOrder", out: Path, name: str, section: dict | None):
-        """A trial as a job with the resources of the spec's `cluster:` section under the flags."""
-        from genspec.experiments.jobs import TrainTrial
+    def submit_trial(self, task, spec_path: str, settings, index: int, parameters: dict, out: Path, name: str,
+                     section: dict | None):
+        """Trial `index` of a tuning as a job that calls `task` (the tuning's own trial function,
+        genspec/experiments/tune.py), with the resources of the spec's `cluster:` section under
+        the flags."""
+        from genspec.experiments.jobs import TrainTrial, TrialOrder
 
         resources = self.resources(section)
-        job = self.executor(out, resources, f"genspec-{name}-trial{order.index}").submit(TrainTrial(), order)
-        print(f"tune: trial {order.index} submitted as job {job.job_id} ({resources.describe()})", file=sys.stderr,
+        order = TrialOrder(task, os.path.abspath(spec_path), settings, index, dict(parameters), os.path.abspath(out))
+        job = self.executor(out, resources, f"genspec-{name}-trial{index}").submit(TrainTrial(), order)
+        print(f"tune: trial {index} submitted as job {job.job_id} ({resources.describe()})", file=sys.stderr,
               flush=True)
         return job
 
-    def trial_row(self, job, order: "TrialOrder") -> dict:
-        """A finished trial job's row of trials.csv; a job that ended without one (killed, out of
-        memory) is a failed trial, as a trial whose run stopped is."""
-        result, problem = _outcome(job)
-        if problem is not None:
-            result = {"trial": order.index, **{k: float(v) for k, v in order.parameters.items()},
-                      "folder": f"trial_{order.index:03d}", "status": "failed", "value": float("nan"),
-                      "note": problem[:200]}
-        return result
+    def outcome(self, job) -> tuple[dict | None, str | None]:
+        return _outcome(job)
 
 
 def _outcome(job) -> tuple[dict | None, str | None]:
@@ -217,93 +214,3 @@ def _left_running(running: list) -> str:
     ids = " ".join(job.job_id for _, job in running)
     return (f"interrupted; {plural(len(running), 'submitted job')} go on on the cluster (scancel {ids} stops them); "
             "when they have ended, running the study again skips the finished runs and resumes the others")
-
-
-# ---------------------------------------------------------------- what a job does
-
-@dataclass(frozen=True)
-class RunOrder:
-    """One run of a study, as a job receives it: its spec as a plain document (checked again
-    where the job runs), its folder, how to start it (the study's choice: resume an interrupted
-    run, start afresh), whether that replaces a run already there (--overwrite), and whether the
-    job was requeued after a preemption or timeout."""
-    document: tuple  # (data, locations, file) of genspec.lang.loader.Document
-    folder: str
-    resume: bool
-    overwrite: bool
-    replacing: bool = False
-    requeued: bool = False
-
-    @classmethod
-    def of(cls, item, options: dict) -> "RunOrder":
-        from genspec.experiments.study import run_status
-
-        doc = item.spec.doc
-        folder = Path(os.path.abspath(item.folder))  # the job may start in another directory
-        return cls((doc.data, dict(doc.locations), doc.file), str(folder), options["resume"], options["overwrite"],
-                   replacing=options["overwrite"] and run_status(folder) in ("finished", "interrupted"))
-
-    def requeued_order(self) -> "RunOrder":
-        return replace(self, requeued=True)
-
-
-def train_run(order: RunOrder) -> dict:
-    """Train a study's run in its folder (the body of a TrainRun job): {"folder", "metrics"},
-    or {"folder", "error"} with genspec's one-line message where the run was refused or stopped."""
-    from genspec.errors import SpecError
-    from genspec.experiments.run import run
-    from genspec.graph.pipeline import check
-    from genspec.lang.loader import Document
-
-    folder = Path(order.folder)
-    try:
-        start = _start_of(order, folder)
-        if "metrics" in start:
-            return {"folder": str(folder), "metrics": start["metrics"]}
-        metrics = run(check(Document(*order.document)), out=folder, progress=False, **start)
-    except (RunError, SpecError) as exc:
-        return {"folder": str(folder), "error": str(exc).splitlines()[0]}
-    return {"folder": str(folder), "metrics": metrics}
-
-
-def _start_of(order: RunOrder, folder: Path) -> dict:
-    """How a job starts its run: as the study said; requeued after a preemption, as the folder
-    now stands: a run that finished keeps its metrics, one with a checkpoint goes on from it,
-    any other starts afresh. Under --overwrite, while the old run has not been moved aside yet
-    (or the new one finished and dropped it: the two cannot be told apart), it starts again."""
-    from genspec.experiments.study import run_status
-    from genspec.train.folder import finished_metrics, replaced_path
-
-    if not order.requeued:
-        return {"resume": order.resume, "overwrite": order.overwrite}
-    status = run_status(folder)
-    if order.replacing and not replaced_path(folder).exists() and status in ("finished", "interrupted"):
-        return {"resume": False, "overwrite": True}
-    if status == "finished":
-        return {"metrics": finished_metrics(folder)}
-    if status == "interrupted":
-        return {"resume": True, "overwrite": False}
-    return {"resume": False, "overwrite": True}
-
-
-@dataclass(frozen=True)
-class TrialOrder:
-    """One trial of a tuning, as a job receives it; `resume`: requeued after a preemption."""
-    spec_path: str
-    settings: object  # genspec.experiments.tune.TuneSettings
-    index: int
-    parameters: dict
-    out: str
-    resume: bool = False
-
-    def requeued_order(self) -> "TrialOrder":
-        return replace(self, resume=True)
-
-
-def train_trial(order: TrialOrder) -> dict:
-    """Train a tuning's trial (the body of a TrainTrial job): its row of trials.csv."""
-    from genspec.experiments.run import run
-    from genspec.experiments.tune import run_trial
-
-    return run_trial(order.spec_path, order.settings, order.index, order.parameters, Path(order.out), run,
-                     progress=False, resume=order.resume)

@@ -440,11 +440,10 @@ def _tune_jobs(spec_path, settings: TuneSettings, base, client, out: Path, table
     and Ax is asked for the next trial in its place, as `_tune_parallel` does with processes."""
     from ax.exceptions.core import DataRequiredError
 
-    from genspec.experiments.cluster import StillRunning, TrialOrder
+    from genspec.experiments.cluster import StillRunning
 
     client_file = out / CLIENT_FILE
-    spec_path, folder = os.path.abspath(spec_path), Path(os.path.abspath(out))  # jobs may start elsewhere
-    running: list = []  # (job, order)
+    running: list = []  # (job, trial index, parameters)
     try:
         while len(done) < settings.total:
             wanted = min(slots - len(running), settings.total - len(done) - len(running))
@@ -458,22 +457,35 @@ def _tune_jobs(spec_path, settings: TuneSettings, base, client, out: Path, table
                     _save_client(client, client_file)
             while len(running) < slots and pending and len(done) + len(running) < settings.total:
                 index = min(pending)
-                order = TrialOrder(spec_path, settings, index, dict(pending.pop(index)), str(folder))
-                running.append((executor.submit_trial(order, out, base.name, base.raw.get("cluster")), order))
+                parameters = dict(pending.pop(index))
+                job = executor.submit_trial(_trial_in_job, spec_path, settings, index, parameters, out, base.name,
+                                            base.raw.get("cluster"))
+                running.append((job, index, parameters))
             if not running:
                 raise RunError(f"Ax proposed no new trial after {len(done)} of {settings.total}")
-            job = executor.wait_first([job for job, _ in running])
-            order = next(order for other, order in running if other is job)
-            running = [(other, o) for other, o in running if other is not job]
-            row = executor.trial_row(job, order)
+            job = executor.wait_first([job for job, _, _ in running])
+            _, index, parameters = next(entry for entry in running if entry[0] is job)
+            running = [entry for entry in running if entry[0] is not job]
+            row, problem = executor.outcome(job)
+            if problem is not None:  # the job ended without a row (killed, out of memory): a failed trial
+                row = {**_row_start(index, parameters), "status": "failed", "value": float("nan"), "note": problem[:200]}
             print(outcome_line(settings, row), file=sys.stderr, flush=True)
-            table = _record(client, client_file, out, settings, table, done, order.index, row)
+            table = _record(client, client_file, out, settings, table, done, index, row)
     except KeyboardInterrupt:
         if not running:
             raise
-        ids = " ".join(job.job_id for job, _ in running)
+        ids = " ".join(job.job_id for job, _, _ in running)
         raise StillRunning(f"the jobs of the trials still running go on (scancel {ids} stops them)") from None
     return table
+
+
+def _trial_in_job(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, progress: bool,
+                  resume: bool) -> dict:
+    """A trial in a SLURM job (genspec/experiments/jobs.py), on the job's device; `resume`: the
+    job was requeued after a preemption."""
+    from genspec.experiments.run import run
+
+    return run_trial(spec_path, settings, index, parameters, out, run, progress, resume)
 
 
 def _init_worker(threads: int) -> None:
@@ -532,7 +544,7 @@ def run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, o
                resume: bool = False) -> dict:
     overrides = settings.overrides + [f"params.{k}={v!r}" for k, v in parameters.items()]
     folder = out / f"trial_{index:03d}"
-    row = {"trial": index, **{k: float(v) for k, v in parameters.items()}, "folder": folder.name}
+    row = _row_start(index, parameters)
     print(f"tune: trial {index} " + ", ".join(f"{k}={v:.5g}" for k, v in parameters.items()), file=sys.stderr, flush=True)
     try:
         metrics = _trial_run(load_spec(spec_path, overrides), folder, run, progress, resume)
@@ -553,6 +565,11 @@ def run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, o
 def outcome_line(settings: TuneSettings, row: dict) -> str:
     outcome = f"{settings.metric} = {row['value']:.5g}" if row["status"] == "completed" else row["note"]
     return f"tune: trial {row['trial']} {row['status']}: {outcome}"
+
+
+def _row_start(index: int, parameters: dict) -> dict:
+    """The start of a trial's row of trials.csv: what it tried, where."""
+    return {"trial": index, **{k: float(v) for k, v in parameters.items()}, "folder": f"trial_{index:03d}"}
 
 
 def _trial_run(spec, folder: Path, run, progress: bool, resume: bool) -> dict:
