@@ -359,3 +359,21 @@ def test_no_slurm_here_is_a_clear_message(tmp_path, monkeypatch):
     rc, _, err = main("run", spec, "--out", tmp_path / "out", "--no-progress", "--executor", "slurm")
     assert rc == 1 and "Traceback" not in err
     assert 'Could not detect "srun"' in err and f"{SUBMITIT_CLUSTER}=local" in err
+
+
+def test_a_job_that_ends_without_a_result_says_why_and_where_its_log_is(tmp_path):
+    """A job killed or crashed outside genspec (out of memory, a node failure): submitit's error
+    holds the job's traceback, whose last line says what went wrong."""
+    from genspec.experiments.cluster import _outcome
+
+    class Crashed:
+        job_id = "4242_1"
+        paths = submitit.core.utils.JobPaths(tmp_path / "%j", job_id="4242_1")
+
+        def result(self):
+            raise submitit.core.utils.FailedJobError("Job (task=0) failed\nTraceback ...\nMemoryError: out of memory\n")
+
+    result, problem = _outcome(Crashed())
+    assert result is None
+    assert problem == (f"job 4242_1 ended without a result (MemoryError: out of memory; "
+                       f"log: {tmp_path / '4242_1' / '4242_1_0_log.err'})")

@@ -201,8 +201,9 @@ def _outcome(job) -> tuple[dict | None, str | None]:
     try:
         return job.result(), None
     except UncompletedJobError as exc:
-        last = [line for line in str(exc).splitlines() if line.strip()]
-        return None, f"job {job.job_id} ended without a result ({last[-1][:200] if last else 'no message'}; log: {job.paths.stderr})"
+        lines = [line for line in str(exc).splitlines() if line.strip()]
+        last = lines[-1][:200] if lines else "no message"  # a traceback's last line says what went wrong
+        return None, f"job {job.job_id} ended without a result ({last}; log: {job.paths.stderr})"
 
 
 class StillRunning(KeyboardInterrupt):
