@@ -80,10 +80,22 @@ def cmd_graph(args) -> int:
     return 0
 
 
+def _executor(args):
+    """--executor and its --slurm-* flags: None (train here) or the slurm executor."""
+    from genspec.experiments.cluster import executor_from
+
+    return executor_from(args.executor, args.slurm_partition, args.slurm_time, args.slurm_gpus, args.slurm_cpus,
+                         args.slurm_mem)
+
+
 def cmd_run(args) -> int:
     from genspec.graph.pipeline import is_study, load_runs
 
     runs = load_runs(args.spec, args.set, args.only)  # every spec problem surfaces before anything is written
+    executor = _executor(args)
+    if executor is not None and not is_study(runs):
+        raise RunError("--executor slurm submits the runs of a study (a spec with `sweep` or `repeats`) as jobs; "
+                       "one run is one job: submit `genspec run` itself, e.g. with sbatch --wrap")
     nproc = args.nproc
     if nproc is not None and nproc < 1:
         raise RunError(f"--nproc must be a positive number of processes, got {nproc}")
@@ -100,7 +112,7 @@ def cmd_run(args) -> int:
         if args.resume:
             raise RunError("a study resumes by itself: run it again (finished runs are skipped, interrupted ones resumed)")
         run_study(args.spec, args.set, args.only, args.out, overwrite=args.overwrite, progress=not args.no_progress,
-                  parallel=args.parallel, stack=args.stack)
+                  parallel=args.parallel, stack=args.stack, executor=executor)
         return 0
     if args.parallel != 1 or args.stack:  # --no-stack is what a single run does anyway
         raise RunError("--parallel and --stack train the runs of a study (a spec with `sweep` or `repeats`) together; "
@@ -250,7 +262,7 @@ def cmd_tune(args) -> int:
     settings = settings_from(args.spec, args.param, args.range or [], args.trials, args.initial, args.metric,
                              args.minimize, args.strategy, args.set)
     result = tune(args.spec, settings, out=args.out, resume=args.resume, overwrite=args.overwrite,
-                  progress=not args.no_progress, parallel=args.parallel)
+                  progress=not args.no_progress, parallel=args.parallel, executor=_executor(args))
     best = result["best"]
     if best is None:
         print("tune: no trial completed")
@@ -294,6 +306,18 @@ def parser() -> argparse.ArgumentParser:
     def with_set(cmd):
         cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                          help="override a spec value, e.g. --set train.epochs=2 (repeatable)")
+        return cmd
+
+    def with_executor(cmd, what):
+        cmd.add_argument("--executor", choices=("local", "slurm"), default="local",
+                         help=f"local (default): train here; slurm: each {what} a SLURM job through submitit "
+                              "(pip install -e '.[slurm]'), with job folders in OUT/slurm/")
+        slurm = cmd.add_argument_group("SLURM resources of each job (--executor slurm; over the spec's cluster: section)")
+        slurm.add_argument("--slurm-partition", metavar="NAME")
+        slurm.add_argument("--slurm-time", type=int, metavar="MIN", help="time limit in minutes")
+        slurm.add_argument("--slurm-gpus", type=int, metavar="N")
+        slurm.add_argument("--slurm-cpus", type=int, metavar="N")
+        slurm.add_argument("--slurm-mem", type=float, metavar="GB")
         return cmd
 
     def with_only(cmd):
@@ -350,9 +374,11 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="output folder (default reports/<name>/tune/)")
     t.add_argument("--resume", action="store_true", help="continue a tuning run after a crash or kill")
     t.add_argument("--parallel", default=1, metavar="K",
-                   help="run K trials at once, each in its own worker process (default 1: one after another)")
+                   help="run K trials at once, each in its own worker process or with --executor slurm its own "
+                        "job (default 1: one after another)")
     t.add_argument("--overwrite", action="store_true")
     t.add_argument("--no-progress", action="store_true")
+    with_executor(t, "trial")
     t.set_defaults(func=cmd_tune)
     i = sub.add_parser("is-splits", help="IS of a finished run's samples for several split counts (the n_splits table)")
     i.add_argument("run_dir")
@@ -372,13 +398,15 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", help="output folder (default reports/<name>/)")
     r.add_argument("--resume", action="store_true", help="continue from the last checkpoint in the output folder")
     r.add_argument("--parallel", type=int, default=1, metavar="K",
-                   help="a study: train K of its runs at once, each in its own process (default 1)")
+                   help="a study: train K of its runs at once, each in its own process (default 1); "
+                        "with --executor slurm, at most K jobs of its array at once")
     r.add_argument("--stack", action=argparse.BooleanOptionalAction, default=None,
                    help="a study: train the seeds of each configuration as one stacked model (torch.func); "
                         "default: the spec's study.stack, auto = on CUDA, off on CPU")
     r.add_argument("--nproc", type=int, metavar="N", help="data-parallel training in N processes on this machine (torchrun; gloo on CPU, NCCL on GPUs)")
     r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
+    with_executor(r, "run of a study")
     r.set_defaults(func=cmd_run)
     return p
 

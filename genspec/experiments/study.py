@@ -54,15 +54,20 @@ def plan_study(path: str, overrides: list[str], only: list[str], out: Path | Non
 
 
 def run_study(path: str, overrides: list[str], only: list[str], out: Path | None, overwrite: bool = False,
-              progress: bool = True, parallel: int = 1, stack: bool | None = None) -> dict:
+              progress: bool = True, parallel: int = 1, stack: bool | None = None, executor=None) -> dict:
     """Train every planned run (skipping finished ones, resuming interrupted ones), `parallel` at
     a time in worker processes when asked, the seeds of a configuration as one stacked model where
     `stack_choice` says so (`stack` True / False: --stack / --no-stack; None: the spec's
-    `study.stack`, by default auto), then write the study report."""
+    `study.stack`, by default auto), then write the study report. `executor` None trains here;
+    the slurm executor (genspec/experiments/cluster.py) submits each run as a job of an array,
+    at most `parallel` of them at once when it is more than 1."""
     if parallel < 1:
         raise RunError(f"--parallel must be a positive number of runs at once, got {parallel}")
+    if executor is not None and stack:
+        raise RunError("--stack trains a configuration's seeds in one process; with --executor slurm each run is "
+                       "a job of its own")
     section, planned = plan_study(path, overrides, only, out)
-    statuses = [_status(item.folder) for item in planned]
+    statuses = [run_status(item.folder) for item in planned]
     if not overwrite:
         statuses = _check_kept_runs(planned, statuses)
     todo, skipped = [], 0
@@ -75,9 +80,12 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
         # "started": stopped before its first checkpoint, so nothing in its folder is worth keeping
         todo.append((label + (" (resumed)" if status == "interrupted" else ""), item,
                      {"resume": status == "interrupted" and not overwrite, "overwrite": overwrite or status == "started"}))
-    todo = _stacked_groups(todo, stack, section.get("stack", "auto"))
+    if executor is None:  # a job trains one run: the seeds of a study on a cluster are not stacked
+        todo = _stacked_groups(todo, stack, section.get("stack", "auto"))
     try:
-        if parallel == 1 or len(todo) <= 1:
+        if executor is not None:
+            executor.train_study(todo, section["out"], section["name"], parallel)
+        elif parallel == 1 or len(todo) <= 1:
             for label, what, options in todo:
                 print(f"study: {label}", file=sys.stderr, flush=True)
                 _train_entry(what, options, progress)
@@ -85,7 +93,7 @@ def run_study(path: str, overrides: list[str], only: list[str], out: Path | None
             _train_in_workers(todo, parallel)
     finally:
         _say_replaced(planned)
-    done = sum(1 for item in planned if _status(item.folder) == "finished") - skipped
+    done = sum(1 for item in planned if run_status(item.folder) == "finished") - skipped
     report = write_study_report(section, planned)
     print(f"study: {done} run(s) trained, {skipped} skipped; report in {report}", file=sys.stderr, flush=True)
     return {"runs": len(planned), "trained": done, "skipped": skipped, "report": str(report)}
@@ -267,7 +275,8 @@ def _epochs_done(folder: Path) -> int:
     return json.loads(lines[-1])["epoch"] if lines else 0
 
 
-def _status(folder: Path) -> str:
+def run_status(folder: Path) -> str:
+    """new, started (stopped before its first checkpoint), interrupted (a checkpoint) or finished."""
     from genspec.train.folder import finished_metrics
 
     if finished_metrics(folder) is not None:

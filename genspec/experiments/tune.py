@@ -194,11 +194,12 @@ def _new_client(settings: TuneSettings, name: str, seed: int):
 
 
 def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume: bool = False,
-         overwrite: bool = False, progress: bool = True, parallel: int | str = 1) -> dict:
+         overwrite: bool = False, progress: bool = True, parallel: int | str = 1, executor=None) -> dict:
     """Run the trials; returns {"best": ..., "trials": [...]} and writes the tune report.
 
     `parallel` trials run at once when it is more than 1, each in a spawned worker process (so a
-    script that calls this needs the usual `if __name__ == "__main__":` guard)."""
+    script that calls this needs the usual `if __name__ == "__main__":` guard), or with the slurm
+    `executor` (genspec/experiments/cluster.py) each trial is a job, `parallel` at a time."""
     from genspec.train.guard import folder_lock
 
     parallel = parallel_count(parallel)
@@ -208,14 +209,17 @@ def tune(spec_path: str, settings: TuneSettings, out: Path | None = None, resume
         raise RunError(f"{out} is a file, not a folder; choose another --out")
     with folder_lock(out, "tuning"):  # one tuning at a time in a folder
         try:
-            return _tune(spec_path, settings, base, out, resume, overwrite, progress, parallel)
-        except KeyboardInterrupt:
+            return _tune(spec_path, settings, base, out, resume, overwrite, progress, parallel, executor)
+        except KeyboardInterrupt as exc:
+            from genspec.experiments.cluster import StillRunning
+
+            jobs = f"; {exc}" if isinstance(exc, StillRunning) else ""  # submitted jobs that go on without us
             raise KeyboardInterrupt(f"interrupted; {out} keeps the finished trials, and --resume continues the "
-                                    "tuning (trials that were running are run again)" + _replaced_note(out)) from None
+                                    "tuning (trials that were running are run again)" + jobs + _replaced_note(out)) from None
 
 
 def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, overwrite: bool, progress: bool,
-          parallel: int) -> dict:
+          parallel: int, executor=None) -> dict:
     from genspec.train.folder import atomic_write_text
     from genspec.experiments.run import run
 
@@ -238,7 +242,9 @@ def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, over
     # trials that were running when a previous session died are run again with their parameters
     pending = {i: dict(t.arm.parameters) for i, t in client._experiment.trials.items()
                if t.status.is_running and i not in done}
-    if parallel > 1:
+    if executor is not None:
+        table = _tune_jobs(spec_path, settings, base, client, out, table, done, pending, parallel, executor)
+    elif parallel > 1:
         table = _tune_parallel(spec_path, settings, base.train["device"], client, out, table, done, pending, parallel)
     else:
         while len(done) < settings.total:
@@ -247,7 +253,7 @@ def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, over
                 _save_client(client, client_file)  # the trial is `running` in the saved client: --resume runs it again
             index = min(pending)  # in trial order: the given points first
             parameters = pending.pop(index)
-            row = _run_trial(spec_path, settings, index, parameters, out, run, progress)
+            row = run_trial(spec_path, settings, index, parameters, out, run, progress)
             table = _record(client, client_file, out, settings, table, done, index, row)
     result = _finish(client, settings, table, out)
     _drop_replaced_tuning(out)  # the new tuning is complete: the one it replaced can go
@@ -428,6 +434,60 @@ def _tune_parallel(spec_path, settings: TuneSettings, device: str, client, out: 
     return table
 
 
+def _tune_jobs(spec_path, settings: TuneSettings, base, client, out: Path, table: list, done: set, pending: dict,
+               slots: int, executor) -> list:
+    """Each trial a job of the slurm executor, `slots` at a time; each is recorded as it ends,
+    and Ax is asked for the next trial in its place, as `_tune_parallel` does with processes."""
+    from ax.exceptions.core import DataRequiredError
+
+    from genspec.experiments.cluster import StillRunning
+
+    client_file = out / CLIENT_FILE
+    running: list = []  # (job, trial index, parameters)
+    try:
+        while len(done) < settings.total:
+            wanted = min(slots - len(running), settings.total - len(done) - len(running))
+            if wanted > 0 and not pending:
+                try:
+                    pending = client.get_next_trials(max_trials=wanted)
+                except DataRequiredError:  # quasi-random trials used up, none observed yet: wait for one
+                    if not running:
+                        raise
+                if pending:  # `running` in the saved client: --resume runs them again
+                    _save_client(client, client_file)
+            while len(running) < slots and pending and len(done) + len(running) < settings.total:
+                index = min(pending)
+                parameters = dict(pending.pop(index))
+                job = executor.submit_trial(_trial_in_job, spec_path, settings, index, parameters, out, base.name,
+                                            base.raw.get("cluster"))
+                running.append((job, index, parameters))
+            if not running:
+                raise RunError(f"Ax proposed no new trial after {len(done)} of {settings.total}")
+            job = executor.wait_first([job for job, _, _ in running])
+            _, index, parameters = next(entry for entry in running if entry[0] is job)
+            running = [entry for entry in running if entry[0] is not job]
+            row, problem = executor.outcome(job)
+            if problem is not None:  # the job ended without a row (killed, out of memory): a failed trial
+                row = {**_row_start(index, parameters), "status": "failed", "value": float("nan"), "note": problem[:200]}
+            print(outcome_line(settings, row), file=sys.stderr, flush=True)
+            table = _record(client, client_file, out, settings, table, done, index, row)
+    except KeyboardInterrupt:
+        if not running:
+            raise
+        ids = " ".join(job.job_id for job, _, _ in running)
+        raise StillRunning(f"the jobs of the trials still running go on (scancel {ids} stops them)") from None
+    return table
+
+
+def _trial_in_job(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, progress: bool,
+                  resume: bool) -> dict:
+    """A trial in a SLURM job (genspec/experiments/jobs.py), on the job's device; `resume`: the
+    job was requeued after a preemption."""
+    from genspec.experiments.run import run
+
+    return run_trial(spec_path, settings, index, parameters, out, run, progress, resume)
+
+
 def _init_worker(threads: int) -> None:
     import signal
 
@@ -449,7 +509,7 @@ def _trial_in_worker(spec_path, settings: TuneSettings, index: int, parameters: 
     if device:
         settings = replace(settings, overrides=[*settings.overrides, f"train.device={device}"])
     # no progress bars: several workers share the terminal; each epoch prints a line instead
-    return _run_trial(spec_path, settings, index, parameters, out, run, progress=False)
+    return run_trial(spec_path, settings, index, parameters, out, run, progress=False)
 
 
 def _stop_workers(executor) -> None:
@@ -480,13 +540,14 @@ def _cuda_count() -> int:
     return torch.cuda.device_count()
 
 
-def _run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, run, progress: bool) -> dict:
+def run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, out: Path, run, progress: bool,
+               resume: bool = False) -> dict:
     overrides = settings.overrides + [f"params.{k}={v!r}" for k, v in parameters.items()]
     folder = out / f"trial_{index:03d}"
-    row = {"trial": index, **{k: float(v) for k, v in parameters.items()}, "folder": folder.name}
+    row = _row_start(index, parameters)
     print(f"tune: trial {index} " + ", ".join(f"{k}={v:.5g}" for k, v in parameters.items()), file=sys.stderr, flush=True)
     try:
-        metrics = run(load_spec(spec_path, overrides), out=folder, overwrite=True, progress=progress)
+        metrics = _trial_run(load_spec(spec_path, overrides), folder, run, progress, resume)
         results = flat_results(metrics)
         key = REPORTED_ALIASES.get(settings.metric, settings.metric)
         if key not in results:
@@ -497,9 +558,33 @@ def _run_trial(spec_path, settings: TuneSettings, index: int, parameters: dict, 
         row.update(status="completed", value=value, note="")
     except (RunError, SpecError) as exc:
         row.update(status="failed", value=float("nan"), note=str(exc).splitlines()[0][:200])
-    outcome = f"{settings.metric} = {row['value']:.5g}" if row["status"] == "completed" else row["note"]
-    print(f"tune: trial {index} {row['status']}: {outcome}", file=sys.stderr, flush=True)
+    print(outcome_line(settings, row), file=sys.stderr, flush=True)
     return row
+
+
+def outcome_line(settings: TuneSettings, row: dict) -> str:
+    outcome = f"{settings.metric} = {row['value']:.5g}" if row["status"] == "completed" else row["note"]
+    return f"tune: trial {row['trial']} {row['status']}: {outcome}"
+
+
+def _row_start(index: int, parameters: dict) -> dict:
+    """The start of a trial's row of trials.csv: what it tried, where."""
+    return {"trial": index, **{k: float(v) for k, v in parameters.items()}, "folder": f"trial_{index:03d}"}
+
+
+def _trial_run(spec, folder: Path, run, progress: bool, resume: bool) -> dict:
+    """A trial's run, afresh; with `resume` (a trial's SLURM job requeued after preemption,
+    genspec/experiments/cluster.py) a trial that finished keeps its metrics and one that was
+    stopped after a checkpoint goes on from it."""
+    from genspec.train.folder import CHECKPOINT, finished_metrics
+
+    if resume:
+        metrics = finished_metrics(folder)
+        if metrics is not None:
+            return metrics
+        if (folder / CHECKPOINT).exists():
+            return run(spec, out=folder, resume=True, progress=progress)
+    return run(spec, out=folder, overwrite=True, progress=progress)
 
 
 def _columns(settings: TuneSettings) -> list[str]:

@@ -11,9 +11,13 @@ FORMAT_VERSION = 1
 
 TOP_LEVEL_KEYS = (
     "genspec", "name", "source", "extends", "plugins", "params", "data", "latent", "networks",
-    "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study", "labels", "state",
+    "graph", "losses", "objectives", "train", "evaluate", "tune", "sweep", "repeats", "study", "cluster", "labels", "state",
     "blocks",
 )
+
+# Keys of the `cluster:` section: the SLURM resources of each job under `--executor slurm`
+# (genspec/experiments/cluster.py); each has a `--slurm-KEY` flag that overrides it.
+CLUSTER_KEYS = ("partition", "time", "gpus", "cpus", "mem")
 
 # Activations that may stand as a row of their own or close a row (`conv ..., relu`).
 ACTIVATIONS = ("relu", "lrelu", "tanh", "sigmoid", "elu", "gelu", "silu", "softplus", "softmax", "log_softmax")

@@ -38,6 +38,10 @@ FINAL_METRICS = "metrics.json"
 STUDY_ONLY = {("repeats",), ("study",), ("sweep",)}
 
 
+# Where a run trains (the SLURM resources of `--executor slurm`) does not change it.
+WHERE_IT_RUNS = {("cluster",)}
+
+
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"),
                      ("train", "loader"), ("train", "workers"), ("train", "cuda_graphs"), ("train", "memory_budget")}
 
@@ -225,7 +229,8 @@ def spec_changes(spec: Spec, out: Path) -> list[tuple[tuple, object, object]]:
     except (OSError, yaml.YAMLError) as exc:
         raise RunError(f"cannot resume: {out / RESOLVED} is missing or unreadable ({exc})") from None
     # repeats and study: sections of the study a run belongs to, not of the run itself
-    return [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES and d[0][:1] not in STUDY_ONLY]
+    return [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES
+            and d[0][:1] not in STUDY_ONLY | WHERE_IT_RUNS]
 
 
 def describe_changes(differences: list, limit: int = 20) -> str:
