@@ -155,21 +155,27 @@ def test_resume_appends_to_the_same_runs_without_repeating_epochs(tmp_path, monk
     with StopAtEpoch2():
         rc, _, err = cli_in_process("run", tmp_path / "gan.yaml", "--out", out, "--tracking", "tensorboard,mlflow",
                                     "--no-progress")
+    assert "warning" not in err
     assert rc == 1 and "stopped for the test" in err
     assert [s for s, _ in scalars(events(out), "loss/train/d_loss")] == [1, 2]  # epoch 2 was logged, not checkpointed
     run_id = json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"]
     time.sleep(1.1)  # event files are named by the second they start in: the resumed one sorts after
-    train(tmp_path / "gan.yaml", "--out", out, "--resume", "--tracking", "tensorboard,mlflow", "--no-progress")
+    # a resume may ask for more epochs: MLflow's write-once param keeps its first value, and a tag says the new one
+    err = train(tmp_path / "gan.yaml", "--out", out, "--resume", "--set", "train.epochs=4", "--tracking",
+                "tensorboard,mlflow", "--no-progress")
+    assert "warning" not in err
     records = history(out)
     got = scalars(events(out), "loss/train/d_loss")
     assert got == [(r["epoch"], pytest.approx(r["train"]["d_loss"], rel=1e-6)) for r in records]
-    assert [s for s, _ in got] == [1, 2, 3]
+    assert [s for s, _ in got] == [1, 2, 3, 4]
     assert len(list((out / "tensorboard").iterdir())) == 2  # appended beside the first
     from mlflow import MlflowClient
 
     assert json.loads((out / "tracking.json").read_text())["mlflow"]["run_id"] == run_id
     run = MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and "final/d_loss" in run.data.metrics
+    assert run.data.params["train.epochs"] == "3" and run.data.tags["genspec.resumed_with.train.epochs"] == "4"
+    assert [m.step for m in MlflowClient().get_metric_history(run_id, "loss/train/d_loss")] == [1, 2, 2, 3, 4]
 
 
 def test_mlflow_records_params_metrics_and_artifacts(tmp_path, monkeypatch):

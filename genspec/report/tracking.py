@@ -123,7 +123,15 @@ class MLflow(Tracker):
             atomic_write_text(out / TRACKING_FILE, json.dumps({"mlflow": {"uri": uri, "run_id": self.run_id}}) + "\n")
 
     def params(self, params: dict) -> None:
-        self.client.log_batch(self.run_id, params=[self.Param(k, str(v)) for k, v in params.items()])
+        """MLflow params are write-once: a resume that changed one (--set train.epochs=20, which
+        a resume may change) keeps the first value and tags the run with the new one."""
+        logged = self.client.get_run(self.run_id).data.params
+        new = {k: str(v) for k, v in params.items() if k not in logged}
+        for key, value in params.items():
+            if key in logged and logged[key] != str(value):
+                self.client.set_tag(self.run_id, f"genspec.resumed_with.{key}", str(value))
+        if new:
+            self.client.log_batch(self.run_id, params=[self.Param(k, v) for k, v in new.items()])
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         now = int(time.time() * 1000)
