@@ -91,6 +91,8 @@ def _executor(args):
 def cmd_run(args) -> int:
     from genspec.graph.pipeline import is_study, load_runs
 
+    if args.tracking is not None:  # the spec's train.tracking, from the command line (checked as the spec's is)
+        args.set = [*args.set, tracking_override(args.tracking)]
     runs = load_runs(args.spec, args.set, args.only)  # every spec problem surfaces before anything is written
     executor = _executor(args)
     if executor is not None and not is_study(runs):
@@ -132,6 +134,12 @@ def cmd_run(args) -> int:
     summary = ", ".join(f"{k} {v:.4g}" for k, v in metrics["test"].items())
     print(f"{spec.name}: done; test {summary}; report in {out}/report.md")
     return 0
+
+
+def tracking_override(text: str) -> str:
+    """--tracking tensorboard,mlflow (or none) as the --set of train.tracking it means."""
+    names = [] if text.strip() == "none" else [name.strip() for name in text.split(",") if name.strip()]
+    return f"train.tracking={json.dumps(names)}"
 
 
 def _interrupted_message(out: Path) -> str:
@@ -407,6 +415,9 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--overwrite", action="store_true", help="replace an existing run in the output folder")
     r.add_argument("--no-progress", action="store_true", help="no progress bar")
     with_executor(r, "run of a study")
+    r.add_argument("--tracking", metavar="LIST",
+                   help="experiment trackers, comma-separated: tensorboard, mlflow, or none (sets train.tracking; "
+                        "default: the spec's, or tensorboard)")
     r.set_defaults(func=cmd_run)
     return p
 

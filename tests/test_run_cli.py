@@ -27,7 +27,8 @@ RUN_SETS = BASE + ["train.epochs=2", "evaluate.grid_size=4", "evaluate.interpola
 FAST = BASE + ["train.epochs=1", "evaluate.grids=[]"]
 RUN_FILES = {"spec.resolved.yaml", "layers.md", "metrics.jsonl", "metrics.json", "samples.png", "reconstructions.png",
              "interpolations.png", "losses.png", "graph.png", "report.md", "checkpoint.pt",
-             ".genspec-files"}  # the manifest of the files the run wrote (what --overwrite replaces)
+             ".genspec-files",  # the manifest of the files the run wrote (what --overwrite replaces)
+             "tensorboard"}  # the event files of train.tracking's default
 
 
 def sets(overrides) -> list[str]:
@@ -346,7 +347,7 @@ def test_an_interrupted_run_says_what_it_left_and_starts_afresh_without_a_checkp
         patch.setattr(genspec.train.loop, "_one_epoch", stop_at(1))
         rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", *sets(FAST))
     assert rc == 130 and "interrupted before the first checkpoint; nothing to resume" in err
-    assert sorted(p.name for p in out.iterdir()) == ["layers.md", "spec.resolved.yaml"]
+    assert sorted(p.name for p in out.iterdir()) == ["layers.md", "spec.resolved.yaml", "tensorboard"]
     rc, _, err = run_cli("run", QUICKSTART, "--out", out, "--no-progress", "--resume", *sets(FAST))
     assert rc == 1 and "run it again without --resume to start afresh" in err
     with monkeypatch.context() as patch:

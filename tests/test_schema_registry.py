@@ -57,6 +57,10 @@ def test_loader_enum_is_the_registry_loaders():
     assert set(R.FILE_DATASETS) <= set(R.DATASETS)
 
 
+def test_tracking_enum_is_the_registry_trackers():
+    assert SCHEMA["properties"]["train"]["properties"]["tracking"]["items"]["enum"] == list(R.TRACKERS)
+
+
 def test_top_level_properties_are_the_registry_top_level_keys():
     assert set(SCHEMA["properties"]) == set(R.TOP_LEVEL_KEYS)
     assert len(R.TOP_LEVEL_KEYS) == len(set(R.TOP_LEVEL_KEYS))

@@ -2,8 +2,9 @@
 training (genspec/train/loop.py) -> the metrics.json that marks the run finished.
 
 What a run does beyond training comes from the hooks registered by the modules in
-`BUILTIN_HOOKS` (and by plugins): balancing, traces, evaluation, checkpoints, progress and the
-report. This module only puts them together, in the order the registry gives.
+`BUILTIN_HOOKS` (and by plugins): balancing, traces, evaluation, checkpoints, progress, the
+report and experiment tracking. This module only puts them together, in the order the registry
+gives.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from genspec.train.hooks import Hooks, TrainingRun
 
 # Modules whose import registers a built-in hook (train/hooks.py has the registry).
 BUILTIN_HOOKS = ("genspec.train.constraints", "genspec.train.checkpoint", "genspec.train.trace", "genspec.train.progress",
-                 "genspec.measure.balance", "genspec.measure.evaluate", "genspec.report.run_report")
+                 "genspec.measure.balance", "genspec.measure.evaluate", "genspec.report.run_report",
+                 "genspec.report.tracking")
 
 
 def register_builtin_hooks() -> None:

@@ -11,7 +11,8 @@ norm normalises each replica's slice with its own batch statistics and updates i
 statistics in place in the stacked buffers (`unstack` copies them back for evaluation), and
 virtual batch norm reads each replica's own reference batch. Every replica keeps its own seed,
 data split, shuffles and noise, and its folder is written as a sequential run writes it
-(metrics.jsonl, checkpoint with its own optimiser state and running statistics, report), so the
+(metrics.jsonl, checkpoint with its own optimiser state and running statistics, report, its own
+TensorBoard / MLflow run), so the
 results are those of separate runs up to float rounding and random draws.
 """
 
@@ -36,6 +37,7 @@ from genspec.lang.spec import Spec
 from genspec.measure.balance import Balancer
 from genspec.measure.evaluate import EVAL_SEED, evaluated_losses, final_evaluation, forked_rng
 from genspec.measure.sampling import graph_samples
+from genspec.report import tracking
 from genspec.report.run_report import write_layer_tables, write_report
 from genspec.train import trace as step_trace
 from genspec.train.checkpoint import save_checkpoint
@@ -275,6 +277,7 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
         write_layer_tables(spec, folder)
         atomic_write_text(folder / RESOLVED, yaml.safe_dump(spec.raw, sort_keys=False))
     histories = [[] for _ in specs]
+    trackers = [tracking.start_tracking(spec, folder, resumed=False, start_epoch=1) for spec, folder in zip(specs, folders)]
     train = specs[0].train
     trace = step_trace.StepTrace(step_trace.trace_keys(specs[0]), device, replicas=len(specs))
     balancers = ([Balancer(spec, model, splits.train) for spec, model, splits in zip(specs, stacked.models, stacked.splits)]
@@ -295,6 +298,7 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
             if balances:
                 record["balance"] = balances[r]
             histories[r].append(record)
+            tracking.log_epoch(trackers[r], spec, model, stacked.splits[r].test, record)
             append_record(folder, record)
             if epoch % train["checkpoint_every"] == 0 or epoch == train["epochs"]:
                 save_checkpoint(model, folder, epoch)
@@ -303,9 +307,11 @@ def _train_stacked(specs: list[Spec], folders: list[Path], progress: bool) -> li
                              for s, h in zip(specs, histories))
             print(f"{specs[0].name} (stacked x{len(specs)}) epoch {epoch}/{train['epochs']}: {line}", file=sys.stderr, flush=True)
     results = []
-    for spec, model, splits, folder, history in zip(specs, stacked.models, stacked.splits, folders, histories):
+    for spec, model, splits, folder, history, tracked in zip(specs, stacked.models, stacked.splits, folders, histories,
+                                                             trackers):
         metrics = final_evaluation(spec, model, splits, folder, history)
         write_report(spec, folder, metrics, history)
+        tracking.log_end(tracked, folder, metrics, spec.train["epochs"])
         write_manifest(folder, [RESOLVED, "layers.md", *metrics.get("grids", {}).values()])
         write_metrics(folder, metrics)
         results.append(metrics)

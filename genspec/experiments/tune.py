@@ -1,6 +1,8 @@
 """`genspec tune`: Bayesian optimisation of spec params with Ax (the `ax.Client` API).
 
-Each trial is a full run with the params overridden, in `<out>/trial_NNN/`. The Ax client is
+Each trial is a full run with the params overridden, in `<out>/trial_NNN/` (with its own
+TensorBoard / MLflow run); the tuning logs each trial's objective as `tune/objective` (step: the
+trial's index) in `<out>/tensorboard/` and its own MLflow run. The Ax client is
 saved after every trial, so `--resume` continues without redoing finished trials. With
 `--parallel K` (K > 1) K trials run at once, each in its own spawned worker process; a trial is
 completed in Ax as soon as it finishes and a new one is asked for in its place. The default
@@ -239,13 +241,15 @@ def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, over
         table = []
         atomic_write_text(out / SETTINGS_FILE, json.dumps(_settings_record(settings), indent=2) + "\n")
     done = {row["trial"] for row in table if row["status"] in ("completed", "failed")}
+    tracked = _start_tracking(base, settings, out, resume)
     # trials that were running when a previous session died are run again with their parameters
     pending = {i: dict(t.arm.parameters) for i, t in client._experiment.trials.items()
                if t.status.is_running and i not in done}
     if executor is not None:
-        table = _tune_jobs(spec_path, settings, base, client, out, table, done, pending, parallel, executor)
+        table = _tune_jobs(spec_path, settings, base, client, out, table, done, pending, parallel, executor, tracked)
     elif parallel > 1:
-        table = _tune_parallel(spec_path, settings, base.train["device"], client, out, table, done, pending, parallel)
+        table = _tune_parallel(spec_path, settings, base.train["device"], client, out, table, done, pending, parallel,
+                               tracked)
     else:
         while len(done) < settings.total:
             if not pending:
@@ -254,8 +258,9 @@ def _tune(spec_path, settings: TuneSettings, base, out: Path, resume: bool, over
             index = min(pending)  # in trial order: the given points first
             parameters = pending.pop(index)
             row = run_trial(spec_path, settings, index, parameters, out, run, progress)
-            table = _record(client, client_file, out, settings, table, done, index, row)
+            table = _record(client, client_file, out, settings, table, done, index, row, tracked)
     result = _finish(client, settings, table, out)
+    tracked.close()
     _drop_replaced_tuning(out)  # the new tuning is complete: the one it replaced can go
     return result
 
@@ -356,9 +361,23 @@ def _save_client(client, client_file: Path) -> None:
     os.replace(tmp, client_file)
 
 
-def _record(client, client_file: Path, out: Path, settings, table: list, done: set, index: int, row: dict) -> list:
+def _start_tracking(base, settings: TuneSettings, out: Path, resume: bool):
+    """The tuning's own trackers (the spec's train.tracking), with its settings as params."""
+    from genspec.report.tracking import open_tracking
+
+    tracked = open_tracking(base.train.get("tracking", ()), out, base.name, resumed=resume)
+    params = {"tune.metric": settings.metric, "tune.minimize": settings.minimize, "tune.strategy": settings.strategy,
+              **{f"tune.range.{name}": f"[{low:g}, {high:g}]" + (" log" if log else "")
+                 for name, (low, high, log) in settings.params.items()}}
+    tracked.call("params", params)
+    return tracked
+
+
+def _record(client, client_file: Path, out: Path, settings, table: list, done: set, index: int, row: dict,
+            tracked=None) -> list:
     """Tell Ax how a trial ended and save trials.csv, then the client (--resume starts from
-    here; `_catch_up` mends a kill between the two). Returns the updated table."""
+    here; `_catch_up` mends a kill between the two); a completed trial's objective goes to the
+    trackers. Returns the updated table."""
     if row["status"] == "completed":
         client.complete_trial(index, raw_data={"objective": row["value"]})
     else:
@@ -367,6 +386,8 @@ def _record(client, client_file: Path, out: Path, settings, table: list, done: s
     table = [r for r in table if r["trial"] != index] + [row]
     _write_table(out, table, settings)
     _save_client(client, client_file)
+    if tracked is not None and row["status"] == "completed":
+        tracked.call("scalars", {"tune/objective": row["value"]}, index)
     return table
 
 
@@ -383,7 +404,7 @@ def parallel_count(value) -> int:
 
 
 def _tune_parallel(spec_path, settings: TuneSettings, device: str, client, out: Path, table: list, done: set,
-                   pending: dict, workers: int) -> list:
+                   pending: dict, workers: int, tracked=None) -> list:
     """Keep `workers` trials running, each in a spawned worker process; record each as it finishes."""
     import multiprocessing
     from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -426,7 +447,7 @@ def _tune_parallel(spec_path, settings: TuneSettings, device: str, client, out: 
                 except BrokenProcessPool:
                     raise RunError(f"the worker process running trial {index} stopped unexpectedly; finished trials "
                                    "are saved, and --resume runs the others again") from None
-                table = _record(client, client_file, out, settings, table, done, index, row)
+                table = _record(client, client_file, out, settings, table, done, index, row, tracked)
     except BaseException:
         _stop_workers(executor)  # an interrupt or a failure: the trials still running are dropped
         raise
@@ -435,7 +456,7 @@ def _tune_parallel(spec_path, settings: TuneSettings, device: str, client, out: 
 
 
 def _tune_jobs(spec_path, settings: TuneSettings, base, client, out: Path, table: list, done: set, pending: dict,
-               slots: int, executor) -> list:
+               slots: int, executor, tracked=None) -> list:
     """Each trial a job of the slurm executor, `slots` at a time; each is recorded as it ends,
     and Ax is asked for the next trial in its place, as `_tune_parallel` does with processes."""
     from ax.exceptions.core import DataRequiredError
@@ -470,7 +491,7 @@ def _tune_jobs(spec_path, settings: TuneSettings, base, client, out: Path, table
             if problem is not None:  # the job ended without a row (killed, out of memory): a failed trial
                 row = {**_row_start(index, parameters), "status": "failed", "value": float("nan"), "note": problem[:200]}
             print(outcome_line(settings, row), file=sys.stderr, flush=True)
-            table = _record(client, client_file, out, settings, table, done, index, row)
+            table = _record(client, client_file, out, settings, table, done, index, row, tracked)
     except KeyboardInterrupt:
         if not running:
             raise

@@ -132,6 +132,7 @@ DATASET_CLASSES = {"digits": 10, "mnist": 10, "fashion_mnist": 10, "svhn": 10}
 DATASET_SIZES = {"digits": (1797,), "mnist": (60000, 10000), "fashion_mnist": (60000, 10000), "svhn": (73257, 26032)}
 FILE_DATASETS = ("image_folder", "celeba")  # read from image files: held decoded in memory, or streamed
 LOADERS = ("auto", "memory", "stream")  # train.loader
+TRACKERS = ("tensorboard", "mlflow")  # train.tracking: where runs log their per-epoch numbers and images
 
 FREEZE_MODES = ("all_but_last",)
 

@@ -29,7 +29,7 @@ SCHEMA_PATH = Path(__file__).resolve().parents[2] / "schemas" / "genspec.schema.
 
 TRAIN_DEFAULTS = {"epochs": 10, "batch_size": 64, "seed": 0, "device": "auto", "checkpoint_every": 1, "log_every": 10,
                   "precision": "auto", "channels_last": "auto", "fused": "auto", "compile": False, "cuda_graphs": "auto",
-                  "loader": "auto", "workers": "auto"}
+                  "loader": "auto", "workers": "auto", "tracking": ("tensorboard",)}
 EVALUATE_DEFAULTS = {"grid_size": 8, "interpolation_steps": 8, "batch_size": 256}
 BALANCE_DEFAULTS = {"every": 1, "samples": 1000, "features": "pixels", "shrinkage": 0.1}
 COLLAPSE_DEFAULTS = {"fall": 0.5, "window": 10}

@@ -77,18 +77,27 @@ def grid_sources(spec: Spec) -> dict:
 def make_grids(spec: Spec, model: Model, test: Split, out: Path) -> dict[str, str]:
     from torchvision.utils import save_image
 
-    side = spec.evaluate["grid_size"]
     written = {}
+    for kind, (images, nrow) in grid_images(spec, model, test, spec.evaluate["grid_size"]).items():
+        path = out / f"{kind}.png"
+        save_image(images, path, nrow=nrow, padding=2, pad_value=0.5)
+        written[kind] = path.name
+    return written
+
+
+def grid_images(spec: Spec, model: Model, test: Split, side: int) -> dict[str, tuple[torch.Tensor, int]]:
+    """Each requested grid's images (on the CPU, in [0, 1]) and its row length, `side` images a
+    row: drawn in eval mode from EVAL_SEED inside a forked RNG, so making them (at the end, or
+    every epoch for the trackers) leaves training's random streams where they were."""
+    grids = {}
     model.train(False)
     with forked_rng(model), torch.no_grad():
         torch.manual_seed(EVAL_SEED)
         for kind, source in grid_sources(spec).items():
             images, nrow = _grid_images(spec, model, test, kind, source, side)
-            path = out / f"{kind}.png"
-            save_image(to_unit(images.float().cpu(), spec), path, nrow=nrow, padding=2, pad_value=0.5)
-            written[kind] = path.name
+            grids[kind] = (to_unit(images.float().cpu(), spec), nrow)
     model.train(True)
-    return written
+    return grids
 
 
 def _grid_images(spec: Spec, model: Model, test: Split, kind: str, source: tuple, side: int):

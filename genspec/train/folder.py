@@ -3,7 +3,8 @@
 
 A run folder holds `spec.resolved.yaml` (the spec as run), `metrics.jsonl` (one record per
 epoch), `checkpoint.pt`, and at the end the report, pictures and `metrics.json`, which is
-written last and marks the run finished. Nothing else in the folder (a user's notes, a
+written last and marks the run finished. Trackers add `tensorboard/` (event files) and
+`tracking.json` (the MLflow run a resume continues). Nothing else in the folder (a user's notes, a
 tuning's `tune/`, a study's report) is the run's to move or delete.
 """
 
@@ -26,6 +27,12 @@ from genspec.train.guard import LOCK_FILE
 CHECKPOINT = "checkpoint.pt"
 
 
+TENSORBOARD_DIR = "tensorboard"  # the run's TensorBoard event files (genspec/report/tracking.py)
+
+
+TRACKING_FILE = "tracking.json"  # which MLflow run the folder's run logs to
+
+
 RESOLVED = "spec.resolved.yaml"
 
 
@@ -42,14 +49,14 @@ STUDY_ONLY = {("repeats",), ("study",), ("sweep",)}
 WHERE_IT_RUNS = {("cluster",)}
 
 
-RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"),
+RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"), ("train", "tracking"),
                      ("train", "loader"), ("train", "workers"), ("train", "cuda_graphs"), ("train", "memory_budget")}
 
 
 RUN_MARKERS = (RESOLVED, CHECKPOINT, "metrics.jsonl", "metrics.json")
 
 
-STARTED_ONLY = {RESOLVED, "layers.md", ".genspec-files"}  # what a run writes before its first epoch ends
+STARTED_ONLY = {RESOLVED, "layers.md", ".genspec-files", TENSORBOARD_DIR, TRACKING_FILE}  # what a run writes before its first epoch ends
 
 
 # A study of a spec reports in the spec's run folder (reports/<name>/) beside a run of it.
@@ -63,7 +70,11 @@ MANIFEST = ".genspec-files"
 
 KNOWN_RUN_FILES = ("spec.resolved.yaml", "layers.md", "metrics.jsonl", "metrics.json", "checkpoint.pt", "report.md",
                    "trace.csv", "trace.png", "losses.png", "graph.png", "labels.png", "samples.png",
-                   "reconstructions.png", "interpolations.png", "*.tmp", MANIFEST)
+                   "reconstructions.png", "interpolations.png", "*.tmp", MANIFEST, TRACKING_FILE)
+
+
+# The folders a run writes: moved aside and removed with its files.
+KNOWN_RUN_FOLDERS = (TENSORBOARD_DIR,)
 
 
 def write_metrics(out: Path, metrics: dict) -> None:
@@ -102,15 +113,17 @@ def check_folder(spec: Spec, out: Path, resume: bool, overwrite: bool) -> None:
 
 
 def run_files(out: Path) -> list[Path]:
-    """What in `out` the run there wrote: the files its manifest names and genspec's own file
-    names. Nothing else is the run's to move or delete: a user's notes beside it, a folder inside
+    """What in `out` the run there wrote: the files its manifest names, genspec's own file
+    names and its own folders (`tensorboard/`). Nothing else is the run's to move or delete: a user's notes beside it, a folder inside
     it (a tuning's `tune/`, a study's `<config>/seed<k>/`), a study's report."""
     if not out.is_dir():
         return []
     named = set(_manifest(out))
-    return sorted(p for p in out.iterdir() if p.is_file() and not p.is_symlink() and p.name != LOCK_FILE
-                  and (p.name in named or any(fnmatch.fnmatch(p.name, pattern) for pattern in KNOWN_RUN_FILES))
-                  and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES))
+    files = [p for p in out.iterdir() if p.is_file() and not p.is_symlink() and p.name != LOCK_FILE
+             and (p.name in named or any(fnmatch.fnmatch(p.name, pattern) for pattern in KNOWN_RUN_FILES))
+             and not any(fnmatch.fnmatch(p.name, pattern) for pattern in STUDY_FILES)]
+    folders = [out / name for name in KNOWN_RUN_FOLDERS if (out / name).is_dir() and not (out / name).is_symlink()]
+    return sorted(files + folders)
 
 
 def other_files(out: Path) -> list[Path]:
@@ -160,7 +173,7 @@ def clear_folder(out: Path, resume: bool) -> None:
             _move_aside(own, out, backup)
         else:
             for path in own:  # a run stopped in its first epoch, or an unfinished replacement: nothing to keep
-                path.unlink()
+                shutil.rmtree(path) if path.is_dir() else path.unlink()
     out.mkdir(parents=True, exist_ok=True)
 
 

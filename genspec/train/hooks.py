@@ -2,7 +2,8 @@
 
 The loop (train/loop.py) knows batches, phases, optimiser steps and epochs, nothing more.
 Everything optional attaches here: CGAN-MBL's balancing, step traces, the per-epoch test
-losses and the final evaluation, checkpoints, progress, the report, and plugins' hooks. A hook
+losses and the final evaluation, checkpoints, progress, the report, experiment tracking, and
+plugins' hooks. A hook
 is a class registered under a name; `attach(run)` decides from the run (its spec, its rank)
 whether the run needs it and returns an instance or None. Built-in hooks and plugins register
 the same way:
@@ -46,6 +47,7 @@ EVALUATION = 30  # test losses per epoch, the final evaluation at the end
 TRACING = 40  # step traces, flushed per epoch
 CHECKPOINTING = 50
 REPORTING = 60  # layer tables at the start, report.md at the end (after the final evaluation)
+TRACKING = 70  # TensorBoard / MLflow: each epoch's whole record, the report as an artifact
 PROGRESS = 90  # the progress bar and epoch lines: last, so they print the whole record
 
 
