@@ -1,7 +1,9 @@
 """`genspec export RUN --format python --out DIR`: a finished run ejected as plain PyTorch source.
 
 DIR gets `networks.py` (one nn.Module class per network, named layers, `forward` written out
-line by line, no genspec import), `weights.safetensors` (keyed by those modules' state_dicts,
+line by line, no genspec import; a block row is an instance of a class written for the block, one
+class per distinct source, and the output of a row that a later `add` or `concat` row reads is
+kept in a local variable named after its tap), `weights.safetensors` (keyed by those modules' state_dicts,
 `network.layer.param`, and the latent priors' state as `prior.<latent>.param`), `sample.py`
 (draws from the generator as `genspec sample` does: the same calls to the random streams in the
 same order, so the same seed gives the same images) and a README.
@@ -34,6 +36,8 @@ EJECTED_FILES = ("networks.py", "sample.py", "weights.safetensors", "README.md")
 MODULE_NAMES = {"self", "h", "r", "mean", "logvar", "torch", "nn", "F"}
 SAMPLER_NAMES = MODULE_NAMES | {"n", "seed", "label", "networks", "priors", "rows", "ends", "t", "math", "argparse",
                                 "load", "save_image", "sample", "interpolate", "to_unit", "main", "STEPS"}
+# the top-level names of networks.py besides the classes of the networks: a block's class avoids them
+TOP_LEVEL_NAMES = {"Path", "torch", "nn", "F", "WEIGHTS", "NETWORKS", "LATENTS", "load", "VirtualBatchNorm"}
 
 
 class EjectError(RunError):
@@ -101,35 +105,49 @@ def layer_type(module: nn.Module) -> type:
     return kind
 
 
-class NetworkWriter:
-    """Writes one network as an nn.Module class: `__init__` lines, `forward` lines and its weights."""
+class ClassWriter:
+    """The `__init__` and `forward` lines of one generated nn.Module class (a network's, or a block's),
+    written from the built modules, and the tensors that go with them under the class's own keys.
 
-    def __init__(self, name: str, spec_net, module: L.TableNet):
-        self.name, self.net, self.module = name, spec_net, module
+    The running tensor is `h` (the shortcut of a block writes `shortcut`); the output of a row that
+    a later `add` or `concat` row reads is kept in a local variable named after its tap."""
+
+    def __init__(self, network: str, input_var: str, blocks: "BlockClasses", local_names: set, reserved: set):
+        self.network, self.blocks = network, blocks
         self.init: list[str] = []
         self.body: list[str] = []
         self.weights: dict[str, torch.Tensor] = {}
         self.helpers: set[str] = set()
         self.counts: dict[str, int] = {}
+        self.attributes: set[str] = set()
         self.placed: set[int] = set()  # ids of the modules whose tensors went into weights
-        taken: set = set()
-        self.input = python_name(spec_net.input_source or "x", taken)
-        self.conditions = [python_name(c, taken) for c in spec_net.conditions]
-        self.current = self.input  # the variable holding the running tensor
-        self.row_index = 0
+        self.locals, self.reserved = local_names, reserved
+        self.current = input_var  # the variable holding the running tensor
+        self.target = "h"  # the variable a step assigns
+        self.needs_reference = False  # a virtual batch norm in it: forward takes the reference size r
+        self.where = ""  # the row being written, for refusals
+        self.outer = ""  # for a block's rows: the table's block row that holds them
 
     # ------------------------------------------------------------------ pieces
 
     def refuse(self, what: str):
-        raise EjectError(f"cannot eject network {self.name!r}, row {self.row_index} "
-                         f"({format_row(self.net.info.rows[self.row_index].row)}): {what}; "
+        raise EjectError(f"cannot eject network {self.network!r}, {self.where}: {what}; "
                          "`genspec export --format safetensors` keeps the run for genspec instead")
 
-    def layer(self, prefix: str, constructor: str, module: nn.Module, note: str = "") -> str:
-        """A named submodule (`self.fc1 = nn.Linear(...)`) holding `module`'s tensors; its attribute name."""
-        self.counts[prefix] = self.counts.get(prefix, 0) + 1
-        attr = f"{prefix}{self.counts[prefix]}"
+    def attribute(self, prefix: str, constructor: str, note: str = "") -> str:
+        """A named submodule line (`self.fc1 = nn.Linear(...)`); its attribute name."""
+        while True:
+            self.counts[prefix] = self.counts.get(prefix, 0) + 1
+            attr = f"{prefix}{self.counts[prefix]}"
+            if attr not in self.attributes:
+                break
+        self.attributes.add(attr)
         self.init.append(f"self.{attr} = {constructor}" + (f"  # {note}" if note else ""))
+        return attr
+
+    def layer(self, prefix: str, constructor: str, module: nn.Module, note: str = "") -> str:
+        """A named submodule holding `module`'s tensors; its attribute name."""
+        attr = self.attribute(prefix, constructor, note)
         for key, tensor in plain_state(module).items():
             self.weights[f"{attr}.{key}"] = tensor
         self.placed.update(id(m) for m in module.modules())
@@ -137,8 +155,83 @@ class NetworkWriter:
 
     def step(self, expression: str) -> None:
         """h = EXPRESSION, where {h} in it stands for the running tensor."""
-        self.body.append(f"h = {expression.format(h=self.current)}")
-        self.current = "h"
+        self.body.append(f"{self.target} = {expression.format(h=self.current)}")
+        self.current = self.target
+
+    # ------------------------------------------------------------------ rows
+
+    def write_rows(self, rows: L.Rows, infos: list, label: str = "", last_row_hook=None) -> None:
+        """A table's or a block's rows in order, each under a comment of its spec text. `label` is
+        the rows' place as `genspec show` numbers them ("" for a table, "1." for block row 1's)."""
+        kept: dict[int, str] = {}  # row index -> the variable holding its output, for later add / concat rows
+        for i, (row_module, row_info) in enumerate(zip(rows, infos)):
+            self.where = self.place(label, i, row_info)
+            self.body.append(f"# {format_row(row_info.row)}".replace("\n", " "))
+            op = row_info.row["op"]
+            if op in ("add", "concat") and row_info.source is not None:
+                self.skip(row_module, row_info, kept[row_info.source], infos[row_info.source].out_shape)
+            elif op == "concat":
+                self.condition(row_module, row_info)
+            elif op == "block":
+                self.block(row_module, row_info, f"{label}{i}.")
+            elif type(row_module) in (L.GaussianHead, L.ConvGaussianHead):
+                self.gaussian(row_module, row_info, i == len(infos) - 1)
+            else:
+                self.write(row_module, row_info.in_shape)
+            if i in rows.kept:  # before the sigmoid TableNet puts after its last row, as Rows.step keeps it
+                tap = row_info.row["name"]
+                kept[i] = python_name(tap, self.locals, self.reserved)
+                self.body.append(f"{kept[i]} = {self.current}  # the tap {tap!r}{self.tap_note(tap)}, which a later row reads")
+            if last_row_hook is not None:
+                last_row_hook(i, row_info)
+
+    def tap_note(self, tap: str) -> str:
+        return ""  # a block's taps are its own
+
+    def place(self, label: str, i: int, row_info) -> str:
+        """Where a row is, for a refusal: `row 1 (block up ch=64)`, or inside a block `row 1.3 (conv ...)
+        inside row 1 (block up ch=64)`."""
+        here = f"row {label}{i} ({format_row(row_info.row)})".replace("\n", " ")
+        return f"{here} inside {self.outer}" if self.outer else here
+
+    def skip(self, m: nn.Module, row_info, earlier: str, earlier_shape) -> None:
+        """`add NAME` (the running tensor plus the kept output) or `concat NAME` of an earlier row's tap."""
+        if type(m) is L.Add:
+            self.step(f"{{h}} + {earlier}")
+        elif type(m) is L.Concat:
+            self.join(earlier, earlier_shape, row_info.in_shape)
+        else:
+            self.refuse(f"it has no writer for a {type(m).__module__}.{type(m).__qualname__} module")
+        self.write(m.post, row_info.out_shape)
+
+    def condition(self, m: nn.Module, row_info) -> None:
+        self.refuse("a concat of a condition inside a block")  # shape inference allows none; a network writes them
+
+    def join(self, other: str, other_shape, in_shape) -> None:
+        """torch.cat of the running tensor and `other` along dim 1, as layers.Concat joins them."""
+        if len(in_shape) == 3 and len(other_shape) == 1:  # flat values as constant feature maps
+            _, height, width = in_shape
+            self.step(f"torch.cat([{{h}}, {other}[:, :, None, None].expand(-1, -1, {height}, {width})], dim=1)")
+        elif len(in_shape) == len(other_shape):
+            self.step(f"torch.cat([{{h}}, {other}], dim=1)")
+        else:
+            self.refuse(f"a concat of a {len(other_shape)}-d tensor onto a {len(in_shape)}-d tensor")
+
+    def block(self, m: nn.Module, row_info, label: str) -> None:
+        """A block row: a submodule of the block's generated class, then the row's own norm and activation."""
+        if type(m) is not L.Block:
+            self.refuse(f"it has no writer for a {type(m).__module__}.{type(m).__qualname__} module")
+        inner = BlockWriter(self.network, self.blocks)
+        inner.where = inner.outer = self.outer or self.where
+        name = inner.write_block(m, row_info, label)
+        prefix = "".join(c if c.isalnum() else "_" for c in row_info.row["block"]).lower()
+        attr = self.attribute(prefix if prefix[:1].isalpha() else "block_" + prefix, f"{name}()")
+        self.weights.update({f"{attr}.{key}": tensor for key, tensor in inner.weights.items()})
+        self.placed |= inner.placed
+        self.helpers |= inner.helpers
+        self.needs_reference |= inner.needs_reference
+        self.step(f"self.{attr}({{h}}{', r' if inner.needs_reference else ''})")
+        self.write(m.post, row_info.out_shape)
 
     # ------------------------------------------------------------------ module types
 
@@ -168,6 +261,7 @@ class NetworkWriter:
             self.step(f"self.{self.layer('ln', f'nn.LayerNorm({list(m.normalized_shape)}{extra})', m)}({{h}})")
         elif kind is L.VirtualBatchNorm:
             self.helpers.add("VirtualBatchNorm")
+            self.needs_reference = True
             args = f"{m.weight.shape[0]}" + (", spatial=True" if m.spatial else "") + ("" if m.eps == 1e-5 else f", eps={number(m.eps)}")
             self.step(f"self.{self.layer('vbn', f'VirtualBatchNorm({args})', m)}({{h}}, r)")
         elif kind is nn.Dropout:
@@ -216,16 +310,94 @@ class NetworkWriter:
 
         return "spectral norm: the weight as normalised in eval mode" if parametrize.is_parametrized(m) else ""
 
-    def concat(self, row_info) -> None:
+    def gaussian(self, m: nn.Module, row_info, last: bool) -> None:
+        self.refuse("a gaussian head inside a block")  # expansion allows none; a network writes its own
+
+
+BLOCK_NAMES = MODULE_NAMES | {"x", "shortcut"}  # the names a block's forward uses itself
+
+
+class BlockWriter(ClassWriter):
+    """One block row as an instance of a generated class: `x` its input, its rows on `h`, its
+    shortcut on `shortcut`, then the skip (the row's own norm and activation stay in the caller)."""
+
+    def __init__(self, network: str, blocks: "BlockClasses"):
+        super().__init__(network, "x", blocks, {"x"}, BLOCK_NAMES)
+
+    def write_block(self, m: L.Block, info, label: str) -> str:
+        """Write the block's class (or find the same one written before); its class name."""
+        self.write_rows(m.body, info.layers, label)
+        out = self.current
+        if m.skip == "add":
+            added = "x"
+            if m.shortcut is not None:
+                self.current, self.target = "x", "shortcut"
+                self.body.append("# the shortcut: the input brought to the rows' shape")
+                self.write_rows(m.shortcut, info.shortcut, label + "s")
+                added, self.current, self.target = self.current, out, "h"
+            self.step(f"{{h}} + {added}  # skip: add")
+        elif m.skip == "concat":
+            self.step("torch.cat([x, {h}], dim=1)  # skip: concat, the input's channels first")
+        self.body.append(f"return {self.current}")
+        return self.blocks.name_for(info.row["block"], lambda name: self.render(name, info))
+
+    def render(self, name: str, info) -> str:
+        used = format_row({"op": "block", "block": info.row["block"], "args": info.row.get("args", {})})
+        # the input's channels (or features) tell apart the classes of one block used on different inputs
+        on = f"{info.in_shape[0]} {'channels' if len(info.in_shape) == 3 else 'features'}"
+        skip = {"add": "its rows' output plus " + ("its shortcut of the input" if info.shortcut else "its input"),
+                "concat": "its input and its rows' output joined along the channels"}.get(info.row.get("skip"),
+                                                                                           "its rows in order")
+        lines = [f"class {name}(nn.Module):",
+                 f'    """`{used}` of the spec, on {on}: {skip}."""',
+                 "", "    def __init__(self):", "        super().__init__()"]
+        lines += [f"        {line}" for line in self.init]
+        lines += ["", f"    def forward(self, x{', r' if self.needs_reference else ''}):"]
+        lines += [f"        {line}" for line in self.body]
+        return "\n".join(lines) + "\n"
+
+
+class BlockClasses:
+    """The classes written for block rows, across every network: one per distinct source, so a block
+    used twice alike (`block up ch=64` twice) is one class with two instances."""
+
+    def __init__(self, taken: set):
+        self.taken = set(taken)  # class names in use: the networks' and the helpers'
+        self.by_source: dict[str, str] = {}  # the class source with a stand-in name -> its class name
+        self.sources: list[str] = []
+
+    def name_for(self, block: str, render) -> str:
+        key = render("BLOCK")
+        if key not in self.by_source:
+            base = class_name(block) + "Block"
+            name, n = base, 1
+            while name in self.taken:
+                n += 1
+                name = f"{base}{n}"
+            self.taken.add(name)
+            self.by_source[key] = name
+            self.sources.append(render(name))
+        return self.by_source[key]
+
+
+class NetworkWriter(ClassWriter):
+    """Writes one network as an nn.Module class: `__init__` lines, `forward` lines and its weights."""
+
+    def __init__(self, name: str, spec_net, module: L.TableNet, blocks: BlockClasses):
+        taken: set = set()
+        input_var = python_name(spec_net.input_source or "x", taken)
+        conditions = [python_name(c, taken) for c in spec_net.conditions]
+        super().__init__(name, input_var, blocks, taken, MODULE_NAMES)
+        self.name, self.net, self.module = name, spec_net, module
+        self.input, self.conditions = input_var, conditions
+
+    def tap_note(self, tap: str) -> str:
+        return f" ({self.name}.{tap} in the spec)"
+
+    def condition(self, m: nn.Module, row_info) -> None:
         condition = self.conditions[list(self.net.conditions).index(row_info.row["input"])]
-        shape = self.net.conditions[row_info.row["input"]][0]
-        if len(row_info.in_shape) == 3 and len(shape) == 1:  # a flat condition as constant feature maps
-            _, height, width = row_info.in_shape
-            self.step(f"torch.cat([{{h}}, {condition}[:, :, None, None].expand(-1, -1, {height}, {width})], dim=1)")
-        elif len(row_info.in_shape) == len(shape):
-            self.step(f"torch.cat([{{h}}, {condition}], dim=1)")
-        else:
-            self.refuse(f"a concat of a {len(shape)}-d condition onto a {len(row_info.in_shape)}-d tensor")
+        self.join(condition, self.net.conditions[row_info.row["input"]][0], row_info.in_shape)
+        self.write(m.post, row_info.out_shape)
 
     def gaussian(self, m: nn.Module, row_info, last: bool) -> None:
         if not last:
@@ -269,20 +441,15 @@ class NetworkWriter:
                     "# and is dropped from the output", "r = len(self.reference)", *head]
             self.placed.add(id(module))
         last = len(info.rows) - 1
-        for i, (row_module, row_info) in enumerate(zip(module.rows, info.rows)):
-            self.row_index = i
-            self.body.append(f"# {format_row(row_info.row)}".replace("\n", " "))
-            if row_info.row["op"] == "concat":
-                self.concat(row_info)
-            elif type(row_module) in (L.GaussianHead, L.ConvGaussianHead):
-                self.gaussian(row_module, row_info, i == last)
-            else:
-                self.write(row_module, row_info.in_shape)
+
+        def after_row(i: int, row_info) -> None:
             if i == last and module.ends_in_sigmoid:  # TableNet keeps the logits and applies the sigmoid after the row
                 self.step("torch.sigmoid({h})")
             tap = [name for name, index in info.taps.items() if index == i]
-            if tap:
+            if tap and i not in module.rows.kept:  # a kept tap's line says so already
                 self.body.append(f"# the tap {tap[0]!r} ({self.name}.{tap[0]} in the spec) is {self.current} here")
+
+        self.write_rows(module.rows, info.rows, last_row_hook=after_row)
         unplaced = [m for m in module.modules() if own_tensors(m) and id(m) not in self.placed]
         if unplaced:
             self.refuse(f"the tensors of its {type(unplaced[0]).__name__} have no place in the ejected module")
@@ -353,8 +520,8 @@ class VirtualBatchNorm(nn.Module):
 '''
 
 
-def networks_source(run: FinishedRun, writers: list[NetworkWriter], version: str) -> str:
-    classes = [w.source() for w in writers]  # before the helpers: writing a class finds those it needs
+def networks_source(run: FinishedRun, writers: list[NetworkWriter], blocks: BlockClasses, version: str) -> str:
+    classes = [w.source() for w in writers]  # before the helpers and blocks: writing a class finds those it needs
     helpers = set().union(*(w.helpers for w in writers))
     table = ", ".join(f'"{w.name}": {class_name(w.name)}' for w in writers)
     latents = ", ".join(f'"{name}"' for name in run.priors)
@@ -373,7 +540,7 @@ WEIGHTS = Path(__file__).with_name("weights.safetensors")
 ''']
     if "VirtualBatchNorm" in helpers:
         parts.append(VIRTUAL_BATCH_NORM)
-    parts += classes
+    parts += blocks.sources + classes
     parts.append(f'''\
 NETWORKS = {{{table}}}
 LATENTS = ({latents}{',' if len(run.priors) == 1 else ''})
@@ -574,8 +741,9 @@ def eject(run: FinishedRun, out: Path, version: str) -> list[Path]:
                        f"{', ...' if len(foreign) > 3 else ''}); give an empty or new folder")
     if "prior" in run.networks:
         raise RunError("cannot eject: a network named 'prior' would share its weight keys with the latent priors'")
-    writers = [NetworkWriter(name, run.spec.networks[name], module) for name, module in run.networks.items()]
-    code = networks_source(run, writers, version)  # writes every class first: a refusal leaves nothing behind
+    blocks = BlockClasses(TOP_LEVEL_NAMES | {class_name(name) for name in run.networks})
+    writers = [NetworkWriter(name, run.spec.networks[name], module, blocks) for name, module in run.networks.items()]
+    code = networks_source(run, writers, blocks, version)  # writes every class first: a refusal leaves nothing behind
     source = generator_of(run.spec)
     sampler = sample_source(run, source) if source else None
     weights = {f"{w.name}.{key}": t.contiguous() for w in writers for key, t in w.weights.items()}
