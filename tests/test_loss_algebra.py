@@ -237,3 +237,14 @@ def test_a_spec_using_the_ops_trains(tmp_path):
     path.write_text(CLASSIFIER)
     rc, out, err = cli_in_process("run", path, "--out", tmp_path / "run", "--no-progress")
     assert rc == 0, err
+
+
+def test_a_sample_axis_too_large_for_memory_is_refused_at_the_network_call():
+    """validate's memory estimate counts a call on rsample(q, k)'s draws k times."""
+    text = IWAE.read_text().replace("params: {k: 5,", "params: {k: 100000000,")
+    problems = problems_of(text, "iwae.yaml")
+    assert any("graph.x_p" in p and "dec(h) runs on 100,000,000 draws per example" in p and "memory_budget" in p
+               for p in problems), problems
+    text = IWAE.read_text().replace("params: {k: 5,", "params: {k: 500,")  # 500 draws fit
+    from spec_helpers import check
+    check(text, "iwae.yaml")

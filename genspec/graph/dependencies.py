@@ -88,6 +88,7 @@ def build_graph(spec: Spec, problems: Collector | None = None) -> nx.DiGraph:
         if not problems.problems:  # with broken expressions, missing edges would only echo them
             _check_objectives_reach_networks(g, spec, problems)
             _check_steps_compute(g, spec, problems)
+            _check_sample_axis_memory(g, spec, problems)
             grid_problems(spec, g, problems)  # a grid with nothing to show fails here, not after training
     if own:
         problems.raise_if_any()
@@ -722,14 +723,57 @@ def _shown(bounds: tuple[float, float]) -> str:
     return f"[{bounds[0]:g}, {bounds[1]:g}]"
 
 
-def value_of(spec: Spec, node, section: str) -> Value | None:
+def value_of(spec: Spec, node, section: str, g: nx.DiGraph | None = None) -> Value | None:
     """What a (validated) expression in `section` yields: the compiler asks for the shapes that
     per-example reductions and densities sum over. None if it cannot be worked out."""
-    infer = _Infer(spec, spec.graph_nx, Collector(lambda path: None), (section, ""))
+    infer = _Infer(spec, spec.graph_nx if g is None else g, Collector(lambda path: None), (section, ""))
     try:
         return infer.value(node)
     except _Unknown:
         return None
+
+
+def _check_sample_axis_memory(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
+    """validate's memory estimate counts each network call at the batch size; a call on rsample(q, k)'s
+    draws runs k times as many examples. Refuse the step it would not fit, at the expression."""
+    from genspec.lang.validate import DEFAULT_MEMORY_BUDGET_GIB, step_memory
+
+    budget = float(spec.train.get("memory_budget", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
+    batch = int(spec.train.get("batch_size", 1))
+    extra, where = 0.0, None
+    for attrs in g.nodes.values():
+        if "expr" not in attrs or attrs["kind"] == "update":
+            continue
+        for call in _network_calls(spec, attrs["expr"]):
+            value = value_of(spec, call, attrs["section"], g)
+            if value is None or value.samples <= 1:
+                continue
+            net = spec.networks[call.func.partition(".")[0]]
+            per_call = 2 * 4 * batch * sum(math.prod(row.out_shape) for row in net.info.walk() if row.out_shape)
+            extra += (value.samples - 1) * per_call
+            where = where or ((attrs["section"], attrs["name"]), call, value.samples)
+    if where is None:
+        return
+    total = sum(n["weights"] + n["activations"] for n in step_memory(spec.raw, spec.train, spec.networks).values()) + extra
+    if total > budget:
+        path, call, k = where
+        problems.add(path, f"{E.to_text(call)} runs on {k:,} draws per example ({k:,} x batch {batch}): one training step "
+                           f"needs about {total / 2 ** 30:,.1f} GiB by genspec's estimate, above train.memory_budget "
+                           f"({budget / 2 ** 30:g} GiB); use fewer samples or a smaller batch")
+
+
+def _network_calls(spec: Spec, node) -> list[E.Call]:
+    """The network calls in an expression (outermost first)."""
+    found, stack = [], [node]
+    while stack:
+        n = stack.pop()
+        if isinstance(n, E.Call):
+            if n.func.partition(".")[0] in spec.networks:
+                found.append(n)
+            stack.extend(n.args)
+        else:
+            stack.extend(_children(n))
+    return found
 
 
 def _check_objectives_reach_networks(g: nx.DiGraph, spec: Spec, problems: Collector) -> None:
