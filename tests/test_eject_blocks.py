@@ -27,7 +27,7 @@ from genspec.measure.sampling import generator_parts, sample_images
 from genspec.report.eject import EjectError, eject as eject_run
 from genspec.train.finished import FinishedRun
 from spec_helpers import REPO, cli_in_process as main
-from test_export import ejected_modules, inputs_for, outputs, pixels, run_sample_py
+from test_export import assert_same_outputs, ejected_modules, pixels, run_sample_py
 
 # A GAN of the 8x8 digits whose tables use every kind of skip (shapes in the comments).
 SKIPS = f"""\
@@ -106,15 +106,6 @@ def runs(tmp_path_factory):
         return done[kind]
 
     return get
-
-
-def assert_same_outputs(run: FinishedRun, ejected: dict) -> None:
-    assert set(ejected) == set(run.networks)
-    for name, module in run.networks.items():
-        assert not ejected[name].training
-        args = inputs_for(run.spec, name)
-        for a, b in zip(outputs(module, args), outputs(ejected[name], args), strict=True):
-            assert torch.equal(a, b), name
 
 
 @pytest.mark.parametrize("kind", ["resnet", "skips", "vqvae"])

@@ -281,7 +281,11 @@ def test_every_ejected_network_computes_the_runs_outputs(runs, kind):
     folder = eject(run_dir)
     networks_py, _ = ejected_modules(folder)
     ejected, _ = networks_py.load()  # load_state_dict(strict=True) inside
-    run = genspec.load_run(run_dir)
+    assert_same_outputs(genspec.load_run(run_dir), ejected)
+
+
+def assert_same_outputs(run, ejected: dict) -> None:
+    """Every ejected network, in eval mode, gives the run's network's outputs exactly."""
     assert set(ejected) == set(run.networks)
     for name, module in run.networks.items():
         assert not ejected[name].training

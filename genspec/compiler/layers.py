@@ -53,9 +53,10 @@ class Gaussian:
 _LOG_2PI = math.log(2 * math.pi)
 
 
-def sum_last(t: torch.Tensor, dims: int) -> torch.Tensor:
-    """Sum over the last `dims` dimensions: each example's (or each draw's) values to one number."""
-    return t.flatten(t.dim() - dims).sum(-1) if dims else t
+def sum_last(t: torch.Tensor, dims: int, reduce: str = "sum") -> torch.Tensor:
+    """Sum (or `reduce`: mean) over the last `dims` dimensions: each example's (or each draw's)
+    values to one number."""
+    return getattr(t.flatten(t.dim() - dims), reduce)(-1) if dims else t
 
 
 def unfold_samples(t: torch.Tensor, k: int) -> torch.Tensor:

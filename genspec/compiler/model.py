@@ -21,9 +21,8 @@ from genspec.lang import plugins
 from genspec.errors import RunError
 from genspec.graph.dependencies import plan, step_extras, value_of
 from genspec.compiler.cuda_graphs import StepGraphs
-from genspec.compiler.layers import LOGITS, REFERENCE_BATCH, Gaussian, build_network, unfold_samples
-from genspec.compiler.ops import (FROM_LOGITS, TENSOR_OPS, Bernoulli, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal,
-                                  per_example)
+from genspec.compiler.layers import LOGITS, REFERENCE_BATCH, Gaussian, build_network, sum_last, unfold_samples
+from genspec.compiler.ops import FROM_LOGITS, TENSOR_OPS, Bernoulli, SoftLabel, gradient_penalty, kl_monte_carlo, kl_normal
 from genspec.compiler.priors import build_prior
 from genspec.lang.spec import Spec
 
@@ -59,11 +58,9 @@ class Compiler:
     def node_fn(self, kind: str, node):
         return self._compile(node, kind)
 
-    _SECTIONS = {"tensor": "graph", "loss": "losses", "objective": "objectives", "update": "state"}
-
     def _dims(self, node, kind: str) -> int:
         """How many dimensions each example's value of `node` has (what a per-example sum covers)."""
-        value = value_of(self.spec, node, self._SECTIONS[kind])
+        value = value_of(self.spec, node, kind)
         if value is None:
             raise RunError(f"cannot work out the shape of {E.to_text(node)} (validate the spec first)")
         return len(value.shape)
@@ -107,7 +104,9 @@ class Compiler:
     def _call(self, node: E.Call, kind: str):
         net_name, _, tap = node.func.partition(".")
         if net_name in self.spec.networks:
-            return self._network_call(net_name, tap or None, [self._compile(a, kind) for a in node.args])
+            value = value_of(self.spec, node, kind)
+            folds = value is None or value.samples > 0  # only a call on rsample(q, k)'s draws folds them
+            return self._network_call(net_name, tap or None, [self._compile(a, kind) for a in node.args], folds)
         if node.func == "onehot":
             return self._onehot(node.args[0], kind)
         if node.func in self._OWN:
@@ -152,7 +151,7 @@ class Compiler:
             label = int(E.constant(arg, self.spec.params))  # one fixed class for the whole batch
             classes = self.spec.num_classes
             return lambda env: F.one_hot(torch.full((env.batch,), label, device=env.device), classes).float()
-        value = value_of(self.spec, arg, self._SECTIONS[kind])
+        value = value_of(self.spec, arg, kind)
         classes = value.shape[0] if value is not None and value.shape else self.spec.num_classes
         labels = self._compile(arg, kind)
         return lambda env: F.one_hot(labels(env), classes).float()
@@ -167,7 +166,7 @@ class Compiler:
     def _per_example(self, node: E.Call, kind: str):
         t, dims = self._compile(node.args[0], kind), self._dims(node.args[0], kind)
         reduce = "sum" if node.func == "sum_per_example" else "mean"
-        return lambda env: per_example(reduce, t(env), dims)
+        return lambda env: sum_last(t(env), dims, reduce)
 
     def _log_prob(self, node: E.Call, kind: str):
         dist, value_node = node.args
@@ -208,7 +207,7 @@ class Compiler:
             return bce(p, target(env)) if logits is None else bce_from_logits(logits, target(env))
         return call
 
-    def _network_call(self, name: str, tap: str | None, args: list):
+    def _network_call(self, name: str, tap: str | None, args: list, folds: bool = True):
         module = self.networks[name]
         net = self.spec.networks[name]
         input_dims = [len(net.input)] + [len(shape) for shape, _ in net.conditions.values()]
@@ -220,7 +219,7 @@ class Compiler:
                 # One pass gives the final output and every tap: `dis(x)` and `dis.features(x)`
                 # share it. The inputs are kept with the outputs so their ids stay unique in the step.
                 forward = env.callers.get(name) or module.forward_taps  # its DDP wrapper, when the phase updates it
-                flat, k = fold_samples(inputs, input_dims)
+                flat, k = fold_samples(inputs, input_dims) if folds else (inputs, 0)
                 outputs = forward(*flat)
                 if k:
                     outputs = {t: v.unfold(k) if isinstance(v, Gaussian) else unfold_samples(v, k) for t, v in outputs.items()}

@@ -102,13 +102,6 @@ class Categorical:
         return logp.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
 
 
-def per_example(reduce, t: torch.Tensor, event_dims: int) -> torch.Tensor:
-    """sum_per_example / mean_per_example: one number per example (and per draw)."""
-    if not event_dims:
-        return t
-    return getattr(t.flatten(t.dim() - event_dims), reduce)(-1)
-
-
 def _pairwise(fn, a, b):
     """min / max of tensors or numbers: a number meets a tensor on its device and in its dtype."""
     if not torch.is_tensor(a) and not torch.is_tensor(b):
@@ -138,7 +131,7 @@ TENSOR_OPS = {
     "detach": lambda a: a.detach() if hasattr(a, "detach") else a,
     "noisy": lambda p, amount: noisy(p, amount),
     "l2dist": lambda a, b: (a - b).flatten(1).norm(dim=1).mean(),
-    "bce_logits": lambda l, target: bce_from_logits(l, target),
+    "bce_logits": bce_from_logits,
     "min": lambda a, b: _pairwise(torch.minimum, a, b),
     "max": lambda a, b: _pairwise(torch.maximum, a, b),
     "clamp": lambda a, low, high: a.clamp(low, high) if torch.is_tensor(a) else min(max(a, low), high),

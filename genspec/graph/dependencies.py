@@ -723,9 +723,11 @@ def _shown(bounds: tuple[float, float]) -> str:
     return f"[{bounds[0]:g}, {bounds[1]:g}]"
 
 
-def value_of(spec: Spec, node, section: str, g: nx.DiGraph | None = None) -> Value | None:
-    """What a (validated) expression in `section` yields: the compiler asks for the shapes that
-    per-example reductions and densities sum over. None if it cannot be worked out."""
+def value_of(spec: Spec, node, kind: str, g: nx.DiGraph | None = None) -> Value | None:
+    """What a (validated) expression of a `kind` node (tensor, loss, objective, update) yields: the
+    compiler asks for the shapes that per-example reductions and densities sum over, and whether a
+    network call sees a sample axis. None if it cannot be worked out."""
+    section = next(section for section, own in _SECTION_KIND.items() if own == kind)
     infer = _Infer(spec, spec.graph_nx if g is None else g, Collector(lambda path: None), (section, ""))
     try:
         return infer.value(node)
@@ -738,6 +740,8 @@ def _check_sample_axis_memory(g: nx.DiGraph, spec: Spec, problems: Collector) ->
     draws runs k times as many examples. Refuse the step it would not fit, at the expression."""
     from genspec.lang.validate import DEFAULT_MEMORY_BUDGET_GIB, step_memory
 
+    if not any(getattr(attrs.get("value"), "samples", 0) > 1 for attrs in g.nodes.values()):
+        return  # no expression draws several samples: validate's estimate stands
     budget = float(spec.train.get("memory_budget", DEFAULT_MEMORY_BUDGET_GIB)) * 2 ** 30
     batch = int(spec.train.get("batch_size", 1))
     extra, where = 0.0, None
@@ -745,7 +749,7 @@ def _check_sample_axis_memory(g: nx.DiGraph, spec: Spec, problems: Collector) ->
         if "expr" not in attrs or attrs["kind"] == "update":
             continue
         for call in _network_calls(spec, attrs["expr"]):
-            value = value_of(spec, call, attrs["section"], g)
+            value = value_of(spec, call, attrs["kind"], g)
             if value is None or value.samples <= 1:
                 continue
             net = spec.networks[call.func.partition(".")[0]]
