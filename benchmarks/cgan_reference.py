@@ -15,8 +15,9 @@ the label agreement (share of samples the classifier gives the label asked for).
     python benchmarks/cgan_reference.py --preset paper --set g_norm=bn --steps 600 --every 150
 
 Besides the presets' options, `input_noise=S` adds N(0, S^2) to every image the discriminator
-sees (instance noise) and `d_dropout=P` puts dropout after each of its convolutions (Question 1's
-DCGAN discriminator has 30%). One thread does about 0.8 steps a second at batch 256.
+sees (instance noise), `upsample=resize` is nearest x4 then a 5x5 convolution, and
+`d_dropout=P` puts dropout after each of the discriminator's convolutions (Question 1's DCGAN
+discriminator has 30%). One thread does about 0.8 steps a second at batch 256.
 
 Needs MNIST under $GENSPEC_DATA (../shared/data here) and a finished reports/mnist_classifier.
 """
@@ -83,6 +84,8 @@ class Generator(nn.Module):
                                 nn.Linear(1024, 7 * 7 * 128), norm(o["g_norm"], 7 * 7 * 128), nn.ReLU())
         if o["upsample"] == "x4":  # deconv 1 5x5 x4: 7 -> 28
             self.up = nn.ConvTranspose2d(128, 1, 5, stride=4, padding=1, output_padding=1)
+        elif o["upsample"] == "resize":  # nearest x4 then one 5x5 convolution (no checkerboard)
+            self.up = nn.Sequential(nn.Upsample(scale_factor=4), nn.Conv2d(128, 1, 5, padding=2))
         else:
             self.up = nn.Sequential(nn.ConvTranspose2d(128, 64, 4, 2, 1), norm2d(o["g_norm"], 64), nn.ReLU(),
                                     nn.ConvTranspose2d(64, 1, 4, 2, 1))
