@@ -17,7 +17,7 @@ the label agreement (share of samples the classifier gives the label asked for).
 Besides the presets' options, `input_noise=S` adds N(0, S^2) to every image the discriminator
 sees (instance noise), `upsample=resize` is nearest x4 then a 5x5 convolution, and
 `d_dropout=P` puts dropout after each of the discriminator's convolutions (Question 1's DCGAN
-discriminator has 30%). One thread does about 0.8 steps a second at batch 256.
+discriminator has 30%). One thread does about 0.7 steps a second at batch 256.
 
 Needs MNIST under $GENSPEC_DATA (../shared/data here) and a finished reports/mnist_classifier.
 """
@@ -86,9 +86,11 @@ class Generator(nn.Module):
             self.up = nn.ConvTranspose2d(128, 1, 5, stride=4, padding=1, output_padding=1)
         elif o["upsample"] == "resize":  # nearest x4 then one 5x5 convolution (no checkerboard)
             self.up = nn.Sequential(nn.Upsample(scale_factor=4), nn.Conv2d(128, 1, 5, padding=2))
-        else:
+        elif o["upsample"] == "two_step":
             self.up = nn.Sequential(nn.ConvTranspose2d(128, 64, 4, 2, 1), norm2d(o["g_norm"], 64), nn.ReLU(),
                                     nn.ConvTranspose2d(64, 1, 4, 2, 1))
+        else:  # a misspelt reading must not quietly run another one
+            raise SystemExit(f"unknown upsample {o['upsample']!r}; options: x4, resize, two_step")
 
     def forward(self, z, label):
         h = self.fc(torch.cat([z, label], 1)).view(-1, 128, 7, 7)
