@@ -161,8 +161,10 @@ def test_the_resnet_gan_ejects_a_class_per_block_and_an_instance_per_block_row(r
     assert "self.up1 = UpBlock()" in gen and "self.up2 = UpBlock()" in gen  # `block up ch=64` twice: one class
     assert "# block up ch=64\n        h = self.up1(h)\n" in gen
     assert '"""`block up ch=64` of the spec, on 64 channels: its rows\' output plus its shortcut of the input."""' in up
-    assert "shortcut = F.interpolate(x, scale_factor=2.0, mode='nearest')" in up
-    assert "shortcut = self.conv3(shortcut)" in up and "h = h + shortcut  # skip: add" in up
+    # the shortcut's `upsample 2, conv 64 1x1` as genspec computes it: one transposed convolution
+    assert "shortcut = resize_conv(x, self.conv3.weight, self.conv3.bias, 2, (0, 0))" in up
+    assert "def resize_conv(h, weight, bias, scale, padding):" in text
+    assert "h = h + shortcut  # skip: add" in up
     assert "h = h + x  # skip: add" in res and "shortcut" not in res
     # the relu after `block res ch=64` is the critic's, after the block's call
     assert "# block res ch=64, relu\n        h = self.res1(h)\n        h = F.relu(h)\n" in class_source(text, "Dis")

@@ -147,12 +147,13 @@ class Rows(nn.ModuleList):
     """A table's (or a block's) row modules, run in order: an `add` row, or a `concat` of a tap,
     reads the output of the earlier row it names; a `concat` of a condition reads that input."""
 
-    def __init__(self, infos: list[RowInfo], conditions: list[str] = ()):
+    def __init__(self, infos: list[RowInfo], conditions: list[str] = (), tapped: set = frozenset()):
         super().__init__(build_info(r) for r in infos)
         self.sources = {r.index: r.source for r in infos if r.source is not None}
         self.condition_at = {r.index: list(conditions).index(r.row["input"]) for r in infos
                              if r.row["op"] == "concat" and r.source is None}
         self.kept = set(self.sources.values())  # the rows whose outputs a later row reads
+        fuse_resize_convs(self, self.kept | set(tapped))
 
     def step(self, i: int, x, kept: dict, conditions=()):
         """Row i on x; `kept` holds the outputs later rows read (this row's is added if so)."""
@@ -172,6 +173,73 @@ class Rows(nn.ModuleList):
         for i in range(len(self)):
             x = self.step(i, x, kept)
         return x
+
+
+def resize_conv(h, weight, bias, scale, padding):
+    """conv2d(F.interpolate(h, scale_factor=scale, mode="nearest"), weight, bias, padding=padding),
+    computed as one transposed convolution of stride `scale`: the same function, without the
+    scale*scale times larger upsampled tensor. Upsampling repeats each pixel over a scale x scale
+    patch, so the kernel's taps that fall on one patch act on that pixel with the sum of their
+    weights: the transposed kernel is a box sum of the weight, flipped. Needs padding <= kernel - 1."""
+    out_c, in_c, kh, kw = weight.shape
+    box = torch.ones(1, 1, scale, scale, dtype=weight.dtype, device=weight.device)
+    sums = F.conv2d(weight.reshape(out_c * in_c, 1, kh, kw), box, padding=scale - 1)
+    kernel = sums.flip(-2, -1).reshape(out_c, in_c, kh + scale - 1, kw + scale - 1).transpose(0, 1)
+    return F.conv_transpose2d(h, kernel, bias, stride=scale, padding=(kh - 1 - padding[0], kw - 1 - padding[1]))
+
+
+class ResizeConv2d(nn.Conv2d):
+    """A nearest `upsample s` row and the stride-1 `conv` row after it, computed as one transposed
+    convolution: the same function (up to float rounding), without the s*s times larger upsampled
+    tensor. Its input is the upsample's input. On a 2-core CPU the pair `upsample 4; conv 1 5x5`
+    of 128 channels at 7x7 took 1.4 s forward and backward for a batch of 256 (1 thread); this form, 0.06 s
+    (benchmarks/resize_conv.py). The parameters are the conv's own (weight, bias; a spectral norm
+    acts on that weight), so checkpoints and `genspec eject` see the convolution they name.
+    resize_conv says why it is exact."""
+
+    def __init__(self, conv: nn.Conv2d, scale: int):
+        # built on the meta device, so that its own (discarded) initial weights draw nothing from
+        # the random stream: the network's other rows initialise as they would unfused
+        super().__init__(conv.in_channels, conv.out_channels, conv.kernel_size, 1, conv.padding,
+                         bias=conv.bias is not None, device="meta")
+        self.weight, self.bias, self.scale = conv.weight, conv.bias, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return resize_conv(x, self.weight, self.bias, self.scale, self.padding)
+
+    def extra_repr(self) -> str:
+        return f"upsample {self.scale} (nearest) then " + super().extra_repr()
+
+
+def _fusable_conv(module: nn.Module) -> nn.Conv2d | None:
+    """The plain stride-1 convolution a row module starts with, if it can take in an upsample."""
+    conv = module[0] if isinstance(module, nn.Sequential) and len(module) else module
+    if type(conv) is not nn.Conv2d or isinstance(conv.padding, str):
+        return None
+    plain = conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros"
+    return conv if plain and all(p <= k - 1 for k, p in zip(conv.kernel_size, conv.padding)) else None
+
+
+def fuse_resize_convs(rows: nn.ModuleList, read: set) -> None:
+    """Every nearest `upsample s` row (nothing after it in the row, its output read by no later row
+    or tap) followed by a plain conv row: the conv becomes a ResizeConv2d of the upsample's input
+    and the upsample row an Identity. Row indices and state-dict keys do not change."""
+    for i in range(len(rows) - 1):
+        up = rows[i]
+        if type(up) is not nn.Upsample or up.mode != "nearest" or i in read or up.size is not None:
+            continue
+        scale = up.scale_factor
+        if isinstance(scale, tuple) or float(scale) != int(scale) or int(scale) < 2:
+            continue
+        conv = _fusable_conv(rows[i + 1])
+        if conv is None:
+            continue
+        fused = ResizeConv2d(conv, int(scale))
+        if isinstance(rows[i + 1], nn.Sequential):
+            rows[i + 1][0] = fused
+        else:
+            rows[i + 1] = fused
+        rows[i] = nn.Identity()
 
 
 class Block(nn.Module):
@@ -399,7 +467,7 @@ class TableNet(nn.Module):
 
     def __init__(self, net: Network):
         super().__init__()
-        self.rows = Rows(net.info.rows, list(net.conditions))
+        self.rows = Rows(net.info.rows, list(net.conditions), tapped=set(net.info.taps.values()))
         self.ends_in_sigmoid = net.info.ends_in_sigmoid
         if self.ends_in_sigmoid:
             _strip_final_sigmoid(self.rows)

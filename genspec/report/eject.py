@@ -18,6 +18,7 @@ that gives the run's outputs, not one that trains on with the parametrization.
 
 from __future__ import annotations
 
+import inspect
 import keyword
 from pathlib import Path
 
@@ -37,7 +38,7 @@ MODULE_NAMES = {"self", "h", "r", "mean", "logvar", "torch", "nn", "F"}
 SAMPLER_NAMES = MODULE_NAMES | {"n", "seed", "label", "networks", "priors", "rows", "ends", "t", "math", "argparse",
                                 "load", "save_image", "sample", "interpolate", "to_unit", "main", "STEPS"}
 # the top-level names of networks.py besides the classes of the networks: a block's class avoids them
-TOP_LEVEL_NAMES = {"Path", "torch", "nn", "F", "WEIGHTS", "NETWORKS", "LATENTS", "load", "VirtualBatchNorm"}
+TOP_LEVEL_NAMES = {"Path", "torch", "nn", "F", "WEIGHTS", "NETWORKS", "LATENTS", "load", "VirtualBatchNorm", "resize_conv"}
 
 
 class EjectError(RunError):
@@ -99,7 +100,7 @@ def layer_type(module: nn.Module) -> type:
     from torch.nn.utils import parametrize
 
     kind = type(module)
-    if parametrize.is_parametrized(module) and kind.__bases__[0] in (nn.Linear, nn.Conv2d, nn.ConvTranspose2d) \
+    if parametrize.is_parametrized(module) and kind.__bases__[0] in (nn.Linear, nn.Conv2d, nn.ConvTranspose2d, L.ResizeConv2d) \
             and set(module.parametrizations) == {"weight"}:
         return kind.__bases__[0]
     return kind
@@ -250,6 +251,11 @@ class ClassWriter:
             self.step(f"F.pad({{h}}, {tuple(m.padding)!r})  # 'same' padding, one pixel more right and bottom")
         elif kind is nn.Conv2d:
             self.step(f"self.{self.layer('conv', self.conv(m), m, self.sn_note(m))}({{h}})")
+        elif kind is L.ResizeConv2d:  # an upsample row and the conv row after it, computed as genspec does
+            self.helpers.add("resize_conv")
+            conv = f"self.{self.layer('conv', self.conv(m), m, self.sn_note(m))}"
+            self.step(f"resize_conv({{h}}, {conv}.weight, {conv}.bias, {m.scale}, {tuple(m.padding)!r})"
+                      f"  # = {conv}(F.interpolate({{h}}, scale_factor={m.scale}, mode='nearest'))")
         elif kind is nn.ConvTranspose2d:
             self.step(f"self.{self.layer('deconv', self.conv(m), m, self.sn_note(m))}({{h}})")
         elif kind in (nn.BatchNorm1d, nn.BatchNorm2d):
@@ -302,7 +308,8 @@ class ClassWriter:
             args.append(f"output_padding={pair(m.output_padding)}")
         if m.bias is None:
             args.append("bias=False")
-        return f"nn.{layer_type(m).__name__}({', '.join(args)})"
+        kind = nn.Conv2d if layer_type(m) is L.ResizeConv2d else layer_type(m)  # it holds a plain conv's weights
+        return f"nn.{kind.__name__}({', '.join(args)})"
 
     @staticmethod
     def sn_note(m: nn.Module) -> str:
@@ -540,6 +547,8 @@ WEIGHTS = Path(__file__).with_name("weights.safetensors")
 ''']
     if "VirtualBatchNorm" in helpers:
         parts.append(VIRTUAL_BATCH_NORM)
+    if "resize_conv" in helpers:  # genspec's own function, so the ejected networks compute the same bits
+        parts.append(inspect.getsource(L.resize_conv))
     parts += blocks.sources + classes
     parts.append(f'''\
 NETWORKS = {{{table}}}
