@@ -118,8 +118,26 @@ def test_collect_writes_the_ledger(project):
     assert "| `specs/variants/a.yaml` | Table 1 (a) | nelbo | 10 | 10.2 | reproduced |" in md
     assert "genspec run specs/missing.yaml" in md and "Test CPU (2 threads)" in md
     # three measured nelbo rows of one paper: their rank agreement is printed and written
-    assert "Spearman 1" in out and "| A paper | nelbo | 3 | 1 |" in md
+    assert "Spearman 1" in out and "| A paper | the paper's text | nelbo | 3 | 1 |" in md
     assert "1 reproduced · 1 within_tolerance · 1 below · 2 not_run" in md
+
+
+def test_rows_of_another_reading_are_ranked_apart(project):
+    """A second reading of row b shares its paper value: ranked with the others it would pull the
+    correlation of the paper's own reading down (here from 1 to 0.63)."""
+    text = reported_vae("b_other", {"nelbo": 20.0}).replace('"table": "Table 1 (b_other)"',
+                                                             '"table": "Table 1 (b_other)", "reading": "wider"')
+    (project / "specs" / "variants" / "b_other.yaml").write_text(text)
+    write_run(project, "b_other", {"nelbo": 50.0})
+    rc, out, err = cli_in_process("reproduce", project / "specs", "--collect")
+    assert rc == 0, err
+    rows = {row["name"]: row for row in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())
+            if row["metric"] == "nelbo"}
+    assert rows["b_other"]["reading"] == "wider" and rows["a"]["reading"] == rp.PAPER_TEXT
+    md = (project / "reports" / rp.LEDGER_MD).read_text()
+    assert "| A paper | the paper's text | nelbo | 3 | 1 |" in md and "wider" not in md.split("## Rank agreement")[1]
+    four = [rows[n] for n in ("a", "b", "c", "b_other")]
+    assert rp.spearman([r["paper"] for r in four], [r["ours"] for r in four]) == pytest.approx(0.6325, abs=1e-4)
 
 
 def test_collect_is_repeatable_and_trains_nothing(project):

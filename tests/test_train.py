@@ -318,6 +318,16 @@ def test_resume_refuses_a_different_spec(tmp_path, resume_runs):
     assert folder_bytes(part) == before
 
 
+def test_resume_accepts_a_changed_description_of_the_paper(tmp_path, resume_runs):
+    _, part = resume_runs
+    run = tmp_path / "copy"
+    shutil.copytree(part, run)
+    rc, _, err = run_spec(QUICKSTART, run, *TINY, "train.epochs=4", "source.table=Table 9", "source.reading=wider",
+                          "source.reported.nelbo=80", extra=["--resume"])
+    assert rc == 0, err
+    assert checkpoint(run)["epoch"] == 4
+
+
 def test_resume_without_checkpoint_is_refused(tmp_path):
     (tmp_path / "empty").mkdir()
     rc, _, err = run_spec(QUICKSTART, tmp_path / "empty", *TINY, extra=["--resume"])

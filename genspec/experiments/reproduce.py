@@ -292,7 +292,7 @@ def rows_of(entry: Entry, reasons: dict) -> list[dict]:
         ours = results.get(key)
         ours = float(ours) if isinstance(ours, (int, float)) else None
         row = {"spec": spec_label(entry), "name": entry.spec.name, "source": source.get("paper", ""),
-               "table": source.get("table", ""), "metric": metric, "paper": float(paper), "ours": ours,
+               "table": source.get("table", ""), "reading": source.get("reading", PAPER_TEXT), "metric": metric, "paper": float(paper), "ours": ours,
                "std": std_of(results, key) if ours is not None else None,
                "epochs": metrics.get("epochs") if metrics else entry.spec.train["epochs"],
                "seconds": seconds(metrics, history) if metrics else None,
@@ -336,6 +336,8 @@ def display(folder: Path) -> str:
 
 # ---------------------------------------------------------------- rank agreement
 
+PAPER_TEXT = "the paper's text"  # the reading of a spec that names none (source.reading)
+
 def ranks(values: list[float]) -> list[float]:
     """Ranks from 1, ties sharing their average rank (what Spearman's rho needs)."""
     order = sorted(range(len(values)), key=lambda i: values[i])
@@ -367,17 +369,19 @@ def paper_of(row: dict) -> str:
 
 
 def rank_agreement(rows: list[dict]) -> list[dict]:
-    """Per paper and metric with at least three measured rows: do our numbers order the rows as
-    the paper's do? The answer that still means something when the scale differs."""
+    """Per paper, reading and metric with at least three measured rows: do our numbers order the
+    rows as the paper's do? The answer that still means something when the scale differs. Readings
+    are ranked apart: two readings of one row share its paper value, and a tie between them says
+    nothing about the paper's order."""
     groups: dict = {}
     for row in rows:
         if row["ours"] is not None:
-            groups.setdefault((paper_of(row), row["metric"]), []).append(row)
+            groups.setdefault((paper_of(row), row.get("reading", PAPER_TEXT), row["metric"]), []).append(row)
     out = []
-    for (source, metric), members in sorted(groups.items()):
+    for (source, reading, metric), members in sorted(groups.items()):
         if len(members) >= 3:
             rho = spearman([r["paper"] for r in members], [r["ours"] for r in members])
-            out.append({"source": source, "metric": metric, "rows": len(members), "spearman": rho})
+            out.append({"source": source, "reading": reading, "metric": metric, "rows": len(members), "spearman": rho})
     return out
 
 
@@ -482,10 +486,10 @@ def markdown(book: dict) -> str:
     if book["rank_agreement"]:
         lines += ["## Rank agreement", "",
                   "Spearman's rank correlation between the paper's values and ours, over the measured rows of a "
-                  "paper's metric (1: the same order; it holds where the scales differ).", "",
-                  "| paper | metric | rows | Spearman ρ |", "|---|---|---|---|"]
-        lines += [f"| {g['source']} | {g['metric']} | {g['rows']} | {number(g['spearman'], 3) or 'undefined (ties)'} |"
-                  for g in book["rank_agreement"]]
+                  "paper's metric under one reading of it (1: the same order; it holds where the scales differ).", "",
+                  "| paper | reading | metric | rows | Spearman ρ |", "|---|---|---|---|---|"]
+        lines += [f"| {g['source']} | {g['reading']} | {g['metric']} | {g['rows']} | "
+                  f"{number(g['spearman'], 3) or 'undefined (ties)'} |" for g in book["rank_agreement"]]
         lines.append("")
     return "\n".join(lines)
 
@@ -516,6 +520,7 @@ def reproduce(targets: list[str], collect_only: bool = False, out: str | None = 
     counts = ", ".join(f"{sum(r['status'] == s for r in book['rows'])} {s}" for s in STATUSES)
     say(f"reproduce: {len(book['rows'])} rows ({counts}); ledger in {display(md)} and {display(js)}")
     for group in book["rank_agreement"]:
-        say(f"reproduce: rank agreement {group['source']} {group['metric']}: Spearman {number(group['spearman'], 3)} "
+        say(f"reproduce: rank agreement {group['source']} ({group['reading']}) {group['metric']}: "
+            f"Spearman {number(group['spearman'], 3)} "
             f"over {group['rows']} rows")
     return book

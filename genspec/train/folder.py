@@ -51,6 +51,10 @@ WHERE_IT_RUNS = {("cluster",)}
 
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "checkpoint_every"), ("train", "log_every"), ("train", "tracking"),
                      ("train", "loader"), ("train", "workers"), ("train", "cuda_graphs"), ("train", "memory_budget")}
+# What the spec says of its paper, with all beneath it (source.reported.fid): a corrected citation,
+# a paper's number or a named reading changes nothing the run computes.
+DESCRIPTION = {("source", "paper"), ("source", "table"), ("source", "url"), ("source", "notes"),
+               ("source", "reading"), ("source", "reported")}
 
 
 RUN_MARKERS = (RESOLVED, CHECKPOINT, "metrics.jsonl", "metrics.json")
@@ -243,7 +247,7 @@ def spec_changes(spec: Spec, out: Path) -> list[tuple[tuple, object, object]]:
         raise RunError(f"cannot resume: {out / RESOLVED} is missing or unreadable ({exc})") from None
     # repeats and study: sections of the study a run belongs to, not of the run itself
     return [d for d in _differences(previous, spec.raw) if d[0] not in RESUMABLE_CHANGES
-            and d[0][:1] not in STUDY_ONLY | WHERE_IT_RUNS]
+            and d[0][:1] not in STUDY_ONLY | WHERE_IT_RUNS and d[0][:2] not in DESCRIPTION]
 
 
 def describe_changes(differences: list, limit: int = 20) -> str:
