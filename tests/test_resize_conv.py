@@ -135,3 +135,17 @@ def test_fusing_draws_nothing_from_the_random_stream():
     after_fusing = torch.rand(3)
     torch.manual_seed(3)
     torch.testing.assert_close(after_fusing, torch.rand(3), rtol=0, atol=0)
+
+
+def test_a_reader_of_the_upsample_row_by_index_still_gets_its_output():
+    """A classifier's feature row, read by index (fidelity, balancing), may be a fused upsample."""
+    net = _gen('upsample 2, "conv 1 3x3, sigmoid"').eval()
+    assert net.rows.deferred == {2: 2}
+    with torch.no_grad():
+        h, kept, outputs = torch.randn(3, 8), {}, []
+        for i in range(len(net.rows)):
+            h = net.rows.step(i, h, kept)
+            outputs.append(net.rows.output_of(i, h))
+    assert outputs[2].shape == (3, 6, 8, 8)
+    torch.testing.assert_close(outputs[2], F.interpolate(outputs[1], scale_factor=2))
+    assert net.rows.output_of(1, outputs[1]) is outputs[1]

@@ -153,7 +153,15 @@ class Rows(nn.ModuleList):
         self.condition_at = {r.index: list(conditions).index(r.row["input"]) for r in infos
                              if r.row["op"] == "concat" and r.source is None}
         self.kept = set(self.sources.values())  # the rows whose outputs a later row reads
+        self.deferred: dict[int, int] = {}  # upsample rows computed by the conv after them: index -> scale
         fuse_resize_convs(self, self.kept | set(tapped))
+
+    def output_of(self, i: int, x):
+        """Row i's output as the table writes it, from what step(i) gave: for an upsample row that
+        the conv after it computes (fuse_resize_convs), the upsampled tensor, made here. For readers
+        of a row by its index (a classifier's feature row)."""
+        scale = self.deferred.get(i)
+        return x if scale is None else F.interpolate(x, scale_factor=scale, mode="nearest")
 
     def step(self, i: int, x, kept: dict, conditions=()):
         """Row i on x; `kept` holds the outputs later rows read (this row's is added if so)."""
@@ -220,7 +228,7 @@ def _fusable_conv(module: nn.Module) -> nn.Conv2d | None:
     return conv if plain and all(p <= k - 1 for k, p in zip(conv.kernel_size, conv.padding)) else None
 
 
-def fuse_resize_convs(rows: nn.ModuleList, read: set) -> None:
+def fuse_resize_convs(rows: "Rows", read: set) -> None:
     """Every nearest `upsample s` row (nothing after it in the row, its output read by no later row
     or tap) followed by a plain conv row: the conv becomes a ResizeConv2d of the upsample's input
     and the upsample row an Identity. Row indices and state-dict keys do not change."""
@@ -240,6 +248,7 @@ def fuse_resize_convs(rows: nn.ModuleList, read: set) -> None:
         else:
             rows[i + 1] = fused
         rows[i] = nn.Identity()
+        rows.deferred[i] = int(scale)
 
 
 class Block(nn.Module):

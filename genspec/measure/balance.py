@@ -96,7 +96,7 @@ def classifier_features(run_dir: str):
             for i in range(len(net.rows)):
                 h = net.rows.step(i, h, kept)
                 if i == row:
-                    return h.flatten(1)
+                    return net.rows.output_of(i, h).flatten(1)
         return h.flatten(1)
 
     return features

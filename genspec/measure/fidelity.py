@@ -146,7 +146,7 @@ def classifier_extractor(run_dir: str, network: str | None = None):
             for i in range(len(self.net.rows)):
                 h = self.net.rows.step(i, h, kept)
                 if i == feature_row:
-                    outputs["features"] = h.flatten(1).float()
+                    outputs["features"] = self.net.rows.output_of(i, h).flatten(1).float()
             # the classifier ends in log-softmax (or logits): both give softmax(logits) as torch-fidelity's IS needs
             outputs["logits"] = h.float()
             return tuple(outputs[f] for f in self.features_list)
