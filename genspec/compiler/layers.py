@@ -200,9 +200,10 @@ class ResizeConv2d(nn.Conv2d):
     """A nearest `upsample s` row and the stride-1 `conv` row after it, computed as one transposed
     convolution: the same function (up to float rounding), without the s*s times larger upsampled
     tensor. Its input is the upsample's input. On a 2-core CPU the pair `upsample 4; conv 1 5x5`
-    of 128 channels at 7x7 took 1.4 s forward and backward for a batch of 256 (1 thread); this form, 0.06 s
-    (benchmarks/resize_conv.py). The parameters are the conv's own (weight, bias; a spectral norm
-    acts on that weight), so checkpoints and `genspec eject` see the convolution they name.
+    of 128 channels at 7x7 took 1.28 s forward and backward for a batch of 256 (1 thread); this
+    form, 0.061 s (benchmarks/resize_conv.py). The parameters are the conv's own (weight, bias; a
+    spectral norm acts on that weight), so checkpoints and `genspec export --format python` see the
+    convolution they name.
     resize_conv says why it is exact."""
 
     def __init__(self, conv: nn.Conv2d, scale: int):

@@ -292,7 +292,8 @@ def rows_of(entry: Entry, reasons: dict) -> list[dict]:
         ours = results.get(key)
         ours = float(ours) if isinstance(ours, (int, float)) else None
         row = {"spec": spec_label(entry), "name": entry.spec.name, "source": source.get("paper", ""),
-               "table": source.get("table", ""), "reading": source.get("reading", PAPER_TEXT), "metric": metric, "paper": float(paper), "ours": ours,
+               "table": source.get("table", ""), "reading": source.get("reading", PAPER_TEXT), "metric": metric,
+               "paper": float(paper), "ours": ours,
                "std": std_of(results, key) if ours is not None else None,
                "epochs": metrics.get("epochs") if metrics else entry.spec.train["epochs"],
                "seconds": seconds(metrics, history) if metrics else None,
@@ -337,6 +338,7 @@ def display(folder: Path) -> str:
 # ---------------------------------------------------------------- rank agreement
 
 PAPER_TEXT = "the paper's text"  # the reading of a spec that names none (source.reading)
+
 
 def ranks(values: list[float]) -> list[float]:
     """Ranks from 1, ties sharing their average rank (what Spearman's rho needs)."""
