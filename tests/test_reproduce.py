@@ -157,6 +157,22 @@ def test_named_files_and_folders_only(project):
     assert sorted({row["name"] for row in rows}) == ["a", "b", "c"]  # a.yaml once
 
 
+def test_a_reading_fragment_is_mixed_in_and_not_taken_for_a_spec(project):
+    """A fragment under a `_` folder is a reading that row specs list in `extends`: a folder target
+    skips it (alone it is no spec), and the row that mixes it in carries its reading."""
+    (project / "specs" / "_readings").mkdir()
+    (project / "specs" / "_readings" / "wide.yaml").write_text('source: {reading: "wider"}\ntrain: {epochs: 3}\n')
+    (project / "specs" / "variants" / "b_wide.yaml").write_text(
+        'extends: [b.yaml, ../_readings/wide.yaml]\nname: b_wide\nsource: {table: "Table 1 (b), wider"}\n')
+    write_run(project, "b_wide", {"nelbo": 22.5}, epochs=3)
+    rc, out, err = cli_in_process("reproduce", project / "specs", "--collect")
+    assert rc == 0, err
+    rows = {row["name"]: row for row in json.loads((project / "reports" / rp.LEDGER_JSON).read_text())}
+    assert rows["b_wide"]["reading"] == "wider" and rows["b_wide"]["paper"] == 20.0
+    assert rows["b_wide"]["epochs"] == 3 and rows["b_wide"]["status"] == "within_tolerance"
+    assert not any("_readings" in row["spec"] for row in rows.values())
+
+
 def test_targets_without_reported_numbers_or_missing(project):
     rc, _, err = cli_in_process("reproduce", project / "specs" / "plain.yaml", "--collect")
     assert rc == 1 and "source.reported" in err

@@ -108,11 +108,90 @@ def test_missing_base(tmp_path):
     assert str(exc.value) == f"{path}:3:1: extends: base spec nowhere/base.yaml not found"
 
 
-def test_extends_must_be_a_path(tmp_path):
-    path = _write(tmp_path, "bad.yaml", "extends: [a.yaml]\n")
+@pytest.mark.parametrize("value", ["[]", "3", "{a: b.yaml}", "[a.yaml, 3]"])
+def test_extends_must_be_a_path_or_a_list_of_paths(tmp_path, value):
+    path = _write(tmp_path, "bad.yaml", f"extends: {value}\n")
     with pytest.raises(SpecError) as exc:
         resolve(path)
-    assert str(exc.value) == f"{path}:1:1: extends: must be a path to a base spec"
+    assert str(exc.value) == (f"{path}:1:1: extends: must be a path to a base spec, "
+                              "or a list of them (merged in order, later wins)")
+
+
+@pytest.fixture
+def row_and_reading(tmp_path):
+    """A paper's row spec, and a reading (a fragment) that changes its generator."""
+    _write(tmp_path, "paper.yaml", """\
+        source: {table: "Table 1", reported: {is: 7.8}}
+        networks:
+          gen: {input: z, layers: [fc 10, deconv 1]}
+          dis: {input: x, layers: [conv 8, fc 1]}
+        train: {epochs: 13, batch_size: 64}
+        """)
+    _write(tmp_path, "_readings/bn.yaml", """\
+        source: {reading: batch norm}
+        networks:
+          gen:
+            layers: [fc 10, bn, upsample 4, conv 1]
+        train: {batch_size: 256}
+        """)
+    return tmp_path
+
+
+def test_a_list_of_bases_merges_in_order_and_the_spec_last(row_and_reading):
+    row = _write(row_and_reading, "rows/row.yaml", """\
+        extends: [../paper.yaml, ../_readings/bn.yaml]
+        source: {table: "Table 1; batch norm"}
+        train: {epochs: 2}
+        """)
+    doc = resolve(row)
+    assert doc.data == {
+        "source": {"table": "Table 1; batch norm", "reported": {"is": 7.8}, "reading": "batch norm"},
+        "networks": {"gen": {"input": "z", "layers": ["fc 10", "bn", "upsample 4", "conv 1"]},
+                     "dis": {"input": "x", "layers": ["conv 8", "fc 1"]}},
+        "train": {"epochs": 2, "batch_size": 256},
+    }
+    # each key points into the file it came from
+    assert doc.where(("networks", "dis")).file.endswith("paper.yaml")
+    assert doc.where(("networks", "gen", "layers", 1)).file.endswith("bn.yaml")
+    assert doc.where(("source", "table")).file.endswith("row.yaml")
+    # the order is the list's: the reading first, then the paper, gives the paper's generator back
+    other = _write(row_and_reading, "rows/other.yaml", "extends: [../_readings/bn.yaml, ../paper.yaml]\n")
+    assert resolve(other).data["networks"]["gen"]["layers"] == ["fc 10", "deconv 1"]
+    # a one-item list is the plain form
+    single = _write(row_and_reading, "rows/single.yaml", "extends: [../paper.yaml]\n")
+    assert resolve(single).data == resolve(row_and_reading / "paper.yaml").data
+
+
+def test_a_bad_item_of_a_list_of_bases_is_named_at_its_line_and_column(row_and_reading):
+    row = _write(row_and_reading, "row.yaml", """\
+        name: r
+        extends:
+          - paper.yaml
+          - _readings/nowhere.yaml
+        """)
+    with pytest.raises(SpecError) as exc:
+        resolve(row)
+    assert str(exc.value) == f"{row}:4:5: extends[1]: base spec _readings/nowhere.yaml not found"
+    looped = _write(row_and_reading, "loop.yaml", "extends: [paper.yaml, loop.yaml]\n")
+    with pytest.raises(SpecError) as exc:
+        resolve(looped)
+    assert str(exc.value) == f"{looped}:1:23: extends[1]: extends itself through loop.yaml"
+
+
+def test_the_shipped_readings_resolve_as_their_rows_restated_them():
+    """specs/_readings/bn_resize_generator.yaml mixed into a row gives the generator the row specs
+    once restated in full (the runs in the ledger were made from those)."""
+    from spec_helpers import REPO
+
+    gen = ["concat label", "fc 1024, bn, relu", "fc 6272, bn, relu", "reshape 128 7 7", "upsample 4",
+           "conv 1 5x5, sigmoid"]
+    rows = sorted((REPO / "specs").glob("cgan*/*bn_resize.yaml"))
+    assert len(rows) == 8
+    for row in rows:
+        data = resolve(row).data
+        assert data["networks"]["gen"]["layers"] == gen, row
+        assert data["source"]["reading"] == "batch norm generator, resize-convolution", row
+        assert "batch norm and a resize-convolution" in data["source"]["table"], row
 
 
 def test_quickstart_variant_through_extends_validates(tmp_path):

@@ -50,12 +50,14 @@ class Entry:
 # ---------------------------------------------------------------- which specs
 
 def spec_files(targets: list[str]) -> list[Path]:
-    """Spec files named directly, and every *.yaml under a named folder, in a stable order."""
+    """Spec files named directly, and every *.yaml under a named folder, in a stable order.
+    Under a folder, names starting with `_` are fragments (a reading that specs mix in through a
+    list `extends`), not specs of their own, and are skipped."""
     files = []
     for target in targets:
         path = Path(target)
         if path.is_dir():
-            files += sorted(p for p in path.rglob("*.yaml") if p.is_file())
+            files += sorted(p for p in path.rglob("*.yaml") if p.is_file() and not is_fragment(p, path))
         elif path.is_file():
             files.append(path)
         else:
@@ -66,6 +68,10 @@ def spec_files(targets: list[str]) -> list[Path]:
             seen.add(f.resolve())
             out.append(f)
     return out
+
+
+def is_fragment(file: Path, folder: Path) -> bool:
+    return any(part.startswith("_") for part in file.relative_to(folder).parts)
 
 
 def reported(spec) -> dict:

@@ -2,8 +2,10 @@
 
 Mappings merge deeply (the child's keys win; `key: null` removes an inherited key); lists
 and scalars are replaced whole, so a variant that changes one layer table restates that table
-(or patches single rows with `{N: row}`). Locations follow the data: a key
-that came from the base file still points into the base file.
+(or patches single rows with `{N: row}`). `extends` may list several bases: they merge in
+order, each over the ones before it, and the spec over them all, so a row spec can mix a shared
+reading (a fragment under a folder whose name starts with `_`) into its paper spec. Locations
+follow the data: a key that came from the base file still points into the base file.
 """
 
 from __future__ import annotations
@@ -35,32 +37,46 @@ def _load_with_bases(path: Path, seen: tuple) -> Document:
     doc = load_file(path)
     if not isinstance(doc.data, dict) or "extends" not in doc.data:
         return doc
-    base_name = doc.data["extends"]
-    if not isinstance(base_name, str):
-        raise SpecError([Problem(doc.where(("extends",)), ("extends",), "must be a path to a base spec")])
+    names = doc.data["extends"]
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, list) or not names or not all(isinstance(n, str) for n in names):
+        raise SpecError([Problem(doc.where(("extends",)), ("extends",),
+                                 "must be a path to a base spec, or a list of them (merged in order, later wins)")])
+    # A list composes: the first base is the spec the row comes from, later ones mix in a reading
+    # (a fragment such as specs/_readings/*.yaml), each merged over the ones before it.
+    base = None
+    for index, name in enumerate(names):
+        at = ("extends",) if isinstance(doc.data["extends"], str) else ("extends", index)
+        layer = _load_base(doc, path, name, at, seen)
+        base = layer if base is None else merge(base, layer)
+    child = dict(doc.data)
+    del child["extends"]
+    return merge(base, Document(child, doc.locations, doc.file))
+
+
+def _load_base(doc: Document, path: Path, base_name: str, at: tuple, seen: tuple) -> Document:
+    """One base of `doc` (found relative to its file), its own bases resolved."""
+    where = doc.where(at)
     base_path = (path.parent / base_name).resolve()
     if base_path in seen or base_path == path.resolve():
-        raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"extends itself through {base_name}")])
+        raise SpecError([Problem(where, at, f"extends itself through {base_name}")])
     if not base_path.exists():
-        raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"base spec {base_name} not found")])
+        raise SpecError([Problem(where, at, f"base spec {base_name} not found")])
     problem = regular_file_problem(base_path)
     if problem:
-        raise SpecError([Problem(doc.where(("extends",)), ("extends",), f"base spec {base_name}: {problem}")])
+        raise SpecError([Problem(where, at, f"base spec {base_name}: {problem}")])
     try:
         base = _load_with_bases(base_path, seen + (path.resolve(),))
     except SpecError as exc:
         if any(p.message.startswith("YAML") for p in exc.problems):  # not YAML at all, or broken YAML
             first = exc.problems[0]
-            raise SpecError([Problem(doc.where(("extends",)), ("extends",),
-                                     f"base spec {base_name} is not a readable spec: {first}")]) from None
+            raise SpecError([Problem(where, at, f"base spec {base_name} is not a readable spec: {first}")]) from None
         raise
     if not isinstance(base.data, dict):
         kind = {list: "a list", str: "text", type(None): "nothing"}.get(type(base.data), type(base.data).__name__)
-        raise SpecError([Problem(doc.where(("extends",)), ("extends",),
-                                 f"base spec {base_name} holds {kind}, not a mapping of spec keys")])
-    child = dict(doc.data)
-    del child["extends"]
-    return merge(base, Document(child, doc.locations, doc.file))
+        raise SpecError([Problem(where, at, f"base spec {base_name} holds {kind}, not a mapping of spec keys")])
+    return base
 
 
 def merge(base: Document, child: Document) -> Document:
