@@ -13,7 +13,7 @@ import os
 import sys
 from pathlib import Path
 
-from genspec.errors import RunError, SpecError, plural, writing
+from genspec.errors import Location, Problem, RunError, SpecError, plural, writing
 
 
 def cmd_validate(args) -> int:
@@ -24,7 +24,7 @@ def cmd_validate(args) -> int:
         try:
             runs = load_runs(path, args.set, args.only)
         except SpecError as exc:
-            failed.append(exc)
+            failed.append(fragment_hint(path, exc))
             continue
         if is_study(runs):
             from genspec.experiments.study import plan_study
@@ -39,6 +39,16 @@ def cmd_validate(args) -> int:
     if failed:
         raise SpecError([p for exc in failed for p in exc.problems])
     return 0
+
+
+def fragment_hint(path: str, exc: SpecError) -> SpecError:
+    """A file in a `_` folder is a fragment (a reading mixed into specs by a list `extends`): say so
+    beside the keys it lacks, which it is meant to lack."""
+    if not Path(path).parent.name.startswith("_"):
+        return exc
+    note = Problem(Location(str(path), 1, 1), (), "a fragment (its folder's name starts with `_`), not a spec: "
+                   "validate a spec that mixes it in with `extends: [<spec>.yaml, <this file>]`")
+    return SpecError([note, *exc.problems])
 
 
 def cmd_show(args) -> int:

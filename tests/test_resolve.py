@@ -325,3 +325,13 @@ def test_yaml_error_in_an_override_value_names_the_key(family):
     assert str(problem.location) == "--set a.b=[1,"
     assert problem.message == ("bad value '[1,': YAML syntax error: while parsing a flow node: expected the node "
                                "content, but found '<stream end>'")
+
+
+def test_validating_a_fragment_alone_says_what_it_is(row_and_reading):
+    result = run_cli(["validate", str(row_and_reading / "_readings" / "bn.yaml")])
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    first = result.stderr.splitlines()[0]
+    assert first.startswith(f"{row_and_reading / '_readings' / 'bn.yaml'}:1:1: ") and "a fragment" in first
+    assert "missing required key 'genspec'" in result.stderr  # the problems themselves still follow
+    plain = run_cli(["validate", str(row_and_reading / "paper.yaml")])
+    assert plain.returncode == 2 and "not a spec" not in plain.stderr
