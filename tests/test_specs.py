@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 
 import genspec
 from genspec.graph import dependencies as spec_graph
@@ -35,7 +36,10 @@ from genspec.lang.sweep import factors, is_sweep
 from spec_helpers import TINY_DIGITS_CLASSIFIER, cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-SPECS = sorted((ROOT / "specs").rglob("*.yaml"))
+ALL_YAML = sorted((ROOT / "specs").rglob("*.yaml"))
+# files under a `_` folder are fragments (a reading that specs mix in through a list `extends`)
+FRAGMENTS = [p for p in ALL_YAML if any(part.startswith("_") for part in p.relative_to(ROOT / "specs").parts)]
+SPECS = [p for p in ALL_YAML if p not in FRAGMENTS]
 IDS = [p.relative_to(ROOT / "specs").with_suffix("").as_posix() for p in SPECS]
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
 SAMPLE_METRICS = ("is", "fid", "kid", "prc")
@@ -55,6 +59,17 @@ TINY_TRAIN = 16 * TINY_STEPS + 32  # examples: the steps' batches of 16, and mor
 def test_specs_are_shipped():
     assert ROOT / "specs" / "quickstart.yaml" in SPECS
     assert {"encoderless/mnist_base", "encoderless/mnist_study", "encoderless/svhn_study"} <= set(IDS)
+
+
+@pytest.mark.parametrize("fragment", FRAGMENTS, ids=[p.name for p in FRAGMENTS])
+def test_every_fragment_is_mixed_into_a_shipped_spec(fragment):
+    """A fragment no spec lists in its `extends` would never be checked by the tests below."""
+    users = []
+    for spec in SPECS:
+        bases = yaml.safe_load(spec.read_text()).get("extends") or []
+        bases = [bases] if isinstance(bases, str) else bases
+        users += [spec for base in bases if (spec.parent / base).resolve() == fragment.resolve()]
+    assert users, f"{fragment} is in no shipped spec's extends"
 
 
 def sweep_spec(path) -> bool:
