@@ -44,9 +44,11 @@ def cmd_validate(args) -> int:
 def fragment_hint(path: str, exc: SpecError) -> SpecError:
     """A file in a `_` folder is a fragment (a reading mixed into specs by a list `extends`): say so
     beside the keys it lacks, which it is meant to lack."""
-    if not Path(path).parent.name.startswith("_"):
+    from genspec.lang.resolve import is_fragment
+
+    if not is_fragment(Path(path)):
         return exc
-    note = Problem(Location(str(path), 1, 1), (), "a fragment (its folder's name starts with `_`), not a spec: "
+    note = Problem(Location(str(path), 1, 1), (), "a fragment (its name or its folder's starts with `_`), not a spec: "
                    "validate a spec that mixes it in with `extends: [<spec>.yaml, <this file>]`")
     return SpecError([note, *exc.problems])
 

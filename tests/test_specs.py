@@ -31,14 +31,14 @@ from genspec.errors import RunError
 from genspec.compiler.layers import Gaussian
 from genspec.graph.pipeline import load_runs
 from genspec.compiler.priors import build_prior
-from genspec.lang.resolve import resolve
+from genspec.lang.resolve import is_fragment, resolve
 from genspec.lang.sweep import factors, is_sweep
 from spec_helpers import TINY_DIGITS_CLASSIFIER, cli_in_process as run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 ALL_YAML = sorted((ROOT / "specs").rglob("*.yaml"))
 # files under a `_` folder are fragments (a reading that specs mix in through a list `extends`)
-FRAGMENTS = [p for p in ALL_YAML if any(part.startswith("_") for part in p.relative_to(ROOT / "specs").parts)]
+FRAGMENTS = [p for p in ALL_YAML if is_fragment(p, ROOT / "specs")]
 SPECS = [p for p in ALL_YAML if p not in FRAGMENTS]
 IDS = [p.relative_to(ROOT / "specs").with_suffix("").as_posix() for p in SPECS]
 SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")

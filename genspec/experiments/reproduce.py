@@ -23,6 +23,7 @@ import yaml
 from genspec.errors import Problem, RunError, SpecError
 from genspec.measure.provenance import describe
 from genspec.report.run_report import REPORTED_ALIASES, flat_results
+from genspec.lang.resolve import is_fragment
 from genspec.lang.validate import project_root
 
 LEDGER_MD = "REPRODUCTION.md"
@@ -68,10 +69,6 @@ def spec_files(targets: list[str]) -> list[Path]:
             seen.add(f.resolve())
             out.append(f)
     return out
-
-
-def is_fragment(file: Path, folder: Path) -> bool:
-    return any(part.startswith("_") for part in file.relative_to(folder).parts)
 
 
 def reported(spec) -> dict:

@@ -27,6 +27,14 @@ def resolve(path: str | Path, overrides: list[str] | None = None) -> Document:
     return doc
 
 
+def is_fragment(file: Path, below: Path | None = None) -> bool:
+    """A fragment (a reading that specs mix in through a list `extends`), not a spec: a file whose
+    name, or a folder's name on its way down from `below` (default: just its own folder), starts
+    with `_`."""
+    parts = Path(file).relative_to(below).parts if below is not None else (Path(file).parent.name, Path(file).name)
+    return any(part.startswith("_") for part in parts)
+
+
 def apply_overrides(doc: Document, overrides: list[str]) -> Document:
     for text in overrides:
         _apply_override(doc, text)
